@@ -1,0 +1,119 @@
+"""Backend registry and selection for `conv_bn_act`.
+
+A backend is a module in this package with two functions:
+  unavailable_reason(device: torch.device | None) -> str | None
+      None when usable (for that device, or in general when device is None),
+      else a sentence naming what is missing.
+  conv_bn_act(x, weight, scale, shift, residual, stride, padding, dilation, groups, relu) -> Tensor
+and optionally
+  pack_weight(weight) -> Tensor   (same logical shape, layout the kernel likes; default channels_last)
+
+Modules are imported lazily, so importing resnet_fused never imports triton or the
+extension and never touches the GPU.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+from types import ModuleType
+from typing import Iterator, Optional
+
+import torch
+
+NAMES = ("auto", "triton", "cuda", "torch")
+_MODULES = {"torch": "resnet_fused.backends.stock", "triton": "resnet_fused.backends.triton",
+            "cuda": "resnet_fused.backends.cuda"}
+ENV_VAR = "RESNET_FUSED_BACKEND"
+
+
+class BackendUnavailableError(RuntimeError):
+    """The requested backend cannot run here; the message says what is missing."""
+
+
+def _check_name(name: str) -> str:
+    if not isinstance(name, str) or name not in NAMES:
+        raise ValueError(f"unknown resnet_fused backend {name!r}; expected one of {', '.join(NAMES)}")
+    return name
+
+
+def load(name: str) -> ModuleType:
+    """The backend module `name` (not 'auto')."""
+    return importlib.import_module(_MODULES[_check_name(name)])
+
+
+def unavailable_reason(name: str, device: Optional[torch.device] = None) -> Optional[str]:
+    if _check_name(name) == "auto":
+        return None
+    try:
+        module = load(name)
+    except ImportError as e:  # a backend whose dependency is missing
+        return f"importing it failed: {e}"
+    return module.unavailable_reason(device)
+
+
+def _require(name: str, device: Optional[torch.device] = None) -> None:
+    reason = unavailable_reason(name, device)
+    if reason is not None:
+        where = f" for {device.type} tensors" if device is not None else ""
+        raise BackendUnavailableError(f"resnet_fused backend {name!r} is unavailable{where}: {reason}")
+
+
+_current: Optional[str] = None  # None: not chosen yet; read from the env var on first use
+
+
+def get_backend() -> str:
+    """The selected backend name: set_backend()/backend(), else $RESNET_FUSED_BACKEND, else 'auto'."""
+    global _current
+    if _current is None:
+        name = os.environ.get(ENV_VAR, "auto").strip() or "auto"
+        try:
+            _check_name(name)
+        except ValueError as e:
+            raise ValueError(f"${ENV_VAR}: {e}") from None
+        _current = name
+    return _current
+
+
+def set_backend(name: str) -> None:
+    """Select the backend for every later conv_bn_act call. Raises if it cannot run here at all."""
+    global _current
+    _require(_check_name(name))
+    _current = name
+
+
+@contextlib.contextmanager
+def backend(name: str) -> Iterator[None]:
+    """Context manager: `with resnet_fused.backend("torch"): ...`."""
+    previous = get_backend()
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
+
+
+def auto_choice(device: torch.device) -> str:
+    """What 'auto' runs on `device`: the fastest backend usable there."""
+    order = ("triton", "cuda", "torch") if device.type == "cuda" else ("torch",)
+    for name in order:
+        if unavailable_reason(name, device) is None:
+            return name
+    return "torch"
+
+
+def resolve(device: torch.device, name: Optional[str] = None) -> str:
+    """The concrete backend that runs on `device` for the selection `name` (default: current)."""
+    name = get_backend() if name is None else _check_name(name)
+    if name == "auto":
+        return auto_choice(device)
+    _require(name, device)
+    return name
+
+
+def pack_weight(name: str, weight: torch.Tensor) -> torch.Tensor:
+    """Weight in the layout backend `name` reads fastest; same logical shape."""
+    packer = getattr(load(name), "pack_weight", None)
+    if packer is not None:
+        return packer(weight)
+    return weight.contiguous(memory_format=torch.channels_last)

@@ -1,0 +1,102 @@
+"""BatchNorm folding and the one fold cache.
+
+fold(conv, bn, dtype, backend) -> (weight, scale, shift): the conv weight in `dtype`, packed for
+`backend`, and BN (eval statistics) as a per-output-channel fp32 scale/shift (fp64 for fp64).
+
+The cache is never stale: an entry remembers the exact tensors it was built from (it holds a
+detached alias, so their memory cannot be reused by another tensor) and their version counters;
+an optimizer step, load_state_dict, .to()/.half() or a running-stat update changes one of them.
+The cache lives here, in a weak dict keyed by the conv module, so it is not in the state_dict,
+and deepcopy/pickle of a model never carry it.
+"""
+from __future__ import annotations
+
+import weakref
+from typing import Dict, NamedTuple, Optional, Tuple
+
+import torch
+from torch import nn
+
+from . import backends
+from .ops import epilogue_dtype
+
+
+class Folded(NamedTuple):
+    weight: torch.Tensor
+    scale: torch.Tensor
+    shift: torch.Tensor
+
+
+def foldable(bn: nn.Module) -> bool:
+    """A norm layer that is an affine per-channel map in eval: BatchNorm with running stats
+    (incl. SyncBatchNorm) or torchvision's FrozenBatchNorm2d."""
+    return (getattr(bn, "running_mean", None) is not None
+            and getattr(bn, "running_var", None) is not None
+            and isinstance(getattr(bn, "eps", None), float))
+
+
+def _sources(conv: nn.Conv2d, bn: nn.Module) -> Tuple[Optional[torch.Tensor], ...]:
+    return (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+
+
+def fold_scale_shift(conv: nn.Conv2d, bn: nn.Module,
+                     dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """BN (+ conv bias) as scale/shift, computed in the epilogue dtype of `dtype`."""
+    acc = epilogue_dtype(dtype)
+    inv_std = torch.rsqrt(bn.running_var.to(acc) + bn.eps)
+    scale = inv_std if bn.weight is None else bn.weight.to(acc) * inv_std
+    bias = -bn.running_mean.to(acc)
+    if conv.bias is not None:
+        bias = bias + conv.bias.to(acc)
+    shift = bias * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias.to(acc)
+    return scale, shift
+
+
+class _Entry(NamedTuple):
+    sources: Tuple[Optional[torch.Tensor], ...]  # detached aliases: pin the memory
+    versions: Tuple[int, ...]
+    folded: Folded
+
+    def fresh(self, current: Tuple[Optional[torch.Tensor], ...]) -> bool:
+        for old, new, version in zip(self.sources, current, self.versions):
+            if old is None or new is None:
+                if old is not new:
+                    return False
+            elif new.data_ptr() != old.data_ptr() or new._version != version or \
+                    new.dtype != old.dtype or new.shape != old.shape:
+                return False
+        return True
+
+
+_cache: "weakref.WeakKeyDictionary[nn.Module, Dict[tuple, _Entry]]" = weakref.WeakKeyDictionary()
+
+
+def _build(conv, bn, dtype, backend) -> Folded:
+    scale, shift = fold_scale_shift(conv, bn, dtype)
+    weight = backends.pack_weight(backend, conv.weight.to(dtype))
+    return Folded(weight, scale, shift)
+
+
+def fold(conv: nn.Conv2d, bn: nn.Module, dtype: torch.dtype, backend: str) -> Folded:
+    """Folded conv+BN for activations of `dtype` on the conv's device, cached when possible."""
+    sources = _sources(conv, bn)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                 for t in sources)
+    if needs_grad or torch.compiler.is_compiling():
+        return _build(conv, bn, dtype, backend)  # part of the autograd / compiled graph
+    key = (conv.weight.device, dtype, backend)
+    entries = _cache.setdefault(conv, {})
+    entry = entries.get(key)
+    if entry is None or not entry.fresh(sources):
+        with torch.no_grad():
+            folded = _build(conv, bn, dtype, backend)
+        entry = _Entry(tuple(None if t is None else t.detach() for t in sources),
+                       tuple(0 if t is None else t._version for t in sources), folded)
+        entries[key] = entry
+    return entry.folded
+
+
+def clear_cache() -> None:
+    _cache.clear()

@@ -1,0 +1,38 @@
+"""`python -m resnet_fused info`: versions, device, and which backends run here (and why not)."""
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+
+import torch
+
+from . import backends
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def report() -> str:
+    lines = [f"python       {platform.python_version()}",
+             f"torch        {torch.__version__} (CUDA build: {torch.version.cuda or 'no'})",
+             f"torchvision  {_version('torchvision')}",
+             f"triton       {_version('triton')}"]
+    if torch.cuda.is_available():
+        devices = [torch.device("cuda"), torch.device("cpu")]
+        cap = torch.cuda.get_device_capability()
+        lines.append(f"device       cuda: {torch.cuda.get_device_name()} (sm_{cap[0]}{cap[1]})")
+    else:
+        devices = [torch.device("cpu")]
+        lines.append("device       cpu only (no CUDA device visible)")
+    lines.append(f"selected     {backends.get_backend()}  (set_backend(), backend(), "
+                 f"${backends.ENV_VAR})")
+    for device in devices:
+        lines.append(f"backends on {device.type}: auto -> {backends.auto_choice(device)}")
+        for name in backends.NAMES[1:]:
+            reason = backends.unavailable_reason(name, device)
+            lines.append(f"  {name:7s} {'available' if reason is None else 'unavailable: ' + reason}")
+    return "\n".join(lines)

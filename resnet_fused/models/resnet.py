@@ -1,0 +1,259 @@
+"""torchvision-compatible ResNet family whose eval path runs fused conv_bn_act chains.
+
+Module names, parameter names, constructor arguments and initialisation order are torchvision's,
+so state_dicts load both ways with strict=True and, under one seed, both build identical tensors.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, List, Optional, Type, Union
+
+import torch
+from torch import Tensor, nn
+
+from ..layers import conv_bn
+from .weights import load_weights
+
+__all__ = ["ResNet", "BasicBlock", "Bottleneck", "resnet18", "resnet34", "resnet50", "resnet101",
+           "resnet152", "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d",
+           "wide_resnet50_2", "wide_resnet101_2"]
+
+
+def conv3x3(in_planes: int, out_planes: int, stride: int = 1, groups: int = 1,
+            dilation: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=dilation,
+                     groups=groups, bias=False, dilation=dilation)
+
+
+def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)
+
+
+def _shortcut(downsample: Optional[nn.Module], x: Tensor) -> Tensor:
+    """The identity branch: x, or the downsample as one fused chain without ReLU."""
+    if downsample is None:
+        return x
+    if isinstance(downsample, nn.Sequential) and len(downsample) == 2:
+        return conv_bn(downsample[0], downsample[1], x, relu=False)
+    return downsample(x)
+
+
+class BasicBlock(nn.Module):
+    expansion: int = 1
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1,
+                 downsample: Optional[nn.Module] = None, groups: int = 1, base_width: int = 64,
+                 dilation: int = 1, norm_layer: Optional[Callable[..., nn.Module]] = None) -> None:
+        super().__init__()
+        if norm_layer is None:
+            norm_layer = nn.BatchNorm2d
+        if groups != 1 or base_width != 64:
+            raise ValueError(f"BasicBlock supports only groups=1 and base_width=64, got "
+                             f"groups={groups}, base_width={base_width}")
+        if dilation > 1:
+            raise ValueError(f"BasicBlock supports only dilation=1 (as torchvision), got "
+                             f"dilation={dilation}")
+        self.conv1 = conv3x3(inplanes, planes, stride)
+        self.bn1 = norm_layer(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = conv3x3(planes, planes)
+        self.bn2 = norm_layer(planes)
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = conv_bn(self.conv1, self.bn1, x)
+        return conv_bn(self.conv2, self.bn2, out, residual=_shortcut(self.downsample, x))
+
+
+class Bottleneck(nn.Module):
+    # The stride is on the 3x3 conv (ResNet V1.5), as in torchvision.
+    expansion: int = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1,
+                 downsample: Optional[nn.Module] = None, groups: int = 1, base_width: int = 64,
+                 dilation: int = 1, norm_layer: Optional[Callable[..., nn.Module]] = None) -> None:
+        super().__init__()
+        if norm_layer is None:
+            norm_layer = nn.BatchNorm2d
+        width = int(planes * (base_width / 64.0)) * groups
+        self.conv1 = conv1x1(inplanes, width)
+        self.bn1 = norm_layer(width)
+        self.conv2 = conv3x3(width, width, stride, groups, dilation)
+        self.bn2 = norm_layer(width)
+        self.conv3 = conv1x1(width, planes * self.expansion)
+        self.bn3 = norm_layer(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = conv_bn(self.conv1, self.bn1, x)
+        out = conv_bn(self.conv2, self.bn2, out)
+        return conv_bn(self.conv3, self.bn3, out, residual=_shortcut(self.downsample, x))
+
+
+class ResNet(nn.Module):
+    def __init__(self, block: Type[Union[BasicBlock, Bottleneck]], layers: List[int],
+                 num_classes: int = 1000, zero_init_residual: bool = False, groups: int = 1,
+                 width_per_group: int = 64,
+                 replace_stride_with_dilation: Optional[List[bool]] = None,
+                 norm_layer: Optional[Callable[..., nn.Module]] = None) -> None:
+        super().__init__()
+        if norm_layer is None:
+            norm_layer = nn.BatchNorm2d
+        self._norm_layer = norm_layer
+
+        self.inplanes = 64
+        self.dilation = 1
+        if replace_stride_with_dilation is None:
+            replace_stride_with_dilation = [False, False, False]
+        if len(replace_stride_with_dilation) != 3:
+            raise ValueError("replace_stride_with_dilation should be None or a 3-element tuple, "
+                             f"got {replace_stride_with_dilation}")
+        self.groups = groups
+        self.base_width = width_per_group
+        self.conv1 = nn.Conv2d(3, self.inplanes, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = norm_layer(self.inplanes)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.layer1 = self._make_layer(block, 64, layers[0])
+        self.layer2 = self._make_layer(block, 128, layers[1], stride=2,
+                                       dilate=replace_stride_with_dilation[0])
+        self.layer3 = self._make_layer(block, 256, layers[2], stride=2,
+                                       dilate=replace_stride_with_dilation[1])
+        self.layer4 = self._make_layer(block, 512, layers[3], stride=2,
+                                       dilate=replace_stride_with_dilation[2])
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(512 * block.expansion, num_classes)
+
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+                nn.init.constant_(m.weight, 1)
+                nn.init.constant_(m.bias, 0)
+        # Zero-initialise the last BN in each residual branch (https://arxiv.org/abs/1706.02677).
+        if zero_init_residual:
+            for m in self.modules():
+                if isinstance(m, Bottleneck) and m.bn3.weight is not None:
+                    nn.init.constant_(m.bn3.weight, 0)
+                elif isinstance(m, BasicBlock) and m.bn2.weight is not None:
+                    nn.init.constant_(m.bn2.weight, 0)
+
+    def _make_layer(self, block: Type[Union[BasicBlock, Bottleneck]], planes: int, blocks: int,
+                    stride: int = 1, dilate: bool = False) -> nn.Sequential:
+        norm_layer = self._norm_layer
+        downsample = None
+        previous_dilation = self.dilation
+        if dilate:
+            self.dilation *= stride
+            stride = 1
+        if stride != 1 or self.inplanes != planes * block.expansion:
+            downsample = nn.Sequential(conv1x1(self.inplanes, planes * block.expansion, stride),
+                                       norm_layer(planes * block.expansion))
+        layers = [block(self.inplanes, planes, stride, downsample, self.groups, self.base_width,
+                        previous_dilation, norm_layer)]
+        self.inplanes = planes * block.expansion
+        for _ in range(1, blocks):
+            layers.append(block(self.inplanes, planes, groups=self.groups,
+                                base_width=self.base_width, dilation=self.dilation,
+                                norm_layer=norm_layer))
+        return nn.Sequential(*layers)
+
+    def _check_input(self, x: Tensor) -> None:
+        w = self.conv1.weight
+        if not isinstance(x, Tensor):
+            raise TypeError(f"ResNet: expected a Tensor input, got {type(x).__name__}")
+        if x.dim() != 4 or x.shape[1] != w.shape[1]:
+            raise ValueError(f"ResNet: expected input of shape (N, {w.shape[1]}, H, W), got "
+                             f"{tuple(x.shape)}")
+        if not x.dtype.is_floating_point:
+            raise TypeError(f"ResNet: expected a floating-point input of dtype {w.dtype}, got "
+                            f"{x.dtype}")
+        if x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"ResNet: expected input dtype {w.dtype} (the model's parameters), "
+                            f"got {x.dtype}")
+        if x.device != w.device:
+            raise ValueError(f"ResNet: expected input on the model's device {w.device}, got "
+                             f"{x.device}")
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        if not self.training:  # the fused kernels want NHWC; convert once here
+            x = x.contiguous(memory_format=torch.channels_last)
+        x = conv_bn(self.conv1, self.bn1, x)
+        x = self.maxpool(x)
+        x = self.layer1(x)
+        x = self.layer2(x)
+        x = self.layer3(x)
+        x = self.layer4(x)
+        x = self.avgpool(x)
+        x = torch.flatten(x, 1)
+        return self.fc(x)
+
+
+def _fixed(kwargs: dict, name: str, value: Any) -> None:
+    """Set a builder-defined argument; a different caller value is an error (as torchvision)."""
+    if name in kwargs and kwargs[name] != value:
+        raise ValueError(f"the parameter '{name}' expected value {value} but got {kwargs[name]}")
+    kwargs[name] = value
+
+
+def _resnet(block, layers, weights, progress: bool, builder: str, **kwargs: Any) -> ResNet:
+    state_dict = None
+    if weights is not None:
+        state_dict, num_classes = load_weights(weights, builder, progress)
+        if num_classes is not None:
+            _fixed(kwargs, "num_classes", num_classes)
+    model = ResNet(block, layers, **kwargs)
+    if state_dict is not None:
+        model.load_state_dict(state_dict)
+    return model
+
+
+def resnet18(*, weights=None, progress: bool = True, **kwargs: Any) -> ResNet:
+    return _resnet(BasicBlock, [2, 2, 2, 2], weights, progress, "resnet18", **kwargs)
+
+
+def resnet34(*, weights=None, progress: bool = True, **kwargs: Any) -> ResNet:
+    return _resnet(BasicBlock, [3, 4, 6, 3], weights, progress, "resnet34", **kwargs)
+
+
+def resnet50(*, weights=None, progress: bool = True, **kwargs: Any) -> ResNet:
+    return _resnet(Bottleneck, [3, 4, 6, 3], weights, progress, "resnet50", **kwargs)
+
+
+def resnet101(*, weights=None, progress: bool = True, **kwargs: Any) -> ResNet:
+    return _resnet(Bottleneck, [3, 4, 23, 3], weights, progress, "resnet101", **kwargs)
+
+
+def resnet152(*, weights=None, progress: bool = True, **kwargs: Any) -> ResNet:
+    return _resnet(Bottleneck, [3, 8, 36, 3], weights, progress, "resnet152", **kwargs)
+
+
+def resnext50_32x4d(*, weights=None, progress: bool = True, **kwargs: Any) -> ResNet:
+    _fixed(kwargs, "groups", 32)
+    _fixed(kwargs, "width_per_group", 4)
+    return _resnet(Bottleneck, [3, 4, 6, 3], weights, progress, "resnext50_32x4d", **kwargs)
+
+
+def resnext101_32x8d(*, weights=None, progress: bool = True, **kwargs: Any) -> ResNet:
+    _fixed(kwargs, "groups", 32)
+    _fixed(kwargs, "width_per_group", 8)
+    return _resnet(Bottleneck, [3, 4, 23, 3], weights, progress, "resnext101_32x8d", **kwargs)
+
+
+def resnext101_64x4d(*, weights=None, progress: bool = True, **kwargs: Any) -> ResNet:
+    _fixed(kwargs, "groups", 64)
+    _fixed(kwargs, "width_per_group", 4)
+    return _resnet(Bottleneck, [3, 4, 23, 3], weights, progress, "resnext101_64x4d", **kwargs)
+
+
+def wide_resnet50_2(*, weights=None, progress: bool = True, **kwargs: Any) -> ResNet:
+    _fixed(kwargs, "width_per_group", 64 * 2)
+    return _resnet(Bottleneck, [3, 4, 6, 3], weights, progress, "wide_resnet50_2", **kwargs)
+
+
+def wide_resnet101_2(*, weights=None, progress: bool = True, **kwargs: Any) -> ResNet:
+    _fixed(kwargs, "width_per_group", 64 * 2)
+    return _resnet(Bottleneck, [3, 4, 23, 3], weights, progress, "wide_resnet101_2", **kwargs)

@@ -1,0 +1,178 @@
+"""The op contract: `conv_bn_act`, registered as the torch custom op `resnet_fused::conv_bn_act`.
+
+    conv_bn_act(x, weight, scale, shift, *, residual=None, stride=1, padding=0,
+                dilation=1, groups=1, relu=True)
+      = relu?(conv2d(x, weight) * scale[c] + shift[c] + residual)
+
+`scale`/`shift` are BatchNorm folded per output channel, fp32 (fp64 for fp64 inputs); the
+output has x's dtype. The custom op dispatches to the selected backend (see backends/), has a
+fake kernel (torch.compile, torch.export) and an autograd formula built from stock ops.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+from . import backends
+
+IntOr2 = Union[int, Sequence[int]]
+
+
+def _pair(v: IntOr2, what: str) -> List[int]:
+    if isinstance(v, int):
+        return [v, v]
+    v = [int(i) for i in v]
+    if len(v) != 2:
+        raise ValueError(f"conv_bn_act: {what} must be an int or a pair of ints, got {v}")
+    return v
+
+
+def _out_hw(h: int, w: int, k: Sequence[int], stride, padding, dilation) -> Tuple[int, int]:
+    return tuple((size + 2 * p - d * (kk - 1) - 1) // s + 1
+                 for size, kk, s, p, d in zip((h, w), k, stride, padding, dilation))
+
+
+def epilogue_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of scale/shift and of the epilogue arithmetic for activations of `dtype`."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_inputs(x, weight, scale, shift, residual, stride, padding, dilation, groups) -> None:
+    """Raise a clear error naming what was expected and what came, before any kernel runs."""
+    def shape(t):
+        return tuple(t.shape)
+
+    for name, t in (("x", x), ("weight", weight), ("scale", scale), ("shift", shift)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"conv_bn_act: {name} must be a Tensor, got {type(t).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"conv_bn_act: expected x of shape (N, C, H, W), got a {x.dim()}-D tensor "
+                         f"of shape {shape(x)}")
+    if weight.dim() != 4:
+        raise ValueError(f"conv_bn_act: expected weight of shape (C_out, C_in/groups, KH, KW), got "
+                         f"shape {shape(weight)}")
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"conv_bn_act: expected a floating-point x (float16, bfloat16, float32 or "
+                        f"float64), got {x.dtype}")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"conv_bn_act: expected weight dtype to equal x dtype {x.dtype}, got "
+                        f"{weight.dtype}")
+    if groups < 1 or weight.shape[0] % groups:
+        raise ValueError(f"conv_bn_act: groups must be >= 1 and divide C_out={weight.shape[0]}, "
+                         f"got {groups}")
+    if x.shape[1] != weight.shape[1] * groups:
+        raise ValueError(f"conv_bn_act: expected x with {weight.shape[1] * groups} channels "
+                         f"(weight {shape(weight)}, groups={groups}), got {x.shape[1]} "
+                         f"(x {shape(x)})")
+    c_out, want = weight.shape[0], epilogue_dtype(x.dtype)
+    for name, t in (("scale", scale), ("shift", shift)):
+        if shape(t) != (c_out,):
+            raise ValueError(f"conv_bn_act: expected {name} of shape ({c_out},), got {shape(t)}")
+        if t.dtype != want:
+            raise TypeError(f"conv_bn_act: expected {name} of dtype {want} for {x.dtype} input, "
+                            f"got {t.dtype}")
+    tensors = [("weight", weight), ("scale", scale), ("shift", shift)]
+    if residual is not None:
+        tensors.append(("residual", residual))
+    for name, t in tensors:
+        if t.device != x.device:
+            raise ValueError(f"conv_bn_act: expected {name} on x's device {x.device}, got "
+                             f"{t.device}")
+    for name, v in (("stride", stride), ("dilation", dilation)):
+        if min(v) < 1:
+            raise ValueError(f"conv_bn_act: {name} must be >= 1, got {v}")
+    if min(padding) < 0:
+        raise ValueError(f"conv_bn_act: padding must be >= 0, got {padding}")
+    oh, ow = _out_hw(x.shape[2], x.shape[3], weight.shape[2:], stride, padding, dilation)
+    if oh < 1 or ow < 1:
+        raise ValueError(f"conv_bn_act: input {shape(x)} is too small for kernel "
+                         f"{tuple(weight.shape[2:])} with padding {padding}, dilation {dilation}")
+    if residual is not None:
+        out_shape = (x.shape[0], c_out, oh, ow)
+        if shape(residual) != out_shape:
+            raise ValueError(f"conv_bn_act: expected residual of shape {out_shape}, got "
+                             f"{shape(residual)}")
+        if residual.dtype != x.dtype:
+            raise TypeError(f"conv_bn_act: expected residual dtype {x.dtype}, got "
+                            f"{residual.dtype}")
+
+
+@torch.library.custom_op("resnet_fused::conv_bn_act", mutates_args=())
+def _conv_bn_act_op(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                    shift: torch.Tensor, residual: Optional[torch.Tensor], stride: List[int],
+                    padding: List[int], dilation: List[int], groups: int,
+                    relu: bool) -> torch.Tensor:
+    name = backends.resolve(x.device)
+    out = backends.load(name).conv_bn_act(x, weight, scale, shift, residual, stride, padding,
+                                          dilation, groups, relu)
+    # A custom op's output must never alias an input (DESIGN.md: never write over x/residual).
+    if out is x or out is residual:
+        out = out.clone()
+    return out
+
+
+@_conv_bn_act_op.register_fake
+def _(x, weight, scale, shift, residual, stride, padding, dilation, groups, relu):
+    oh, ow = _out_hw(x.shape[2], x.shape[3], weight.shape[2:], stride, padding, dilation)
+    return x.new_empty((x.shape[0], weight.shape[0], oh, ow)).contiguous(
+        memory_format=torch.channels_last)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, scale, shift, residual, stride, padding, dilation, groups, relu = inputs
+    ctx.conv_args = (stride, padding, dilation, groups)
+    ctx.relu = relu
+    ctx.has_residual = residual is not None
+    ctx.save_for_backward(x, weight, scale, output if relu else None)
+
+
+def _backward(ctx, grad):
+    x, weight, scale, output = ctx.saved_tensors
+    stride, padding, dilation, groups = ctx.conv_args
+    g = grad.to(scale.dtype)
+    if ctx.relu:
+        g = g * (output > 0)
+    grad_x = grad_w = grad_scale = grad_shift = grad_res = None
+    need_x, need_w, need_scale, need_shift, need_res = ctx.needs_input_grad[:5]
+    if need_res and ctx.has_residual:
+        grad_res = g.to(x.dtype)
+    if need_shift:
+        grad_shift = g.sum((0, 2, 3))
+    if need_scale:  # recompute the conv rather than save it: cheap next to memory
+        y = F.conv2d(x, weight, None, stride, padding, dilation, groups)
+        grad_scale = (g * y.to(g.dtype)).sum((0, 2, 3))
+    if need_x or need_w:
+        gy = (g * scale.view(1, -1, 1, 1)).to(x.dtype)
+        if need_x:
+            grad_x = torch.nn.grad.conv2d_input(x.shape, weight, gy, stride, padding, dilation,
+                                                groups)
+        if need_w:
+            grad_w = torch.nn.grad.conv2d_weight(x, weight.shape, gy, stride, padding, dilation,
+                                                 groups)
+    return grad_x, grad_w, grad_scale, grad_shift, grad_res, None, None, None, None, None
+
+
+_conv_bn_act_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def conv_bn_act(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+                *, residual: Optional[torch.Tensor] = None, stride: IntOr2 = 1,
+                padding: IntOr2 = 0, dilation: IntOr2 = 1, groups: int = 1,
+                relu: bool = True) -> torch.Tensor:
+    """relu?(conv2d(x, weight) * scale[c] + shift[c] + residual) in one fused op.
+
+    Under torch.autocast, x, weight and residual are cast to the autocast dtype as stock conv
+    does; scale/shift stay fp32.
+    """
+    stride, padding, dilation = (_pair(stride, "stride"), _pair(padding, "padding"),
+                                 _pair(dilation, "dilation"))
+    if isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        if x.dtype.is_floating_point and dtype != torch.float64:
+            x, weight = x.to(dtype), weight.to(dtype)
+            residual = None if residual is None else residual.to(dtype)
+    check_inputs(x, weight, scale, shift, residual, stride, padding, dilation, groups)
+    return _conv_bn_act_op(x, weight, scale, shift, residual, stride, padding, dilation, groups,
+                           relu)
