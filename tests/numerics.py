@@ -1,0 +1,57 @@
+"""Shared test helpers: float64 references, randomised BatchNorm, and DESIGN.md's error rule."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Per-dtype absolute slack for the rule err(fused) <= 2 * err(stock) + atol. It only has to cover
+# the case where stock happens to be (nearly) exact: about one rounding step of the output dtype at
+# the output's magnitude (~1-4 here), i.e. 2^-10 * 4 for fp16, 2^-7 * 4 for bf16, 2^-23 * 4 for fp32.
+ATOL = {torch.float16: 4e-3, torch.bfloat16: 3e-2, torch.float32: 5e-7, torch.float64: 1e-12}
+
+
+def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random running stats (var over 6 decades, some tiny) and affine params in every BN layer:
+    a fresh BN (mean 0, var 1, weight 1, bias 0) would hide folding bugs."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._NormBase) and m.running_mean is not None:
+                c = m.num_features
+                m.running_mean.copy_(torch.randn(c, generator=g) * 0.5)
+                var = 10 ** (torch.rand(c, generator=g) * 4 - 3)  # 1e-3 .. 10
+                var[torch.rand(c, generator=g) < 0.05] = 1e-6        # a few tiny ones
+                m.running_var.copy_(var)
+                if m.weight is not None:
+                    m.weight.copy_(torch.rand(c, generator=g) * 1.5 + 0.25)
+                    m.bias.copy_(torch.randn(c, generator=g) * 0.5)
+    return model
+
+
+def conv_bn_act_ref(x, weight, bn_or_scale, shift=None, *, residual=None, stride=1, padding=0,
+                    dilation=1, groups=1, relu=True) -> torch.Tensor:
+    """float64 reference of relu?(conv(x) * scale + shift + residual)."""
+    d = torch.float64
+    y = F.conv2d(x.to(d), weight.to(d), None, stride, padding, dilation, groups)
+    y = y * bn_or_scale.to(d).view(1, -1, 1, 1) + shift.to(d).view(1, -1, 1, 1)
+    if residual is not None:
+        y = y + residual.to(d)
+    return torch.relu(y) if relu else y
+
+
+def max_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return (a.to(torch.float64) - ref.to(torch.float64)).abs().max().item() if a.numel() else 0.0
+
+
+def assert_within_rule(fused: torch.Tensor, stock: Optional[torch.Tensor], ref64: torch.Tensor,
+                       dtype: torch.dtype, factor: float = 2.0) -> None:
+    """DESIGN.md: err(fused, ref64) <= factor * err(stock same dtype, ref64) + atol[dtype]."""
+    assert fused.shape == ref64.shape, (fused.shape, ref64.shape)
+    assert torch.isfinite(fused).all()
+    err = max_err(fused, ref64)
+    stock_err = max_err(stock, ref64) if stock is not None else 0.0
+    bound = factor * stock_err + ATOL[dtype]
+    assert err <= bound, f"{dtype}: err {err:.3e} > {factor} * stock err {stock_err:.3e} + {ATOL[dtype]:.1e}"
