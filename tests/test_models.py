@@ -1,0 +1,181 @@
+"""Parity of every builder with torchvision: init, state_dict, eval and train numerics, fuse()."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import resnet_fused
+from numerics import assert_within_rule, max_err, randomize_bn
+
+BUILDERS = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
+            "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2"]
+SIZES = [(64, 64), (45, 37)]  # square, and non-square odd
+
+
+def build_pair(name: str, seed: int = 0, **kwargs):
+    torch.manual_seed(seed)
+    ours = getattr(resnet_fused, name)(**kwargs)
+    torch.manual_seed(seed)
+    theirs = getattr(torchvision.models, name)(**kwargs)
+    return ours, theirs
+
+
+@pytest.fixture(scope="module", params=BUILDERS)
+def pair(request):
+    """(ours, torchvision) built under one seed, BN randomised identically, small fc."""
+    ours, theirs = build_pair(request.param, num_classes=10)
+    for m in (ours, theirs):
+        randomize_bn(m, seed=1)
+    return request.param, ours, theirs
+
+
+def test_identical_init_and_names(pair):
+    _, ours, theirs = pair
+    # Compare fresh builds: `pair` has randomised BN.
+    a, b = build_pair(pair[0], num_classes=10)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb)
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+    assert [n for n, _ in a.named_modules()] == [n for n, _ in b.named_modules()]
+
+
+def test_state_dict_round_trip_both_ways(pair):
+    _, ours, theirs = pair
+    fresh_ours, fresh_theirs = build_pair(pair[0], seed=5, num_classes=10)
+    fresh_ours.load_state_dict(theirs.state_dict(), strict=True)
+    fresh_theirs.load_state_dict(ours.state_dict(), strict=True)
+    for k, v in theirs.state_dict().items():
+        assert torch.equal(fresh_ours.state_dict()[k], v)
+        assert torch.equal(fresh_theirs.state_dict()[k], v)
+
+
+def _input(size, dtype, channels_last, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 3, *size, generator=g, dtype=dtype)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_eval_parity(pair, size):
+    """fp64 within 1e-10 relative of torchvision; fp32 within DESIGN.md's rule (vs fp64 ref)."""
+    _, ours, theirs = pair
+    ours64, theirs64 = copy.deepcopy(ours).double().eval(), copy.deepcopy(theirs).double().eval()
+    ours.eval(), theirs.eval()
+    with torch.no_grad():
+        for channels_last in (False, True):
+            x64 = _input(size, torch.float64, channels_last)
+            ref = theirs64(x64)
+            rel = max_err(ours64(x64), ref) / ref.abs().max().item()
+            assert rel <= 1e-10, f"fp64 relative error {rel:.2e}"
+            x32 = x64.float()
+            assert_within_rule(ours(x32), theirs(x32), ref, torch.float32)
+
+
+def _train_steps(model, x, target, steps):
+    """Run SGD steps; return per-step (output, loss) and the last step's gradients."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    history = []
+    for _ in range(steps):
+        opt.zero_grad()
+        out = model(x)
+        loss = nn.functional.cross_entropy(out, target)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        opt.step()
+        history.append((out.detach(), loss.detach()))
+    return history, grads
+
+
+def _check_train(ours, theirs, ref, dtype, x, target, steps=2):
+    """Outputs, losses, every gradient and all buffers after `steps` steps."""
+    h_ours, g_ours = _train_steps(ours.train(), x, target, steps)
+    h_theirs, g_theirs = _train_steps(theirs.train(), x, target, steps)
+    if ref is theirs:  # fp64: torchvision itself is the reference
+        h_ref, g_ref = h_theirs, g_theirs
+    else:
+        h_ref, g_ref = _train_steps(ref.train(), x.double(), target, steps)
+    def check(a, b, r):
+        if dtype == torch.float64:
+            scale = max(r.abs().max().item(), 1e-30)
+            assert max_err(a, r) / scale <= 1e-10
+        else:
+            assert_within_rule(a, b, r, dtype)
+    for (oa, la), (ob, lb), (orf, lrf) in zip(h_ours, h_theirs, h_ref):
+        check(oa, ob, orf)
+        check(la, lb, lrf)
+    for n in g_ref:
+        check(g_ours[n], g_theirs[n], g_ref[n])
+    bufs_ours, bufs_theirs = dict(ours.named_buffers()), dict(theirs.named_buffers())
+    for n, r in ref.named_buffers():
+        if r.dtype == torch.long:  # num_batches_tracked
+            assert torch.equal(bufs_ours[n], r) and torch.equal(bufs_theirs[n], r)
+        else:
+            check(bufs_ours[n], bufs_theirs[n], r)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_train_parity(pair, dtype):
+    name, ours, theirs = pair
+    ours, theirs = copy.deepcopy(ours).to(dtype), copy.deepcopy(theirs).to(dtype)
+    ref = theirs if dtype == torch.float64 else copy.deepcopy(theirs).double()
+    x = _input((64, 64), dtype, channels_last=False, seed=2)
+    target = torch.tensor([3, 7])
+    _check_train(ours, theirs, ref, dtype, x, target)
+
+
+def test_train_parity_momentum_none_channels_last():
+    """Cumulative-average running stats (momentum=None) and channels_last input, fp64."""
+    norm = lambda c: nn.BatchNorm2d(c, momentum=None)  # noqa: E731
+    ours, theirs = build_pair("resnet18", num_classes=10, norm_layer=norm)
+    for m in (ours, theirs):
+        randomize_bn(m, seed=3)
+    ours, theirs = ours.double(), theirs.double()
+    x = _input((45, 37), torch.float64, channels_last=True, seed=4)
+    _check_train(ours, theirs, theirs, torch.float64, x, torch.tensor([1, 2]), steps=3)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnext50_32x4d"])
+def test_eval_gradients_match(name):
+    """Eval mode with autograd on (frozen-BN fine-tuning): fused op's backward vs torchvision."""
+    ours, theirs = build_pair(name, num_classes=10)
+    for m in (ours, theirs):
+        randomize_bn(m, seed=7)
+    ours, theirs = ours.double().eval(), theirs.double().eval()
+    x = _input((64, 64), torch.float64, channels_last=True, seed=6).requires_grad_()
+    x2 = x.detach().clone().requires_grad_()
+    ours(x).square().sum().backward()
+    theirs(x2).square().sum().backward()
+    pairs = [(x.grad, x2.grad)] + [(p.grad, q.grad) for p, q in
+                                   zip(ours.parameters(), theirs.parameters())]
+    for a, b in pairs:
+        assert max_err(a, b) <= 1e-10 * max(b.abs().max().item(), 1e-30)
+
+
+def test_fuse_shares_tensors_and_matches(pair):
+    name, _, theirs = pair
+    tv = copy.deepcopy(theirs).eval()
+    fused = resnet_fused.fuse(tv)
+    assert isinstance(fused, resnet_fused.ResNet)
+    assert type(tv) is torchvision.models.ResNet  # the original is left as it was
+    for (n, p), (m, q) in zip(fused.state_dict(keep_vars=True).items(),
+                              tv.state_dict(keep_vars=True).items()):
+        assert n == m and p is q
+    x = _input((64, 64), torch.float32, channels_last=False)
+    with torch.no_grad():
+        ref = copy.deepcopy(tv).double()(x.double())
+        assert_within_rule(fused(x), tv(x), ref, torch.float32)
+        # A change to the torchvision model is seen by the fused one (shared, not copied).
+        tv.fc.bias.add_(1.0)
+        tv.layer1[0].bn1.running_var.mul_(3.0)
+        ref = copy.deepcopy(tv).double()(x.double())
+        assert_within_rule(fused(x), tv(x), ref, torch.float32)
+
+
+def test_fuse_rejects_other_models():
+    with pytest.raises(TypeError, match="expected a torchvision.models.ResNet, got"):
+        resnet_fused.fuse(torchvision.models.alexnet())
