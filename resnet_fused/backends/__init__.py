@@ -21,9 +21,9 @@ from typing import Iterator, Optional
 
 import torch
 
-NAMES = ("auto", "triton", "cuda", "torch")
+NAMES = ("auto", "triton", "cuda", "onednn", "torch")
 _MODULES = {"torch": "resnet_fused.backends.stock", "triton": "resnet_fused.backends.triton",
-            "cuda": "resnet_fused.backends.cuda"}
+            "cuda": "resnet_fused.backends.cuda", "onednn": "resnet_fused.backends.onednn"}
 ENV_VAR = "RESNET_FUSED_BACKEND"
 
 
@@ -95,7 +95,9 @@ def backend(name: str) -> Iterator[None]:
 
 def auto_choice(device: torch.device) -> str:
     """What 'auto' runs on `device`: the fastest backend usable there."""
-    order = ("triton", "cuda", "torch") if device.type == "cuda" else ("torch",)
+    # CPU: oneDNN's fused conv (fp32; other dtypes it hands to stock) measured ~3x faster than
+    # stock for resnet50 batch 8 on 2 cores (benchmarks/RESULTS.md).
+    order = ("triton", "cuda", "torch") if device.type == "cuda" else ("onednn", "torch")
     for name in order:
         if unavailable_reason(name, device) is None:
             return name

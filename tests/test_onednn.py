@@ -1,0 +1,206 @@
+"""The `onednn` CPU backend: parity with the float64 reference, layouts, delegation, never stale."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import resnet_fused
+from resnet_fused import backends
+from resnet_fused.backends import onednn
+from resnet_fused.fold import fold_scale_shift
+from resnet_fused.ops import conv_bn_act
+
+from numerics import assert_within_rule, conv_bn_act_ref, max_err, randomize_bn
+
+CPU = torch.device("cpu")
+REASON = backends.unavailable_reason("onednn", CPU)
+needs_onednn = pytest.mark.skipif(REASON is not None, reason=f"onednn unavailable: {REASON}")
+
+
+def _case(cin, cout, k, stride, padding, dilation, groups, hw, n=2, seed=0):
+    """A conv + randomised BN, folded to scale/shift in fp32."""
+    torch.manual_seed(seed)
+    conv = nn.Conv2d(cin, cout, k, stride, padding, dilation, groups, bias=False)
+    bn = randomize_bn(nn.BatchNorm2d(cout), seed=seed).eval()
+    with torch.no_grad():
+        scale, shift = fold_scale_shift(conv, bn, torch.float32)
+    x = torch.randn(n, cin, *hw)
+    return conv, bn, x, scale, shift
+
+
+SHAPES = [  # cin, cout, k, stride, padding, dilation, groups, (h, w)
+    (3, 64, 7, 2, 3, 1, 1, (29, 31)),      # stem-like, odd sizes
+    (64, 64, 1, 1, 0, 1, 1, (14, 14)),     # bottleneck 1x1
+    (64, 64, 3, 1, 1, 1, 1, (13, 9)),      # 3x3
+    (32, 48, 3, 2, 1, 1, 1, (15, 16)),     # strided 3x3
+    (64, 128, 1, 2, 0, 1, 1, (9, 9)),      # downsample 1x1 stride 2
+    (32, 32, 3, 1, 2, 2, 4, (11, 12)),     # grouped + dilated
+    (17, 5, 3, 1, 0, 1, 1, (6, 7)),        # odd channel counts, no padding
+]
+
+
+@needs_onednn
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[:7])))
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("relu", [True, False])
+def test_matches_float64_reference(shape, residual, relu):
+    cin, cout, k, s, p, d, g, hw = shape
+    conv, bn, x, scale, shift = _case(cin, cout, k, s, p, d, g, hw)
+    x = x.contiguous(memory_format=torch.channels_last)
+    kw = dict(stride=s, padding=p, dilation=d, groups=g, relu=relu)
+    res = None
+    if residual:
+        oh = (hw[0] + 2 * p - d * (k - 1) - 1) // s + 1
+        ow = (hw[1] + 2 * p - d * (k - 1) - 1) // s + 1
+        res = torch.randn(x.shape[0], cout, oh, ow).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        w = onednn.pack_weight(conv.weight)
+        with resnet_fused.backend("onednn"):
+            got = conv_bn_act(x, w, scale, shift, residual=res, **kw)
+        with resnet_fused.backend("torch"):
+            stock = conv_bn_act(x, conv.weight, scale, shift, residual=res, **kw)
+    ref = conv_bn_act_ref(x, conv.weight, scale, shift, residual=res, **kw)
+    assert got.dtype == torch.float32 and got.shape == ref.shape
+    assert_within_rule(got, stock, ref, torch.float32)
+
+
+@needs_onednn
+@pytest.mark.parametrize("x_layout", ["nchw", "channels_last", "strided"])
+@pytest.mark.parametrize("res_layout", ["nchw", "channels_last"])
+def test_layouts(x_layout, res_layout):
+    conv, bn, x, scale, shift = _case(16, 24, 3, 1, 1, 1, 1, (10, 11))
+    if x_layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif x_layout == "strided":
+        x = torch.cat([x, x], dim=3)[..., ::2]  # non-contiguous view
+        assert not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
+    res = torch.randn(2, 24, 10, 11)
+    if res_layout == "channels_last":
+        res = res.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), resnet_fused.backend("onednn"):
+        got = conv_bn_act(x, conv.weight, scale, shift, residual=res, padding=1)
+    ref = conv_bn_act_ref(x, conv.weight, scale, shift, residual=res, padding=1)
+    with torch.no_grad(), resnet_fused.backend("torch"):
+        stock = conv_bn_act(x, conv.weight, scale, shift, residual=res, padding=1)
+    assert_within_rule(got, stock, ref, torch.float32)
+    assert got.data_ptr() not in (x.data_ptr(), res.data_ptr())
+
+
+@needs_onednn
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_other_dtypes_delegate_to_stock(dtype):
+    conv, bn, x, _, _ = _case(8, 16, 3, 1, 1, 1, 1, (7, 7))
+    with torch.no_grad():
+        scale, shift = fold_scale_shift(conv, bn, dtype)
+    x, w = x.to(dtype), conv.weight.detach().to(dtype)
+    with torch.no_grad():
+        with resnet_fused.backend("onednn"):
+            got = conv_bn_act(x, w, scale, shift, padding=1)
+        with resnet_fused.backend("torch"):
+            want = conv_bn_act(x, w, scale, shift, padding=1)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@needs_onednn
+def test_never_stale_when_tensors_change_in_place():
+    conv, bn, x, scale, shift = _case(8, 16, 3, 1, 1, 1, 1, (7, 7))
+    w = conv.weight.detach().clone()
+    scale, shift = scale.clone(), shift.clone()
+
+    def run():
+        with torch.no_grad(), resnet_fused.backend("onednn"):
+            return conv_bn_act(x, w, scale, shift, padding=1)
+
+    def check(out):
+        assert max_err(out, conv_bn_act_ref(x, w, scale, shift, padding=1)) < 1e-4
+
+    check(run())
+    for t in (w, scale, shift):  # each in-place write bumps a version counter
+        with torch.no_grad():
+            t.mul_(1.5).add_(0.25)
+        check(run())
+
+
+@needs_onednn
+def test_inference_tensors_passed_directly_are_not_memoised():
+    conv, bn, x, scale, shift = _case(8, 16, 1, 1, 0, 1, 1, (5, 5))
+    with torch.inference_mode():
+        w, scale, shift = conv.weight.clone(), scale.clone(), shift.clone()
+        with resnet_fused.backend("onednn"):
+            first = conv_bn_act(x, w, scale, shift)
+            scale.mul_(2.0)  # no version counter on inference tensors: must not be cached
+            second = conv_bn_act(x, w, scale, shift)
+    assert max_err(second, conv_bn_act_ref(x, w, scale, shift)) < 1e-4
+    assert not torch.allclose(first, second)
+
+
+@needs_onednn
+def test_model_parity_and_fold_cache_refresh():
+    torch.manual_seed(0)
+    tv = randomize_bn(torchvision.models.resnet18(num_classes=10)).eval()
+    fused = resnet_fused.fuse(tv)
+    x = torch.randn(2, 3, 48, 40)
+    with torch.no_grad(), resnet_fused.backend("onednn"):
+        ref = copy.deepcopy(tv).double()(x.double())
+        stock = tv(x)
+        got = fused(x)
+        assert_within_rule(got, stock, ref, torch.float32)
+        # an optimizer-like in-place update must be seen on the next call
+        tv.layer1[0].conv1.weight.mul_(0.5)
+        tv.layer2[0].bn1.running_var.mul_(3.0)
+        ref2 = copy.deepcopy(tv).double()(x.double())
+        got2 = fused(x)
+        assert_within_rule(got2, tv(x), ref2, torch.float32)
+        # a new input shape gets its own blocked weight, same numbers
+        x3 = torch.randn(1, 3, 33, 35)
+        assert_within_rule(fused(x3), tv(x3), copy.deepcopy(tv).double()(x3.double()),
+                           torch.float32)
+
+
+@needs_onednn
+def test_inference_mode_model_uses_memo():
+    torch.manual_seed(0)
+    fused = randomize_bn(resnet_fused.resnet18(num_classes=10)).eval()
+    x = torch.randn(1, 3, 32, 32)
+    resnet_fused.clear_fold_cache()
+    with torch.inference_mode(), resnet_fused.backend("onednn"):
+        a = fused(x)
+        n = onednn.cached_weights()
+        b = fused(x)
+    assert n >= 20 and onednn.cached_weights() == n  # 20 convs in resnet18, built once
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@needs_onednn
+def test_gradients_through_the_op():
+    conv, bn, x, scale, shift = _case(4, 6, 3, 1, 1, 1, 1, (5, 5))
+    grads = {}
+    for name in ("onednn", "torch"):
+        xx = x.clone().requires_grad_()
+        w = conv.weight.detach().clone().requires_grad_()
+        with resnet_fused.backend(name):
+            conv_bn_act(xx, w, scale, shift, padding=1).square().sum().backward()
+        grads[name] = (xx.grad, w.grad)
+    for a, b in zip(grads["onednn"], grads["torch"]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_availability_reasons():
+    assert isinstance(onednn.unavailable_reason(torch.device("cuda")), str)
+    assert "onednn" in backends.NAMES
+    if REASON is None:
+        assert backends.auto_choice(CPU) == "onednn"
+    else:
+        assert backends.auto_choice(CPU) == "torch"
+
+
+@needs_onednn
+def test_disabled_onednn_is_reported(monkeypatch):
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
+    assert "disabled" in onednn.unavailable_reason(CPU)
+    assert backends.auto_choice(CPU) == "torch"
