@@ -75,7 +75,9 @@ _cache: "weakref.WeakKeyDictionary[nn.Module, Dict[tuple, _Entry]]" = weakref.We
 
 def _build(conv, bn, dtype, backend) -> Folded:
     scale, shift = fold_scale_shift(conv, bn, dtype)
-    weight = backends.pack_weight(backend, conv.weight.to(dtype))
+    weight = conv.weight.to(dtype)
+    if not torch.compiler.is_compiling():  # traced: backends read any strides; skip packing
+        weight = backends.pack_weight(backend, weight)
     return Folded(weight, scale, shift)
 
 

@@ -44,7 +44,7 @@ def conv_bn(conv: nn.Module, bn: nn.Module, x: torch.Tensor, *,
     if not fusable(conv, bn):
         return train_chain(conv, bn, x, residual, relu)
     dtype = compute_dtype(x)
-    if dtype != conv.weight.dtype and dtype == x.dtype:  # not autocast: stock conv would refuse
+    if x.dtype != conv.weight.dtype and not torch.is_autocast_enabled(x.device.type):
         raise TypeError(f"resnet_fused: expected input dtype {conv.weight.dtype} (the model's "
                         f"parameters), got {x.dtype}")
     weight, scale, shift = fold(conv, bn, dtype, backends.resolve(x.device))

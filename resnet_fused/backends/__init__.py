@@ -104,6 +104,7 @@ def auto_choice(device: torch.device) -> str:
     return "torch"
 
 
+@torch.compiler.assume_constant_result  # traced graphs bake the choice made at trace time
 def resolve(device: torch.device, name: Optional[str] = None) -> str:
     """The concrete backend that runs on `device` for the selection `name` (default: current)."""
     name = get_backend() if name is None else _check_name(name)

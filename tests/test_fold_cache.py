@@ -1,0 +1,111 @@
+"""The fold cache is never stale, never in the state_dict, and survives copy/pickle/.to()."""
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+import torchvision
+
+import resnet_fused
+from resnet_fused import fold as fold_mod
+from numerics import assert_within_rule, randomize_bn
+
+
+@pytest.fixture
+def models():
+    torch.manual_seed(0)
+    tv = randomize_bn(torchvision.models.resnet18(num_classes=10), seed=2).eval()
+    return resnet_fused.fuse(tv), tv
+
+
+X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+def check(fused, tv, x=X):
+    with torch.no_grad():
+        ref = copy.deepcopy(tv).double()(x.double())
+        dtype = next(tv.parameters()).dtype
+        out = fused(x.to(dtype))
+        if dtype == torch.float64:
+            assert torch.allclose(out, ref, rtol=1e-10, atol=0)
+        else:
+            assert_within_rule(out, tv(x.to(dtype)), ref, dtype)
+    return out
+
+
+def test_cache_is_used_and_not_in_state_dict(models):
+    fused, tv = models
+    check(fused, tv)
+    entry = fold_mod._cache[fused.conv1]
+    first = next(iter(entry.values())).folded
+    check(fused, tv)
+    assert next(iter(fold_mod._cache[fused.conv1].values())).folded is first  # reused
+    assert list(fused.state_dict()) == list(tv.state_dict())
+
+
+def test_optimizer_step_between_eval_calls(models):
+    fused, tv = models
+    before = check(fused, tv)
+    opt = torch.optim.SGD(fused.parameters(), lr=1e-2)
+    fused(X).square().mean().backward()  # eval-mode gradients flow through the fused op
+    opt.step()
+    after = check(fused, tv)  # tv shares the parameters and sees the step
+    assert not torch.allclose(before, after)
+
+
+def test_train_step_updates_running_stats(models):
+    fused, tv = models
+    check(fused, tv)
+    fused.train()
+    with torch.no_grad():
+        fused(X * 3 + 1)  # running stats move
+    fused.eval()
+    check(fused, tv)
+
+
+def test_load_state_dict_in_place(models):
+    fused, tv = models
+    check(fused, tv)
+    torch.manual_seed(9)
+    other = randomize_bn(torchvision.models.resnet18(num_classes=10), seed=5)
+    fused.load_state_dict(other.state_dict())
+    check(fused, other.eval())
+
+
+@pytest.mark.parametrize("convert", [lambda m: m.double(), lambda m: m.to(torch.float64),
+                                     lambda m: m.half().float()])
+def test_dtype_changes(models, convert):
+    fused, tv = models
+    check(fused, tv)
+    convert(fused)  # tv shares modules, so it converts too
+    check(fused, tv)
+
+
+def test_parameter_data_swap(models):
+    """`.data =` assignment replaces the memory: a new pointer, the version alone could match."""
+    fused, tv = models
+    check(fused, tv)
+    w = fused.layer1[0].conv1.weight
+    w.data = w.data * 0.5
+    check(fused, tv)
+
+
+def test_deepcopy_pickle_save(models):
+    fused, tv = models
+    check(fused, tv)
+    for clone in (copy.deepcopy(fused), pickle.loads(pickle.dumps(fused))):
+        check(clone, tv)
+    buf = io.BytesIO()
+    torch.save(fused, buf)
+    buf.seek(0)
+    check(torch.load(buf, weights_only=False), tv)
+
+
+def test_input_layouts(models):
+    fused, tv = models
+    check(fused, tv, X.contiguous(memory_format=torch.channels_last))
+    check(fused, tv, X.transpose(2, 3).contiguous().transpose(2, 3))
+    check(fused, tv, torch.stack([X, X], 2)[:, :, 0])  # non-contiguous view

@@ -1,0 +1,135 @@
+"""The op contract with the `torch` backend: numerics, custom-op checks, autocast, compile/export."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import resnet_fused
+from resnet_fused.ops import conv_bn_act
+from numerics import assert_within_rule, conv_bn_act_ref, max_err
+
+CASES = [  # (C_in, C_out, k, stride, padding, dilation, groups, H, W)
+    (3, 16, 7, 2, 3, 1, 1, 17, 15),   # stem
+    (8, 12, 3, 1, 1, 1, 1, 9, 9),     # 3x3/1
+    (8, 12, 3, 2, 1, 1, 1, 9, 8),     # 3x3/2
+    (12, 20, 1, 1, 0, 1, 1, 7, 7),    # 1x1
+    (12, 20, 1, 2, 0, 1, 1, 7, 7),    # 1x1/2 downsample
+    (16, 16, 3, 1, 1, 1, 4, 6, 5),    # grouped
+    (8, 8, 3, 1, 2, 2, 1, 9, 9),      # dilated
+]
+
+
+def _make(case, dtype, residual, seed=0):
+    cin, cout, k, s, p, d, g, h, w = case
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, cin, h, w, generator=gen).to(dtype)
+    weight = (torch.randn(cout, cin // g, k, k, generator=gen) / (cin // g * k * k) ** 0.5).to(dtype)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    scale = (torch.rand(cout, generator=gen) * 2 - 0.5).to(acc)
+    shift = torch.randn(cout, generator=gen).to(acc)
+    oh, ow = (h + 2 * p - d * (k - 1) - 1) // s + 1, (w + 2 * p - d * (k - 1) - 1) // s + 1
+    res = torch.randn(2, cout, oh, ow, generator=gen).to(dtype) if residual else None
+    return x, weight, scale, shift, res, dict(stride=s, padding=p, dilation=d, groups=g)
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("residual,relu", [(False, True), (True, True), (False, False)])
+def test_torch_backend_matches_reference(case, dtype, residual, relu):
+    x, w, scale, shift, res, conv = _make(case, dtype, residual)
+    with resnet_fused.backend("torch"):
+        out = conv_bn_act(x, w, scale, shift, residual=res, relu=relu, **conv)
+    ref = conv_bn_act_ref(x, w, scale, shift, residual=res, relu=relu, **conv)
+    assert out.dtype == dtype
+    # "Stock" here: the same-dtype composition torchvision would run (conv, BN affine, add, relu).
+    y = F.conv2d(x, w, None, conv["stride"], conv["padding"], conv["dilation"], conv["groups"])
+    stock = y * scale.to(dtype).view(1, -1, 1, 1) + shift.to(dtype).view(1, -1, 1, 1)
+    stock = stock + res if res is not None else stock
+    stock = torch.relu(stock) if relu else stock
+    if dtype == torch.float64:
+        assert max_err(out, ref) <= 1e-12 * ref.abs().max().item()
+    else:
+        assert_within_rule(out, stock, ref, dtype)
+
+
+def test_layouts_and_batch_zero():
+    x, w, scale, shift, res, conv = _make(CASES[2], torch.float64, True)
+    ref = conv_bn_act_ref(x, w, scale, shift, residual=res, **conv)
+    with resnet_fused.backend("torch"):
+        for xi in (x.contiguous(memory_format=torch.channels_last),
+                   x.transpose(2, 3).contiguous().transpose(2, 3),     # odd strides
+                   torch.stack([x, x], 2)[:, :, 1]):                   # non-contiguous view
+            out = conv_bn_act(xi, w, scale, shift, residual=res, **conv)
+            assert torch.allclose(out, ref, rtol=1e-12, atol=1e-12)
+        empty = conv_bn_act(x[:0], w, scale, shift, residual=res[:0], **conv)
+        assert empty.shape == (0, *ref.shape[1:])
+
+
+def test_output_never_aliases_inputs():
+    # 1x1 conv with identity weight, scale 1, shift 0, no relu: a lazy backend could return x.
+    x = torch.randn(1, 4, 3, 3, dtype=torch.float64)
+    w = torch.eye(4, dtype=torch.float64).view(4, 4, 1, 1)
+    out = conv_bn_act(x, w, torch.ones(4, dtype=torch.float64), torch.zeros(4, dtype=torch.float64),
+                      relu=False)
+    assert out.data_ptr() != x.data_ptr() and torch.equal(out, x)
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_opcheck(residual):
+    x, w, scale, shift, res, conv = _make(CASES[1], torch.float64, residual)
+    args = (x.requires_grad_(), w.requires_grad_(), scale.requires_grad_(),
+            shift.requires_grad_(), res.requires_grad_() if residual else None,
+            [conv["stride"]] * 2, [conv["padding"]] * 2, [conv["dilation"]] * 2, conv["groups"],
+            True)
+    torch.library.opcheck(torch.ops.resnet_fused.conv_bn_act.default, args)
+
+
+def test_gradcheck():
+    x, w, scale, shift, res, conv = _make(CASES[5], torch.float64, True)
+    x, w, scale, shift, res = (t[..., :4, :4] if t.dim() == 4 and t is not w else t
+                               for t in (x, w, scale, shift, res))
+    inputs = [t.detach().requires_grad_() for t in (x, w, scale, shift, res)]
+    with resnet_fused.backend("torch"):
+        assert torch.autograd.gradcheck(
+            lambda *t: conv_bn_act(t[0], t[1], t[2], t[3], residual=t[4], **conv), inputs)
+
+
+def test_autocast_computes_in_autocast_dtype():
+    x, w, scale, shift, res, conv = _make(CASES[1], torch.float32, True)
+    ref = conv_bn_act_ref(x, w, scale, shift, residual=res, **conv)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = conv_bn_act(x, w, scale, shift, residual=res, **conv)
+        stock = F.conv2d(x, w, None, conv["stride"], conv["padding"])
+    assert out.dtype == stock.dtype == torch.bfloat16
+    stock = torch.relu(stock.float() * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1) + res)
+    assert_within_rule(out, stock.bfloat16(), ref, torch.bfloat16)
+
+
+def test_model_under_autocast_matches_stock_dtype():
+    import torchvision
+    torch.manual_seed(0)
+    tv = torchvision.models.resnet18(num_classes=10).eval()
+    fused = resnet_fused.fuse(tv)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        a, b = fused(x), tv(x)
+    assert a.dtype == b.dtype == torch.bfloat16
+    import copy
+    ref = copy.deepcopy(tv).double()(x.double())
+    assert_within_rule(a, b, ref, torch.bfloat16)
+
+
+def test_torch_compile_and_export():
+    """Fake kernel + autograd registration are enough for Dynamo/AOTAutograd and torch.export."""
+    model = resnet_fused.resnet18(num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        assert torch.allclose(compiled(x), expected, rtol=1e-5, atol=1e-5)
+    exported = torch.export.export(model, (x,))
+    assert any("resnet_fused.conv_bn_act" in str(n.target) for n in exported.graph.nodes)
+    with torch.no_grad():
+        assert torch.allclose(exported.module()(x), expected, rtol=1e-5, atol=1e-5)
