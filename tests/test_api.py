@@ -1,0 +1,183 @@
+"""Public API: backend selection, the info command, weights=, and clear errors on bad input."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torchvision
+
+import resnet_fused
+from resnet_fused import backends
+from resnet_fused.ops import conv_bn_act
+
+
+# ---- backend selection ----------------------------------------------------------------------
+
+def test_default_is_auto_and_context_manager_restores():
+    assert resnet_fused.get_backend() == "auto"
+    with resnet_fused.backend("torch"):
+        assert resnet_fused.get_backend() == "torch"
+    assert resnet_fused.get_backend() == "auto"
+
+
+def test_unknown_backend_name():
+    with pytest.raises(ValueError, match=r"unknown resnet_fused backend 'cudnn'; expected one of "
+                                         r"auto, triton, cuda, .*torch"):
+        resnet_fused.set_backend("cudnn")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_unavailable_backend_names_what_is_missing():
+    with pytest.raises(resnet_fused.BackendUnavailableError,
+                       match=r"backend 'triton' is unavailable for cuda tensors: .*CUDA"):
+        backends.resolve(torch.device("cuda"), "triton")
+
+
+def _run(code: str, **env):
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=300)
+
+
+def test_env_var_selects_backend_and_bad_value_is_reported():
+    ok = _run("import resnet_fused; print(resnet_fused.get_backend())",
+              RESNET_FUSED_BACKEND="torch")
+    assert ok.returncode == 0 and ok.stdout.strip() == "torch"
+    bad = _run("import resnet_fused; resnet_fused.get_backend()", RESNET_FUSED_BACKEND="fastest")
+    assert bad.returncode != 0 and "$RESNET_FUSED_BACKEND: unknown resnet_fused backend 'fastest'" \
+        in bad.stderr
+
+
+def test_import_is_lazy():
+    """Importing the package loads no backend (triton kernels, compiled extension) and never
+    initialises CUDA. (torch itself may import the triton package; that is not ours to avoid.)"""
+    r = _run("import sys, torch, resnet_fused; print(*[m in sys.modules for m in "
+             "('resnet_fused.backends.triton', 'resnet_fused.backends.cuda', "
+             "'resnet_fused._C')], torch.cuda.is_initialized())")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["False"] * 4
+
+
+def test_info_command():
+    r = subprocess.run([sys.executable, "-m", "resnet_fused", "info"], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    for word in ("torch", "triton", "device", "backends on cpu", "auto ->"):
+        assert word in r.stdout
+    for name in ("triton", "cuda", "torch"):
+        assert any(line.strip().startswith(name) for line in r.stdout.splitlines())
+
+
+# ---- weights= --------------------------------------------------------------------------------
+
+def test_weights_state_dict_and_file(tmp_path):
+    torch.manual_seed(0)
+    tv = torchvision.models.resnet18(num_classes=7)
+    path = tmp_path / "r18.pt"
+    torch.save(tv.state_dict(), path)
+    for weights in (tv.state_dict(), str(path), path, {"state_dict": tv.state_dict()}):
+        model = resnet_fused.resnet18(weights=weights)
+        assert model.fc.out_features == 7  # num_classes taken from the weights
+        for k, v in tv.state_dict().items():
+            assert torch.equal(model.state_dict()[k], v)
+
+
+def test_weights_enum_and_name_delegate_to_torchvision(monkeypatch):
+    """No network here: torchvision's download is replaced by a state_dict of the right shape."""
+    torch.manual_seed(0)
+    sd = torchvision.models.resnet18().state_dict()
+    calls = []
+
+    def fake_get_state_dict(self, *args, **kwargs):
+        calls.append(self.url)
+        return sd
+
+    monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", fake_get_state_dict)
+    from torchvision.models import ResNet18_Weights
+    for weights in (ResNet18_Weights.IMAGENET1K_V1, "IMAGENET1K_V1",
+                    "ResNet18_Weights.IMAGENET1K_V1", "DEFAULT"):
+        model = resnet_fused.resnet18(weights=weights)
+        assert torch.equal(model.fc.weight, sd["fc.weight"])
+    assert calls and all(url == ResNet18_Weights.IMAGENET1K_V1.url for url in calls)
+
+
+@pytest.mark.parametrize("weights,match", [
+    (42, r"expected weights=None, a torchvision weights enum or its name, a state_dict or the "
+         r"path of a saved one; got 42"),
+    ("IMAGENET9K_V7", r"got 'IMAGENET9K_V7'"),
+    ({"fc.weight": "not a tensor"}, r"does not hold a state_dict"),
+])
+def test_bad_weights(weights, match):
+    with pytest.raises(ValueError, match=match):
+        resnet_fused.resnet18(weights=weights)
+
+
+def test_weights_of_another_architecture():
+    from torchvision.models import ResNet50_Weights
+    with pytest.raises(ValueError, match="expected weights of ResNet18_Weights, got "
+                                         "ResNet50_Weights.IMAGENET1K_V2"):
+        resnet_fused.resnet18(weights=ResNet50_Weights.IMAGENET1K_V2)
+
+
+def test_builder_fixed_arguments_conflict():
+    with pytest.raises(ValueError, match="'groups' expected value 32 but got 8"):
+        resnet_fused.resnext50_32x4d(groups=8)
+
+
+# ---- bad input -------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def model():
+    return resnet_fused.resnet18(num_classes=4).eval()
+
+
+@pytest.mark.parametrize("make_x,exc,match", [
+    (lambda: torch.randn(3, 32, 32), ValueError,
+     r"expected input of shape \(N, 3, H, W\), got \(3, 32, 32\)"),
+    (lambda: torch.randn(1, 4, 32, 32), ValueError,
+     r"expected input of shape \(N, 3, H, W\), got \(1, 4, 32, 32\)"),
+    (lambda: torch.randint(0, 255, (1, 3, 32, 32)), TypeError,
+     r"expected a floating-point input of dtype torch.float32, got torch.int64"),
+    (lambda: torch.randn(1, 3, 32, 32, dtype=torch.float64), TypeError,
+     r"expected input dtype torch.float32 \(the model's parameters\), got torch.float64"),
+    (lambda: torch.randn(1, 3, 32, 32, device="meta"), ValueError,
+     r"expected input on the model's device cpu, got meta"),
+])
+@pytest.mark.parametrize("training", [False, True])
+def test_model_bad_input(model, make_x, exc, match, training):
+    model.train(training)
+    with pytest.raises(exc, match=match):
+        model(make_x())
+
+
+def _op_args():
+    return dict(x=torch.randn(2, 8, 5, 5), weight=torch.randn(4, 8, 3, 3),
+                scale=torch.ones(4), shift=torch.zeros(4))
+
+
+@pytest.mark.parametrize("change,exc,match", [
+    (dict(x=torch.randn(8, 5, 5)), ValueError, r"expected x of shape \(N, C, H, W\), got a 3-D"),
+    (dict(weight=torch.randn(4, 8, 3)), ValueError, r"expected weight of shape"),
+    (dict(x=torch.randn(2, 6, 5, 5)), ValueError, r"expected x with 8 channels .* got 6"),
+    (dict(x=torch.ones(2, 8, 5, 5, dtype=torch.int32)), TypeError,
+     r"expected a floating-point x .* got torch.int32"),
+    (dict(weight=torch.randn(4, 8, 3, 3, dtype=torch.float64)), TypeError,
+     r"expected weight dtype to equal x dtype torch.float32, got torch.float64"),
+    (dict(scale=torch.ones(5)), ValueError, r"expected scale of shape \(4,\), got \(5,\)"),
+    (dict(shift=torch.zeros(4, dtype=torch.float16)), TypeError,
+     r"expected shift of dtype torch.float32 for torch.float32 input, got torch.float16"),
+    (dict(scale=torch.ones(4, device="meta")), ValueError,
+     r"expected scale on x's device cpu, got meta"),
+    (dict(residual=torch.randn(2, 4, 5, 5)), ValueError,
+     r"expected residual of shape \(2, 4, 3, 3\), got \(2, 4, 5, 5\)"),
+    (dict(x=torch.randn(2, 8, 1, 1)), ValueError, r"too small for kernel"),
+    (dict(groups=3), ValueError, r"groups must be >= 1 and divide C_out=4, got 3"),
+    (dict(stride=0), ValueError, r"stride must be >= 1"),
+])
+def test_op_bad_input(change, exc, match):
+    args = {**_op_args(), **change}
+    with pytest.raises(exc, match=match):
+        conv_bn_act(args.pop("x"), args.pop("weight"), args.pop("scale"), args.pop("shift"),
+                    **args)
