@@ -88,7 +88,8 @@ def fold(conv: nn.Conv2d, bn: nn.Module, dtype: torch.dtype, backend: str) -> Fo
                                                  for t in sources)
     if needs_grad or torch.compiler.is_compiling():
         return _build(conv, bn, dtype, backend)  # part of the autograd / compiled graph
-    key = (conv.weight.device, dtype, backend)
+    # Tensors made under inference_mode cannot be saved for backward later: keep them apart.
+    key = (conv.weight.device, dtype, backend, torch.is_inference_mode_enabled())
     entries = _cache.setdefault(conv, {})
     entry = entries.get(key)
     if entry is None or not entry.fresh(sources):

@@ -109,3 +109,15 @@ def test_input_layouts(models):
     check(fused, tv, X.contiguous(memory_format=torch.channels_last))
     check(fused, tv, X.transpose(2, 3).contiguous().transpose(2, 3))
     check(fused, tv, torch.stack([X, X], 2)[:, :, 0])  # non-contiguous view
+
+
+def test_inference_mode_then_autograd(models):
+    """A fold cached under inference_mode must not leak into an autograd call afterwards."""
+    fused, tv = models
+    for p in fused.parameters():
+        p.requires_grad_(False)
+    with torch.inference_mode():
+        fused(X)
+    x = X.clone().requires_grad_()
+    fused(x).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
