@@ -179,3 +179,26 @@ def test_fuse_shares_tensors_and_matches(pair):
 def test_fuse_rejects_other_models():
     with pytest.raises(TypeError, match="expected a torchvision.models.ResNet, got"):
         resnet_fused.fuse(torchvision.models.alexnet())
+
+
+@pytest.mark.parametrize("name,blocks,convs_per_block,downsamples", [
+    ("resnet18", 8, 2, 3), ("resnet50", 16, 3, 4), ("resnext50_32x4d", 16, 3, 4)])
+def test_eval_runs_one_fused_op_per_chain(name, blocks, convs_per_block, downsamples,
+                                          monkeypatch):
+    """Eval: every conv->BN(->add)->ReLU chain is one conv_bn_act; no stock conv/BN module runs."""
+    from resnet_fused import ops
+    calls = []
+    real = ops._conv_bn_act_op
+    monkeypatch.setattr(ops, "_conv_bn_act_op", lambda *a: calls.append(a) or real(*a))
+
+    def refuse(self, *args):
+        raise AssertionError(f"stock {type(self).__name__} ran in the fused eval path")
+
+    model = getattr(resnet_fused, name)(num_classes=10).eval()
+    monkeypatch.setattr(nn.BatchNorm2d, "forward", refuse)
+    monkeypatch.setattr(nn.Conv2d, "forward", refuse)
+    with torch.no_grad():
+        model(torch.randn(1, 3, 64, 64))
+    assert len(calls) == 1 + blocks * convs_per_block + downsamples  # 20 / 53 / 53
+    assert sum(a[4] is not None for a in calls) == blocks  # last conv of a block adds the residual
+    assert sum(not a[-1] for a in calls) == downsamples    # downsample: relu=False
