@@ -1,0 +1,435 @@
+"""Implicit-GEMM convolution with BatchNorm scale/shift, residual add and ReLU fused: one Triton kernel.
+
+What is fused
+    out[n, oh, ow, co] = relu?(sum_k A[m, k] * B[k, co] * scale[co] + shift[co] + residual[n, co, oh, ow])
+    as a GEMM with M = N*OH*OW (output pixels), N = C_out, K = KH*KW*C_in/groups, A gathered on the
+    fly from the activations through their strides (no im2col buffer, no padding copy: out-of-image
+    taps are masked to zero) and B the weight read through its strides. fp32 accumulation; the
+    epilogue (scale, shift, residual, ReLU) runs on the fp32 accumulator; one cast, one store into a
+    freshly allocated channels_last output (it never aliases x or the residual).
+
+Three constexpr-selected K loops, all in the same kernel:
+    ONE_BY_ONE  1x1 convs: the pixel -> input-row mapping is computed once, the loop runs over
+                channels only (the fast path for ~2/3 of ResNet-50's convs).
+    taps        KxK convs with enough channels: one flat loop over (tap, channel block), so the
+                software pipeliner sees a single loop even for 3x3 convs with one channel block.
+    FLAT_K      K = (kh, kw, c) decomposed per element: the stem (7x7/2, C_in = 3) wastes nothing
+                on padding C_in up to BLOCK_K.
+
+Grouped convs (ResNeXt) are fused, not looped: an N tile covers either part of one group's output
+channels (C_out/groups >= BLOCK_N) or several whole groups (C_out/groups < BLOCK_N). In the second
+case the tile's K range spans those groups' input channels and B is masked block-diagonally, so a
+32x4d layer runs as dense MMA tiles (more MACs than needed, but grouped convs are memory bound and
+tensor cores are otherwise idle there).
+
+Trade-offs
+    - A is gathered with pointer arithmetic, not TMA descriptors: works for any stride/padding/
+      dilation and any input strides (NCHW included, slower but correct) on Ampere and Hopper alike;
+      on Hopper the loads go through cp.async, MMA is wgmma where the tile allows (BLOCK_M >= 64).
+    - No split-K: batch-1 late layers (M = 49) rely on small tiles for parallelism.
+    - Row (pixel) offsets are int64, so tensors past 2^31 elements index correctly; per-element
+      column offsets (channel * channel-stride) stay int32 and the launcher guarantees they fit.
+    - Strides, padding, dilation, eps-derived values are plain runtime ints/tensors, never
+      constexpr (Triton specialises ints only on ==1 and divisibility by 16). KH/KW, the loop kind,
+      residual/ReLU presence, the TF32 choice and the interpreter bf16 upcast are constexpr: each
+      takes a handful of values.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import os
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+_INT32_MAX = 2**31 - 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernel. A plain function, turned into a JIT or an interpreted kernel by `_kernel(interpret)`;
+# see there for why it is not decorated here.
+# ----------------------------------------------------------------------------------------------
+def conv_bn_act_kernel(
+    # tensors
+    x_ptr, w_ptr, scale_ptr, shift_ptr, res_ptr, out_ptr,
+    # problem shape (the autotune key is drawn from these)
+    M, C_in, C_out, groups, CIN_G, COUT_G,
+    H, W, OH, OW,
+    # conv geometry: runtime ints, never constexpr
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    # element strides of x (N, C, H, W), weight (C_out, C_in/g, KH, KW), residual (N, C, H, W)
+    sx_n, sx_c, sx_h, sx_w,
+    sw_o, sw_i, sw_h, sw_w,
+    sr_n, sr_c, sr_h, sr_w,
+    # compile-time switches
+    KH: tl.constexpr, KW: tl.constexpr,
+    FLAT_K: tl.constexpr,        # per-element (tap, channel) gather: tiny C_in/groups (the stem)
+    HAS_RES: tl.constexpr, RELU: tl.constexpr,
+    PRECISION: tl.constexpr,     # tl.dot input precision: "tf32" or "ieee" (fp32 operands only)
+    UPCAST: tl.constexpr,        # interpreter only: bf16 operands to fp32 before tl.dot
+    # tile configuration (autotuned)
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # ---- which tile: grouped ordering of (pid_m, pid_n) so neighbouring programs share B in L2
+    # (Only builtins in here, no tl.cdiv / tl.zeros: those are jit functions of triton.language,
+    # and an interpreted kernel cannot call them when Triton was imported without TRITON_INTERPRET.)
+    gpt = tl.maximum(BLOCK_N // COUT_G, 1)          # whole groups per N tile (1: tile within a group)
+    tiles_per_group = (COUT_G + BLOCK_N - 1) // BLOCK_N   # N tiles per group (1 when gpt > 1)
+    num_pid_n = (groups + gpt - 1) // gpt * tiles_per_group
+    num_pid_m = (M + BLOCK_M - 1) // BLOCK_M
+    pid = tl.program_id(0)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    # ---- columns: output channels of this tile, and the input-channel window each column reads
+    g0 = (pid_n // tiles_per_group) * gpt              # first group of the tile
+    col = (pid_n % tiles_per_group) * BLOCK_N + tl.arange(0, BLOCK_N)  # channel within the span
+    co = g0 * COUT_G + col
+    n_mask = (col < gpt * COUT_G) & (co < C_out)
+    lo = (col // COUT_G) * CIN_G                       # column's K window (block diagonal)
+    hi = lo + CIN_G
+    KC = tl.minimum(gpt, groups - g0) * CIN_G          # input channels the tile reads per tap
+    c_base = g0 * CIN_G                                # first of them
+    w_col = co.to(tl.int64) * sw_o - lo.to(tl.int64) * sw_i   # + kc * sw_i -> w[co, kc - lo]
+
+    # ---- rows: output pixels m -> (n, oh, ow) -> top-left input position (int64 offsets)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < M
+    ow = offs_m % OW
+    t = offs_m // OW
+    oh = t % OH
+    n = t // OH
+    ih0 = oh * stride_h - pad_h
+    iw0 = ow * stride_w - pad_w
+    x_row = (n.to(tl.int64) * sx_n + c_base.to(tl.int64) * sx_c
+             + ih0.to(tl.int64) * sx_h + iw0.to(tl.int64) * sx_w)
+
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+    rk = tl.arange(0, BLOCK_K)
+    if KH * KW == 1:
+        # 1x1: the input row of every pixel is fixed; loop over channel blocks only.
+        row_ok = m_mask & (ih0 >= 0) & (ih0 < H) & (iw0 >= 0) & (iw0 < W)
+        for c0 in range(0, KC, BLOCK_K):
+            kc = c0 + rk
+            a = tl.load(x_ptr + (x_row[:, None] + (kc * sx_c)[None, :]),
+                        mask=row_ok[:, None] & (kc < KC)[None, :], other=0.0)
+            b = tl.load(w_ptr + (w_col[None, :] + (kc * sw_i)[:, None]),
+                        mask=(kc[:, None] >= lo[None, :]) & (kc[:, None] < hi[None, :])
+                        & n_mask[None, :], other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    elif FLAT_K:
+        # K index k = tap * KC + kc, decomposed per element: no channel padding (stem: K = 147).
+        K_total = KH * KW * KC
+        for k0 in range(0, K_total, BLOCK_K):
+            k = k0 + rk
+            tap = k // KC
+            kc = k - tap * KC
+            kh = tap // KW
+            kw = tap - kh * KW
+            dh = kh * dil_h
+            dw = kw * dil_w
+            ih = ih0[:, None] + dh[None, :]
+            iw = iw0[:, None] + dw[None, :]
+            a_mask = (m_mask[:, None] & (k < K_total)[None, :]
+                      & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))
+            a_off = x_row[:, None] + (dh.to(tl.int64) * sx_h + dw.to(tl.int64) * sx_w
+                                      + kc * sx_c)[None, :]
+            a = tl.load(x_ptr + a_off, mask=a_mask, other=0.0)
+            b_mask = ((k < K_total)[:, None] & (kc[:, None] >= lo[None, :])
+                      & (kc[:, None] < hi[None, :]) & n_mask[None, :])
+            b = tl.load(w_ptr + (w_col[None, :] + (kc * sw_i + kh * sw_h + kw * sw_w)[:, None]),
+                        mask=b_mask, other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    else:
+        # KxK: one flat loop over (tap, channel block) so the pipeliner sees a single loop.
+        nck = (KC + BLOCK_K - 1) // BLOCK_K
+        for it in range(0, KH * KW * nck):
+            tap = it // nck
+            c0 = (it - tap * nck) * BLOCK_K
+            kh = tap // KW
+            kw = tap - kh * KW
+            ih = ih0 + kh * dil_h
+            iw = iw0 + kw * dil_w
+            row_ok = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            tap_x = (kh * dil_h).to(tl.int64) * sx_h + (kw * dil_w).to(tl.int64) * sx_w
+            kc = c0 + rk
+            a = tl.load(x_ptr + (x_row[:, None] + tap_x + (kc * sx_c)[None, :]),
+                        mask=row_ok[:, None] & (kc < KC)[None, :], other=0.0)
+            b = tl.load(w_ptr + (w_col[None, :] + (kh * sw_h + kw * sw_w)
+                                 + (kc * sw_i)[:, None]),
+                        mask=(kc[:, None] >= lo[None, :]) & (kc[:, None] < hi[None, :])
+                        & n_mask[None, :], other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+
+    # ---- epilogue on the fp32 accumulator: scale, shift, (+ residual), (ReLU); one cast, one store
+    scale = tl.load(scale_ptr + co, mask=n_mask, other=0.0)
+    shift = tl.load(shift_ptr + co, mask=n_mask, other=0.0)
+    y = acc * scale[None, :] + shift[None, :]
+    mask = m_mask[:, None] & n_mask[None, :]
+    if HAS_RES:
+        r_row = (n.to(tl.int64) * sr_n + oh.to(tl.int64) * sr_h + ow.to(tl.int64) * sr_w)
+        r = tl.load(res_ptr + (r_row[:, None] + co.to(tl.int64)[None, :] * sr_c), mask=mask,
+                    other=0.0)
+        y = y + r.to(tl.float32)
+    if RELU:
+        y = tl.where(y < 0.0, 0.0, y)   # keeps NaN, as torch.relu does
+    out_off = offs_m.to(tl.int64)[:, None] * C_out + co[None, :]   # channels_last, contiguous
+    tl.store(out_ptr + out_off, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Configs
+# ----------------------------------------------------------------------------------------------
+# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages), for 2-byte operands. fp32 operands
+# halve BLOCK_K (same shared memory per stage). Shared memory per config ~ stages * (BM + BN) * BK *
+# elem bytes; the AOT compile test checks every one against the target's limit.
+HOPPER = [  # sm_90: 227 KiB shared memory per block; wgmma needs BLOCK_M >= 64 and 4k warps
+    (128, 256, 64, 8, 8, 3),   # large batch, wide layers (1x1 expand, N = 256..2048)
+    (256, 128, 64, 8, 8, 3),   # large batch, early layers (M = N * 56 * 56)
+    (128, 128, 64, 8, 8, 3),
+    (128, 64, 64, 8, 4, 4),    # narrow layers (C_out = 64)
+    (64, 128, 64, 8, 4, 4),    # mid batch, late layers
+    (64, 64, 64, 8, 4, 4),
+    (32, 64, 128, 1, 4, 4),    # small M (batch 1: M = 49 .. 3136), long K
+    (16, 32, 128, 1, 4, 4),    # tiny M: more programs for M = 49 (layer4 at batch 1)
+]
+AMPERE = [  # sm_80: 163 KiB shared memory per block; mma.sync; shallower K tiles, more stages
+    (128, 256, 32, 8, 8, 3),
+    (256, 128, 32, 8, 8, 3),
+    (128, 128, 32, 8, 4, 4),
+    (128, 64, 32, 8, 4, 4),
+    (64, 128, 32, 8, 4, 4),
+    (64, 64, 32, 8, 4, 4),
+    (32, 64, 64, 1, 4, 4),
+    (16, 32, 128, 1, 4, 4),
+]
+# Under the interpreter: one config. Small M tiles so that tiny test shapes span several, wider N/K
+# tiles because the interpreter's cost is per loop iteration and per program, not per element (the
+# tests run every real config's tile shape through the interpreter too).
+INTERPRETER = [(32, 128, 128, 4, 4, 1)]
+
+AUTOTUNE_KEY = ["M", "C_in", "C_out", "groups", "H", "W", "KH", "KW", "stride_h", "stride_w",
+                "dil_h", "dil_w", "HAS_RES"]
+
+
+def arch_family(capability: Tuple[int, int]) -> str:
+    return "hopper" if capability[0] >= 9 else "ampere"
+
+
+def config_tuples(family: str, dtype: torch.dtype) -> List[Tuple[int, ...]]:
+    base = {"hopper": HOPPER, "ampere": AMPERE, "interpreter": INTERPRETER}[family]
+    if dtype == torch.float32 and family != "interpreter":
+        base = [(bm, bn, max(16, bk // 2), gm, w, s) for bm, bn, bk, gm, w, s in base]
+    return base
+
+
+def make_configs(family: str, dtype: torch.dtype) -> List["triton.Config"]:
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": gm},
+                          num_warps=w, num_stages=s)
+            for bm, bn, bk, gm, w, s in config_tuples(family, dtype)]
+
+
+def _next_pow2(v: int) -> int:
+    return 1 << max(0, int(v) - 1).bit_length()
+
+
+def _prune(configs, named_args, **kwargs):
+    """Drop tiles far larger than the problem (M = 49 needs no 256-row tile); keep at least one."""
+    m_cap = max(16, _next_pow2(named_args["M"]))
+    n_cap = max(16, _next_pow2(named_args["C_out"]))
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= m_cap and c.kwargs["BLOCK_N"] <= n_cap]
+    if not kept:
+        kept = [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+    return kept
+
+
+# ----------------------------------------------------------------------------------------------
+# JIT / interpreted kernel objects, built lazily per mode
+# ----------------------------------------------------------------------------------------------
+def interpreting() -> bool:
+    """True when Triton's interpreter is on (TRITON_INTERPRET=1), read now, not at import."""
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None and hasattr(knobs, "runtime"):
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+@contextlib.contextmanager
+def _mode(interpret: bool):
+    """Make triton.jit/autotune build an interpreted (or a compiled) kernel regardless of the
+    environment at this moment, then restore it."""
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None and hasattr(knobs, "runtime") and hasattr(knobs.runtime, "scope"):
+        with knobs.runtime.scope():
+            knobs.runtime.interpret = interpret
+            yield
+        return
+    old = os.environ.get("TRITON_INTERPRET")  # older Triton reads the variable directly
+    os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+
+
+@functools.lru_cache(maxsize=None)
+def jit_kernel(interpret: bool = False):
+    """The kernel as triton.jit makes it: compiled (JITFunction) or interpreted.
+
+    Built here rather than with a decorator so that whether TRITON_INTERPRET was set before this
+    module was imported does not matter: both kinds can coexist in one process (the interpreter for
+    CPU tensors in tests, the compiled one for the AOT compile test)."""
+    with _mode(interpret):
+        return triton.jit(conv_bn_act_kernel)
+
+
+def _autotune_kwargs() -> Dict:
+    params = inspect.signature(triton.autotune).parameters
+    kw = {}
+    if "cache_results" in params:   # Triton >= 3.3: tuning results persist in Triton's cache dir
+        kw["cache_results"] = True
+    if "do_bench" in params:        # shorter benchmark per config than the 25/100 ms default
+        def do_bench(fn, quantiles=None):
+            return triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
+        kw["do_bench"] = do_bench
+    return kw
+
+
+@functools.lru_cache(maxsize=None)
+def tuned_kernel(family: str, fp32: bool):
+    """The autotuned launcher for one arch family ('hopper', 'ampere', 'interpreter')."""
+    interpret = family == "interpreter"
+    configs = make_configs(family, torch.float32 if fp32 else torch.float16)
+    kw = {} if interpret else _autotune_kwargs()
+    with _mode(interpret):
+        return triton.autotune(configs=configs, key=AUTOTUNE_KEY,
+                               prune_configs_by=None if interpret else {"early_config_prune": _prune},
+                               **kw)(jit_kernel(interpret))
+
+
+# ----------------------------------------------------------------------------------------------
+# Launcher: check -> allocate -> launch
+# ----------------------------------------------------------------------------------------------
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def out_hw(h, w, kh, kw, stride, padding, dilation) -> Tuple[int, int]:
+    oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    ow = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    return oh, ow
+
+
+def use_flat_k(cin_g: int, kh: int, kw: int, groups: int) -> bool:
+    """Per-element K gather when a tap has too few channels to fill a K block (the stem)."""
+    return kh * kw > 1 and groups == 1 and cin_g < 16
+
+
+def _fits_int32_columns(t: torch.Tensor, channel_dim: int) -> bool:
+    return (t.shape[channel_dim] - 1) * t.stride(channel_dim) <= _INT32_MAX // 2
+
+
+def kernel_args(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+                residual: Optional[torch.Tensor], out: torch.Tensor, stride: Sequence[int],
+                padding: Sequence[int], dilation: Sequence[int], groups: int, relu: bool,
+                interpret: bool, flat_k: Optional[bool] = None) -> Dict:
+    """Every kernel argument except the tile config, by name (also used by the AOT compile test)."""
+    n, c_in, h, w = x.shape
+    c_out, cin_g, kh, kw = weight.shape
+    oh, ow = out.shape[2], out.shape[3]
+    res = residual if residual is not None else out   # never read when HAS_RES is False
+    rs = residual.stride() if residual is not None else (0, 0, 0, 0)
+    fp32 = x.dtype == torch.float32
+    return dict(
+        x_ptr=x, w_ptr=weight, scale_ptr=scale, shift_ptr=shift, res_ptr=res, out_ptr=out,
+        M=n * oh * ow, C_in=c_in, C_out=c_out, groups=groups, CIN_G=cin_g, COUT_G=c_out // groups,
+        H=h, W=w, OH=oh, OW=ow,
+        stride_h=stride[0], stride_w=stride[1], pad_h=padding[0], pad_w=padding[1],
+        dil_h=dilation[0], dil_w=dilation[1],
+        sx_n=x.stride(0), sx_c=x.stride(1), sx_h=x.stride(2), sx_w=x.stride(3),
+        sw_o=weight.stride(0), sw_i=weight.stride(1), sw_h=weight.stride(2), sw_w=weight.stride(3),
+        sr_n=rs[0], sr_c=rs[1], sr_h=rs[2], sr_w=rs[3],
+        KH=kh, KW=kw,
+        FLAT_K=use_flat_k(cin_g, kh, kw, groups) if flat_k is None else bool(flat_k),
+        HAS_RES=residual is not None, RELU=bool(relu),
+        PRECISION="tf32" if fp32 and torch.backends.cudnn.allow_tf32 else "ieee",
+        UPCAST=interpret and x.dtype == torch.bfloat16,
+    )
+
+
+def grid(args: Dict):
+    """Grid for a given set of args; must agree with the tile mapping at the top of the kernel."""
+    def fn(meta):
+        bn = meta["BLOCK_N"]
+        gpt = max(bn // args["COUT_G"], 1)
+        n_tiles = triton.cdiv(args["groups"], gpt) * triton.cdiv(args["COUT_G"], bn)
+        return (triton.cdiv(args["M"], meta["BLOCK_M"]) * n_tiles,)
+    return fn
+
+
+def conv_bn_act(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+                residual: Optional[torch.Tensor], stride: Sequence[int], padding: Sequence[int],
+                dilation: Sequence[int], groups: int, relu: bool, *,
+                config: Optional[Dict] = None, flat_k: Optional[bool] = None) -> torch.Tensor:
+    """relu?(conv2d(x, weight) * scale + shift + residual) in one launch; channels_last output.
+
+    Inputs are assumed checked by resnet_fused.ops.check_inputs. `config` (a dict with BLOCK_M,
+    BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) bypasses autotuning and `flat_k` forces the
+    K-loop kind; both exist for tests."""
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"triton conv_bn_act: expected float16, bfloat16 or float32 tensors, got "
+                        f"{x.dtype}")
+    n, _, h, w = x.shape
+    c_out, _, kh, kw = weight.shape
+    oh, ow = out_hw(h, w, kh, kw, stride, padding, dilation)
+    out = torch.empty((n, c_out, oh, ow), device=x.device, dtype=x.dtype,
+                      memory_format=torch.channels_last)
+    m = n * oh * ow
+    if m == 0 or c_out == 0:
+        return out
+    if m > _INT32_MAX - 1024:
+        raise ValueError(f"triton conv_bn_act: N*OH*OW = {m} output pixels exceeds the kernel's "
+                         f"int32 pixel index")
+    # Per-element channel offsets are int32: re-lay-out the (rare) tensors where they would not fit.
+    if not _fits_int32_columns(x, 1):
+        x = x.contiguous(memory_format=torch.channels_last)
+    if not _fits_int32_columns(weight, 1):
+        weight = weight.contiguous(memory_format=torch.channels_last)
+    scale, shift = scale.contiguous(), shift.contiguous()
+
+    interpret = interpreting()
+    args = kernel_args(x, weight, scale, shift, residual, out, stride, padding, dilation, groups,
+                       relu, interpret, flat_k)
+    if interpret:
+        family = "interpreter"
+    else:
+        family = arch_family(torch.cuda.get_device_capability(x.device))
+    device_guard = torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+    with device_guard:
+        if config is not None:
+            meta = dict(config)
+            warps, stages = meta.pop("num_warps", 4), meta.pop("num_stages", 1)
+            jit_kernel(interpret)[grid(args)(meta)](**args, **meta, num_warps=warps,
+                                                    num_stages=stages)
+        else:
+            tuned_kernel(family, x.dtype == torch.float32)[grid(args)](**args)
+    return out

@@ -1,0 +1,271 @@
+"""Numerics of the `triton` backend (issue 3, item 4a).
+
+On CPU the real kernel runs under Triton's interpreter (TRITON_INTERPRET=1, set per test with
+monkeypatch: the backend builds its interpreted kernel on demand, so import order does not matter).
+Where a CUDA GPU is present, the same cases also run compiled on it.
+
+Every distinct conv class of ResNet-18/50 and ResNeXt-50, scaled down, plus odd cases, with and
+without residual and ReLU, in fp32/fp16/bf16, against a float64 reference, bound by DESIGN.md's
+rule: err(triton) <= 2 * err(stock same dtype) + atol (tests/numerics.py).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from numerics import assert_within_rule, conv_bn_act_ref, randomize_bn
+from resnet_fused import backends, ops
+from resnet_fused.backends import stock
+from resnet_fused.fold import fold_scale_shift
+
+pytest.importorskip("triton")
+from resnet_fused.backends.triton import conv as tconv  # noqa: E402
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=DEVICES)
+def device(request, monkeypatch):
+    """cpu: the interpreter. cuda: the compiled kernel (interpreter off)."""
+    if request.param == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    else:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    return torch.device(request.param)
+
+
+def _pair(v):
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+def make_problem(n, c_in, h, w, c_out, k, stride, pad, dil, groups, dtype, device, *,
+                 residual=False, seed=0):
+    """x, packed weight, folded scale/shift (randomised BN) and optional residual."""
+    g = torch.Generator().manual_seed(seed)
+    kh, kw = _pair(k)
+    conv = nn.Conv2d(c_in, c_out, (kh, kw), _pair(stride), _pair(pad), _pair(dil), groups,
+                     bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=g)
+                          / (c_in // groups * kh * kw) ** 0.5)
+    bn = randomize_bn(nn.BatchNorm2d(c_out).eval(), seed=seed + 1)
+    with torch.no_grad():
+        scale, shift = fold_scale_shift(conv, bn, dtype)
+    x = torch.randn(n, c_in, h, w, generator=g).to(dtype).contiguous(
+        memory_format=torch.channels_last)
+    weight = backends.pack_weight("triton", conv.weight.detach().to(dtype))
+    res = None
+    if residual:
+        oh, ow = tconv.out_hw(h, w, kh, kw, _pair(stride), _pair(pad), _pair(dil))
+        res = torch.randn(n, c_out, oh, ow, generator=g).to(dtype).contiguous(
+            memory_format=torch.channels_last)
+    to = lambda t: None if t is None else t.to(device)  # noqa: E731
+    return to(x), to(weight), to(scale), to(shift), to(res)
+
+
+def check(x, weight, scale, shift, res, stride, pad, dil, groups, relu, dtype, **launcher_kw):
+    kw = dict(stride=stride, padding=pad, dilation=dil, groups=groups, relu=relu)
+    if launcher_kw:  # a fixed config / forced K-loop kind: call the launcher directly
+        out = tconv.conv_bn_act(x, weight, scale, shift, res, _pair(stride), _pair(pad),
+                                _pair(dil), groups, relu, **launcher_kw)
+    else:
+        with backends.backend("triton"):
+            out = ops.conv_bn_act(x, weight, scale, shift, residual=res, **kw)
+    ref = conv_bn_act_ref(x, weight, scale, shift, residual=res, **kw)
+    base = stock.conv_bn_act(x, weight, scale, shift, res, _pair(stride), _pair(pad), _pair(dil),
+                             groups, relu)
+    assert out.dtype == dtype and out.device == x.device
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    if out.numel():  # a fresh output: never the input's or the residual's memory
+        assert out.data_ptr() != x.data_ptr()
+        assert res is None or out.data_ptr() != res.data_ptr()
+    assert_within_rule(out.cpu(), base.cpu(), ref.cpu(), dtype)
+    return out
+
+
+# (N, C_in, H, W, C_out, kernel, stride, padding, dilation, groups)
+CASES = {
+    # the conv classes of ResNet-18/50 and ResNeXt-50, scaled down
+    "stem_7x7s2": (2, 3, 20, 20, 16, 7, 2, 3, 1, 1),
+    "3x3s1": (2, 144, 6, 6, 24, 3, 1, 1, 1, 1),                   # 2 channel blocks per tap
+    "3x3s2": (2, 24, 9, 9, 136, 3, 2, 1, 1, 1),                   # 2 N tiles
+    "1x1s1": (2, 264, 7, 7, 36, 1, 1, 0, 1, 1),                   # 3 channel blocks
+    "1x1s2_downsample": (2, 32, 8, 8, 48, 1, 2, 0, 1, 1),
+    "grouped_3x3_32x4d": (2, 64, 6, 6, 64, 3, 1, 1, 1, 16),       # 4 channels per group
+    "grouped_3x3s2": (1, 64, 7, 7, 64, 3, 2, 1, 1, 32),           # 2 channels per group
+    "grouped_wide": (1, 40, 5, 5, 272, 3, 1, 1, 1, 2),            # C_out/g = 136 > BLOCK_N
+    "grouped_uneven_packing": (1, 56, 5, 5, 168, 3, 1, 1, 1, 7),  # C_out/g = 24: 5 + 2 groups
+    "depthwise": (1, 12, 5, 5, 12, 3, 1, 1, 1, 12),
+    "dilated_3x3": (1, 16, 9, 9, 16, 3, 1, 2, 2, 1),
+    "dilated_3x3s2": (1, 8, 11, 11, 16, 3, 2, 2, 2, 1),
+    # odd cases
+    "odd_channels_3x3": (2, 13, 6, 6, 19, 3, 1, 1, 1, 1),
+    "odd_channels_1x1": (2, 13, 5, 5, 19, 1, 1, 0, 1, 1),
+    "map_1x1_3x3": (3, 32, 1, 1, 24, 3, 1, 1, 1, 1),
+    "map_1x1_1x1": (2, 20, 1, 1, 20, 1, 1, 0, 1, 1),
+    "map_7x7_batch1": (1, 32, 7, 7, 32, 3, 1, 1, 1, 1),           # M = 49, as layer4 at batch 1
+    "batch0": (0, 16, 8, 8, 16, 3, 1, 1, 1, 1),
+    "rect_kernel_stride_pad": (1, 8, 9, 7, 16, (3, 1), (2, 1), (1, 0), (1, 1), 1),
+    "1x1_padded": (1, 8, 4, 4, 8, 1, 1, 1, 1, 1),
+}
+EPILOGUES = [(True, True), (False, True), (False, False), (True, False)]  # (residual, relu)
+
+
+def _case_params():
+    for i, (name, case) in enumerate(CASES.items()):
+        residual, relu = EPILOGUES[i % len(EPILOGUES)]
+        for dtype in DTYPES:
+            yield pytest.param(case, residual, relu, dtype,
+                               id=f"{name}-{'res' if residual else 'nores'}-"
+                                  f"{'relu' if relu else 'linear'}-{str(dtype)[6:]}")
+
+
+@pytest.mark.parametrize("case,residual,relu,dtype", list(_case_params()))
+def test_conv_classes(device, case, residual, relu, dtype):
+    n, c_in, h, w, c_out, k, stride, pad, dil, groups = case
+    x, weight, scale, shift, res = make_problem(n, c_in, h, w, c_out, k, stride, pad, dil, groups,
+                                                dtype, device, residual=residual)
+    check(x, weight, scale, shift, res, stride, pad, dil, groups, relu, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("residual,relu", EPILOGUES,
+                         ids=["res-relu", "relu", "linear", "res-linear"])
+@pytest.mark.parametrize("case", ["3x3s2", "1x1s1"])
+def test_epilogue_combinations(device, case, residual, relu, dtype):
+    n, c_in, h, w, c_out, k, stride, pad, dil, groups = CASES[case]
+    x, weight, scale, shift, res = make_problem(n, c_in, h, w, c_out, k, stride, pad, dil, groups,
+                                                dtype, device, residual=residual, seed=3)
+    check(x, weight, scale, shift, res, stride, pad, dil, groups, relu, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("layout", ["nchw", "channel_slice", "spatial_stride", "nchw_residual",
+                                    "unpacked_weight", "expanded_residual"])
+def test_input_strides(device, layout, dtype):
+    """Any strides are read correctly: no silent wrong result on NCHW / non-contiguous input."""
+    n, c_in, h, w, c_out = 2, 12, 9, 9, 20
+    x, weight, scale, shift, res = make_problem(n, c_in, h, w, c_out, 3, 1, 1, 1, 1, dtype,
+                                                device, residual=True, seed=7)
+    if layout == "nchw":
+        x = x.contiguous()
+        assert not x.is_contiguous(memory_format=torch.channels_last)
+    elif layout == "channel_slice":  # channels_last view into a wider tensor
+        big = torch.randn(n, c_in + 5, h, w, device=device).to(dtype).contiguous(
+            memory_format=torch.channels_last)
+        x = big[:, 3:3 + c_in]
+    elif layout == "spatial_stride":  # every other pixel of a bigger NCHW tensor
+        x = torch.randn(n, c_in, 2 * h, 2 * w, device=device).to(dtype)[:, :, ::2, ::2]
+    elif layout == "nchw_residual":
+        res = res.contiguous()
+    elif layout == "unpacked_weight":
+        weight = weight.contiguous()
+    elif layout == "expanded_residual":  # stride-0 batch and channel dims
+        res = torch.randn(1, 1, h, w, device=device).to(dtype).expand(n, c_out, h, w)
+    check(x, weight, scale, shift, res, 1, 1, 1, 1, True, dtype)
+
+
+# Every distinct tile shape of the real (GPU) config lists, run through the interpreter: the tile
+# mapping, group packing and masks must be right for all of them, not just the interpreter's.
+# (The fp32 lists only halve BLOCK_K, to values the fp16 lists already contain.)
+_TILES = sorted({c[:4] for fam in ("hopper", "ampere") for c in tconv.config_tuples(fam, torch.float16)})
+
+
+@pytest.mark.parametrize("tile", _TILES, ids=lambda t: "x".join(map(str, t)))
+@pytest.mark.parametrize("case", ["stem_7x7s2", "grouped_3x3_32x4d"])
+def test_every_config_tile(device, case, tile):
+    n, c_in, h, w, c_out, k, stride, pad, dil, groups = CASES[case]
+    dtype = torch.float16
+    x, weight, scale, shift, res = make_problem(n, c_in, h, w, c_out, k, stride, pad, dil, groups,
+                                                dtype, device, residual=True, seed=11)
+    bm, bn, bk, gm = tile
+    config = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, num_warps=4, num_stages=2)
+    check(x, weight, scale, shift, res, stride, pad, dil, groups, True, dtype, config=config)
+
+
+@pytest.mark.parametrize("flat_k", [True, False])
+@pytest.mark.parametrize("case", ["stem_7x7s2", "grouped_uneven_packing", "dilated_3x3s2",
+                                  "rect_kernel_stride_pad"])
+def test_k_loop_kinds_agree(device, case, flat_k):
+    """Both KxK loops (per-element K gather, and (tap, channel-block)) on shapes where the
+    launcher would pick the other one."""
+    n, c_in, h, w, c_out, k, stride, pad, dil, groups = CASES[case]
+    dtype = torch.float32
+    x, weight, scale, shift, res = make_problem(n, c_in, h, w, c_out, k, stride, pad, dil, groups,
+                                                dtype, device, residual=True, seed=5)
+    check(x, weight, scale, shift, res, stride, pad, dil, groups, True, dtype, flat_k=flat_k)
+
+
+def test_tf32_switch_follows_cudnn_flag(monkeypatch):
+    """fp32 uses TF32 exactly when torch.backends.cudnn.allow_tf32 is on (as stock conv)."""
+    x = torch.zeros(1, 4, 3, 3).contiguous(memory_format=torch.channels_last)
+    w = torch.zeros(4, 4, 1, 1)
+    s = torch.zeros(4)
+    for flag, want in ((True, "tf32"), (False, "ieee")):
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", flag)
+        args = tconv.kernel_args(x, w, s, s, None, x, (1, 1), (0, 0), (1, 1), 1, True, False)
+        assert args["PRECISION"] == want
+        args = tconv.kernel_args(x.half(), w.half(), s, s, None, x, (1, 1), (0, 0), (1, 1), 1,
+                                 True, False)
+        assert args["PRECISION"] == "ieee"  # not used for 16-bit operands
+
+
+def test_autotune_is_keyed_on_shape_only():
+    import inspect
+    params = inspect.signature(tconv.conv_bn_act_kernel).parameters
+    for name in tconv.AUTOTUNE_KEY:
+        assert name in params
+        assert not name.endswith("_ptr") and not name.startswith(("sx_", "sw_", "sr_"))
+    assert len(tconv.make_configs("interpreter", torch.float16)) == 1
+
+
+def test_availability(monkeypatch):
+    from resnet_fused.backends import triton as tb
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert tb.unavailable_reason(torch.device("cpu")) is None
+    assert tb.unavailable_reason(None) is None
+    monkeypatch.delenv("TRITON_INTERPRET")
+    reason = tb.unavailable_reason(torch.device("cpu"))
+    assert reason is not None and "TRITON_INTERPRET" in reason
+    if not torch.cuda.is_available():
+        assert "CUDA" in tb.unavailable_reason(torch.device("cuda"))
+        assert tb.unavailable_reason(None) is not None
+        with pytest.raises(backends.BackendUnavailableError, match="TRITON_INTERPRET"):
+            with backends.backend("triton"):
+                pass
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the interpreter is for tests, never auto's pick
+    assert backends.auto_choice(torch.device("cpu")) != "triton"
+
+
+def test_fp64_delegates_to_stock(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    x, weight, scale, shift, res = make_problem(1, 8, 5, 5, 8, 3, 1, 1, 1, 1, torch.float64,
+                                                torch.device("cpu"), residual=True)
+    with backends.backend("triton"):
+        out = ops.conv_bn_act(x, weight, scale, shift, residual=res, padding=1)
+    ref = conv_bn_act_ref(x, weight, scale, shift, residual=res, padding=1)
+    assert (out - ref).abs().max().item() <= 1e-12 * max(1.0, ref.abs().max().item())
+
+
+def test_pack_weight_matches_default_layout():
+    """Same logical shape/dtype as the default (the `cuda` backend's) packing: the fold cache
+    entry can serve both under per-layer auto."""
+    from resnet_fused.backends import triton as tb
+    w = torch.randn(8, 4, 3, 3, dtype=torch.float16)
+    packed = tb.pack_weight(w)
+    assert packed.shape == w.shape and packed.dtype == w.dtype
+    assert packed.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(packed, w)
+
+
+def test_interpreter_mode_does_not_leak(monkeypatch):
+    """Building the interpreted kernel leaves TRITON_INTERPRET as it was."""
+    import os
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    tconv.jit_kernel(True)
+    tconv.tuned_kernel("interpreter", False)
+    assert "TRITON_INTERPRET" not in os.environ
+    assert not tconv.interpreting()
+

@@ -1,0 +1,232 @@
+"""Ahead-of-time compilation of the Triton conv kernel for sm_90 and sm_80 (issue 3, item 4b).
+
+No GPU is needed: `triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))` runs the whole
+compiler (TTIR -> TTGIR -> LLIR -> PTX -> cubin via ptxas). Every autotune config of each arch's
+list is compiled for its target, for the specialisations the JIT would produce on ResNet shapes
+(argument types, divisibility-by-16 and ==1 specialisation derived from real tensor strides, exactly
+as triton.jit derives them). The test records registers (from the cubin), spills, shared memory and
+the MMA instruction family, fails if a config needs more shared memory than the target has, and
+writes the table to benchmarks/results/triton_compile_report.md.
+
+The compiled (not interpreted) kernel object is built on demand by the backend, so this test works
+in the same session as the interpreter tests, whatever TRITON_INTERPRET says.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from resnet_fused.backends.triton import conv as tconv  # noqa: E402
+
+# Shared memory per block (opt-in maximum): H100 227 KiB, A100 163 KiB.
+TARGETS = {90: ("hopper", 232448), 80: ("ampere", 166912)}
+REPORT = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "triton_compile_report.md"
+_PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
+
+
+def _cl(shape, dtype):
+    return torch.empty(shape, dtype=dtype, device="meta").contiguous(
+        memory_format=torch.channels_last)
+
+
+def _problem(variant: str, dtype: torch.dtype):
+    """(x, weight, residual, stride, padding, dilation, groups, relu) for a ResNet-like shape."""
+    if variant == "3x3 taps":             # ResNet-50 layer1 3x3 at batch 32
+        return _cl((32, 64, 56, 56), dtype), _cl((64, 64, 3, 3), dtype), None, 1, 1, 1, 1, True
+    if variant == "1x1 +res":             # bottleneck expand 1x1 with the residual add
+        return (_cl((32, 64, 56, 56), dtype), _cl((256, 64, 1, 1), dtype),
+                _cl((32, 256, 56, 56), dtype), 1, 0, 1, 1, True)
+    if variant == "stem flat-K":          # 7x7/2, C_in = 3
+        return _cl((32, 3, 224, 224), dtype), _cl((64, 3, 7, 7), dtype), None, 2, 3, 1, 1, True
+    if variant == "grouped 3x3":          # ResNeXt-50 32x4d layer1 3x3/1 (4 channels per group)
+        return _cl((32, 128, 56, 56), dtype), _cl((128, 4, 3, 3), dtype), None, 1, 1, 1, 32, True
+    if variant == "1x1/2 linear":         # downsample, relu=False
+        return _cl((32, 256, 56, 56), dtype), _cl((512, 256, 1, 1), dtype), None, 2, 0, 1, 1, False
+    if variant == "depthwise":            # C_in/g = C_out/g = 1: both specialise to constexpr 1
+        return _cl((8, 64, 28, 28), dtype), _cl((64, 1, 3, 3), dtype), None, 1, 1, 1, 64, True
+    if variant == "NCHW input":           # channel stride H*W, pixel stride 1
+        x = torch.empty((8, 64, 28, 28), dtype=dtype, device="meta")
+        return x, _cl((64, 64, 3, 3), dtype), None, 1, 1, 1, 1, True
+    if variant == "int64 strides":        # a batch stride past 2^31 elements: i64 arguments
+        x = torch.empty_strided((2, 64, 56, 56), (2**31 + 64, 1, 56 * 64, 64), dtype=dtype,
+                                device="meta")
+        res = torch.empty_strided((2, 64, 56, 56), (2**31 + 64, 1, 56 * 64, 64), dtype=dtype,
+                                  device="meta")
+        return x, _cl((64, 64, 3, 3), dtype), res, 1, 1, 1, 1, True
+    raise KeyError(variant)
+
+
+def build_source(variant: str, dtype: torch.dtype, precision: str, config: tuple):
+    """ASTSource with the signature/specialisation triton.jit would derive for this problem."""
+    x, weight, res, s, p, d, groups, relu = _problem(variant, dtype)
+    c_out, _, kh, kw = weight.shape
+    oh, ow = tconv.out_hw(x.shape[2], x.shape[3], kh, kw, (s, s), (p, p), (d, d))
+    out = _cl((x.shape[0], c_out, oh, ow), dtype)
+    scale = torch.empty(c_out, device="meta")
+    args = tconv.kernel_args(x, weight, scale, scale, res, out, (s, s), (p, p), (d, d), groups,
+                             relu, interpret=False)
+    args["PRECISION"] = precision
+    bm, bn, bk, gm, _, _ = config
+    args.update(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm)
+    kernel = tconv.jit_kernel(False)
+    signature, constexprs, attrs = {}, {}, {}
+    for i, param in enumerate(kernel.params):
+        name, value = param.name, args[param.name]
+        if param.is_constexpr:
+            signature[name], constexprs[name] = "constexpr", value
+        elif isinstance(value, torch.Tensor):
+            signature[name] = _PTR[value.dtype]
+            attrs[(i,)] = [["tt.divisibility", 16]]  # torch allocations are 16-byte aligned
+        elif isinstance(value, int) and value == 1:
+            signature[name], constexprs[name] = "constexpr", 1  # triton.jit specialises == 1
+        elif isinstance(value, int):
+            signature[name] = "i32" if -2**31 <= value < 2**31 else "i64"
+            if value % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            raise TypeError(f"{name}: unexpected argument {value!r}")
+    return ASTSource(kernel, signature, constexprs, attrs)
+
+
+def _tool(name: str) -> Optional[str]:
+    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+    if bundled.exists():
+        return str(bundled)
+    cuda_home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
+    for cand in (Path(cuda_home) / "bin" / name,):
+        if cand.exists():
+            return str(cand)
+    return shutil.which(name)
+
+
+def _resource_usage(cubin: bytes) -> Dict[str, int]:
+    """REG / STACK / LOCAL / SHARED of the kernel from `cuobjdump -res-usage` (no GPU needed)."""
+    tool = _tool("cuobjdump")
+    if tool is None:
+        return {}
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True,
+                              timeout=60).stdout
+    return {k: int(v) for k, v in re.findall(r"\b(REG|STACK|LOCAL|SHARED):(\d+)", text)}
+
+
+def _mma_kind(ptx: str) -> str:
+    if "wgmma.mma_async" in ptx:
+        return "wgmma"
+    if re.search(r"\bmma\.sync", ptx):
+        return "mma.sync"
+    return "fma"
+
+
+def _cp_async_widths(ptx: str) -> str:
+    widths = Counter(int(w, 16) for w in re.findall(
+        r"cp\.async\.c[ag]\.shared\.global(?:\.L2::\w+)? \[[^\]]*\], \[[^\]]*\], (0x[0-9a-f]+)",
+        ptx))
+    return " ".join(f"{n}x{w}B" for w, n in sorted(widths.items(), reverse=True)) or "-"
+
+
+# What is compiled, per target with that arch's config list: every config for each K-loop kind /
+# epilogue in fp16 (the product dtype) and for fp32 with TF32 (fp32 has its own list: BLOCK_K
+# halved); one mid config for the remaining specialisations (bf16 compiles like fp16 with another
+# MMA type; fp32-IEEE is the allow_tf32=False path; strides/groups edge cases).
+EVERY_CONFIG = [("fp16", "3x3 taps"), ("fp16", "1x1 +res"), ("fp16", "stem flat-K"),
+                ("fp16", "grouped 3x3"), ("fp32-tf32", "3x3 taps")]
+ONE_CONFIG = [("bf16", "3x3 taps"), ("fp32-ieee", "3x3 taps"), ("fp16", "1x1/2 linear"),
+              ("fp16", "depthwise"), ("fp16", "NCHW input"), ("fp16", "int64 strides")]
+DTYPES = {"fp16": (torch.float16, "ieee"), "bf16": (torch.bfloat16, "ieee"),
+          "fp32-tf32": (torch.float32, "tf32"), "fp32-ieee": (torch.float32, "ieee")}
+
+
+def _jobs():
+    jobs = []
+    for cap, (family, _) in TARGETS.items():
+        for label, variant in EVERY_CONFIG + ONE_CONFIG:
+            dtype, precision = DTYPES[label]
+            configs = tconv.config_tuples(family, dtype)
+            if (label, variant) in ONE_CONFIG:
+                configs = [configs[len(configs) // 2]]
+            jobs += [(cap, label, dtype, precision, variant, cfg) for cfg in configs]
+    return jobs
+
+
+def _compile_one(job):
+    cap, label, dtype, precision, variant, cfg = job
+    src = build_source(variant, dtype, precision, cfg)
+    compiled = triton.compile(src, target=GPUTarget("cuda", cap, 32),
+                              options={"num_warps": cfg[4], "num_stages": cfg[5]})
+    ptx = compiled.asm["ptx"]
+    res = _resource_usage(compiled.asm["cubin"])
+    return dict(cap=cap, dtype=label, variant=variant, config=cfg,
+                shared=int(compiled.metadata.shared), regs=res.get("REG"),
+                spill=(res.get("LOCAL", 0) or 0) + (res.get("STACK", 0) or 0) if res else None,
+                mma=_mma_kind(ptx), cp_async=_cp_async_widths(ptx))
+
+
+def _write_report(rows: List[dict]) -> None:
+    lines = [
+        "# Triton conv kernel: ahead-of-time compile report",
+        "",
+        f"Generated by `tests/test_triton_compile.py` with triton {triton.__version__} "
+        f"(no GPU: `triton.compile(ASTSource(...), target=GPUTarget('cuda', cap, 32))`).",
+        "Each arch's autotune list is compiled for its target (HOPPER -> sm_90, AMPERE -> sm_80). "
+        "Config = BLOCK_M x BLOCK_N x BLOCK_K, GROUP_M, warps, stages. Registers and spills "
+        "(local + stack bytes per thread) from `cuobjdump -res-usage` on the cubin; shared = "
+        "bytes of shared memory Triton allocates (limit: sm_90 232448, sm_80 166912). MMA: the "
+        "instruction family in the PTX (wgmma = Hopper warpgroup MMA, mma.sync = Ampere-style "
+        "tensor-core MMA, fma = no tensor cores). cp.async: global->shared copies by width.",
+        "",
+        "| target | dtype | kernel | config | regs | spill B | shared B | MMA | cp.async |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        bm, bn, bk, gm, w, s = r["config"]
+        lines.append(f"| sm_{r['cap']} | {r['dtype']} | {r['variant']} | {bm}x{bn}x{bk} g{gm} "
+                     f"w{w} s{s} | {r['regs'] if r['regs'] is not None else 'n/a'} | "
+                     f"{r['spill'] if r['spill'] is not None else 'n/a'} | {r['shared']} | "
+                     f"{r['mma']} | {r['cp_async']} |")
+    wg = sorted({r["config"] for r in rows if r["cap"] == 90 and r["mma"] == "wgmma"})
+    no_wg = sorted({r["config"] for r in rows
+                    if r["cap"] == 90 and r["mma"] != "wgmma" and r["dtype"] != "fp32-ieee"})
+    fmt = lambda cs: ", ".join("x".join(map(str, c[:3])) + f" w{c[4]}" for c in cs) or "none"  # noqa
+    lines += ["", "## wgmma on sm_90", "",
+              f"- Configs that emit wgmma (some kernel/dtype): {fmt(wg)}",
+              f"- Configs without wgmma for some kernel/dtype (fp32-IEEE excluded: no tensor "
+              f"cores by definition): {fmt(no_wg)}", ""]
+    REPORT.parent.mkdir(parents=True, exist_ok=True)
+    REPORT.write_text("\n".join(lines))
+
+
+def test_compile_every_config_for_sm90_and_sm80():
+    # Triton's on-disk cache is keyed on source, target and options, so a rerun reuses the
+    # compiled kernels safely (cold: ~1 s per compile per core).
+    rows, failures = [], []
+    for job in _jobs():
+        try:
+            rows.append(_compile_one(job))
+        except Exception as e:  # collect every failure, then fail once with all of them
+            failures.append(f"sm_{job[0]} {job[1]} {job[4]} {job[5]}: {type(e).__name__}: {e}")
+    _write_report(rows)
+    print("\n" + REPORT.read_text())
+    assert not failures, "\n".join(failures)
+    for r in rows:
+        limit = TARGETS[r["cap"]][1]
+        assert r["shared"] <= limit, f"{r} needs {r['shared']} B shared memory > {limit}"
+    # Every fp16/bf16/TF32 config compiles to tensor-core MMA on both targets.
+    for r in rows:
+        if r["dtype"] in ("fp16", "bf16", "fp32-tf32"):
+            assert r["mma"] in ("wgmma", "mma.sync"), r
