@@ -80,7 +80,7 @@ def build_source(variant: str, dtype: torch.dtype, precision: str, config: tuple
                              relu, interpret=False)
     args["PRECISION"] = precision
     bm, bn, bk, gm, _, _ = config
-    args.update(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm)
+    args.update(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, **tconv.tile_args(args, bn))
     kernel = tconv.jit_kernel(False)
     signature, constexprs, attrs = {}, {}, {}
     for i, param in enumerate(kernel.params):
@@ -202,7 +202,9 @@ def _write_report(rows: List[dict]) -> None:
     wg = sorted({r["config"] for r in rows if r["cap"] == 90 and r["mma"] == "wgmma"})
     no_wg = sorted({r["config"] for r in rows
                     if r["cap"] == 90 and r["mma"] != "wgmma" and r["dtype"] != "fp32-ieee"})
-    fmt = lambda cs: ", ".join("x".join(map(str, c[:3])) + f" w{c[4]}" for c in cs) or "none"  # noqa
+    def fmt(cs):
+        return ", ".join("x".join(map(str, c[:3])) + f" w{c[4]}" for c in cs) or "none"
+
     lines += ["", "## wgmma on sm_90", "",
               f"- Configs that emit wgmma (some kernel/dtype): {fmt(wg)}",
               f"- Configs without wgmma for some kernel/dtype (fp32-IEEE excluded: no tensor "

@@ -108,13 +108,14 @@ def _per_layer_choice(x, weight, scale, shift, residual, stride, padding, dilati
                       relu) -> str:
     """'triton' or 'cuda' for this call; only consulted when the selection is 'auto' on CUDA."""
     from .. import get_backend, load, unavailable_reason as backend_reason
-    if (os.environ.get(_PER_LAYER_ENV, "1").strip() == "0" or get_backend() != "auto"
-            or _interpreting() or backend_reason("cuda", x.device) is not None):
+    if os.environ.get(_PER_LAYER_ENV, "1").strip() == "0" or get_backend() != "auto":
         return "triton"
     key = _shape_key(x, weight, residual, stride, padding, dilation, groups, relu)
     choice = _choice.get(key)
     if choice is not None:
         return choice
+    if _interpreting() or backend_reason("cuda", x.device) is not None:
+        return "triton"
     if torch.cuda.is_current_stream_capturing():
         return "triton"  # cannot time inside a CUDA graph capture; decide on an eager call
     from . import conv

@@ -1,7 +1,8 @@
-"""Implicit-GEMM convolution with BatchNorm scale/shift, residual add and ReLU fused: one Triton kernel.
+"""Implicit-GEMM conv with BatchNorm scale/shift, residual add and ReLU fused: one Triton kernel.
 
 What is fused
-    out[n, oh, ow, co] = relu?(sum_k A[m, k] * B[k, co] * scale[co] + shift[co] + residual[n, co, oh, ow])
+    out[n, oh, ow, co] = relu?(sum_k A[m, k] * B[k, co] * scale[co] + shift[co]
+                               + residual[n, co, oh, ow])
     as a GEMM with M = N*OH*OW (output pixels), N = C_out, K = KH*KW*C_in/groups, A gathered on the
     fly from the activations through their strides (no im2col buffer, no padding copy: out-of-image
     taps are masked to zero) and B the weight read through its strides. fp32 accumulation; the
@@ -9,8 +10,8 @@ What is fused
     freshly allocated channels_last output (it never aliases x or the residual).
 
 Three constexpr-selected K loops, all in the same kernel:
-    ONE_BY_ONE  1x1 convs: the pixel -> input-row mapping is computed once, the loop runs over
-                channels only (the fast path for ~2/3 of ResNet-50's convs).
+    1x1         KH*KW == 1: the pixel -> input-row mapping is computed once, the loop runs over
+                channels only (the fast path for 36 of ResNet-50's 53 convs).
     taps        KxK convs with enough channels: one flat loop over (tap, channel block), so the
                 software pipeliner sees a single loop even for 3x3 convs with one channel block.
     FLAT_K      K = (kh, kw, c) decomposed per element: the stem (7x7/2, C_in = 3) wastes nothing
@@ -24,8 +25,12 @@ tensor cores are otherwise idle there).
 
 Trade-offs
     - A is gathered with pointer arithmetic, not TMA descriptors: works for any stride/padding/
-      dilation and any input strides (NCHW included, slower but correct) on Ampere and Hopper alike;
-      on Hopper the loads go through cp.async, MMA is wgmma where the tile allows (BLOCK_M >= 64).
+      dilation and any input strides (NCHW included, slower but correct) on Ampere and Hopper alike.
+      For dense 1x1/KxK convs on channels_last input both operands move with 16-byte cp.async and
+      the MMA is wgmma on sm_90 for BLOCK_M >= 64 (mma.sync below that, and on sm_80). The stem's
+      per-element gather and the block-diagonal weight tile of grouped convs are scalar loads and
+      spill registers on the largest tiles (benchmarks/results/triton_compile_report.md); the
+      autotuner measures, and per-layer `auto` can hand such layers to cuDNN.
     - No split-K: batch-1 late layers (M = 49) rely on small tiles for parallelism.
     - Row (pixel) offsets are int64, so tensors past 2^31 elements index correctly; per-element
       column offsets (channel * channel-stride) stay int32 and the launcher guarantees they fit.
@@ -50,7 +55,7 @@ _INT32_MAX = 2**31 - 1
 
 
 # ----------------------------------------------------------------------------------------------
-# Kernel. A plain function, turned into a JIT or an interpreted kernel by `_kernel(interpret)`;
+# Kernel. A plain function, turned into a JIT or an interpreted kernel by `jit_kernel(interpret)`;
 # see there for why it is not decorated here.
 # ----------------------------------------------------------------------------------------------
 def conv_bn_act_kernel(
@@ -59,6 +64,9 @@ def conv_bn_act_kernel(
     # problem shape (the autotune key is drawn from these)
     M, C_in, C_out, groups, CIN_G, COUT_G,
     H, W, OH, OW,
+    # N-tile grouping, derived from BLOCK_N by `tile_args` (runtime ints, so Triton's own
+    # divisibility-by-16 specialisation tells the compiler when a tile's channel window is aligned)
+    GPT, KC_TILE,
     # conv geometry: runtime ints, never constexpr
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     # element strides of x (N, C, H, W), weight (C_out, C_in/g, KH, KW), residual (N, C, H, W)
@@ -77,9 +85,9 @@ def conv_bn_act_kernel(
     # ---- which tile: grouped ordering of (pid_m, pid_n) so neighbouring programs share B in L2
     # (Only builtins in here, no tl.cdiv / tl.zeros: those are jit functions of triton.language,
     # and an interpreted kernel cannot call them when Triton was imported without TRITON_INTERPRET.)
-    gpt = tl.maximum(BLOCK_N // COUT_G, 1)          # whole groups per N tile (1: tile within a group)
-    tiles_per_group = (COUT_G + BLOCK_N - 1) // BLOCK_N   # N tiles per group (1 when gpt > 1)
-    num_pid_n = (groups + gpt - 1) // gpt * tiles_per_group
+    # GPT: whole groups per N tile (1: the tile lies within one group); KC_TILE = GPT * CIN_G.
+    tiles_per_group = (COUT_G + BLOCK_N - 1) // BLOCK_N   # N tiles per group (1 when GPT > 1)
+    num_pid_n = (groups + GPT - 1) // GPT * tiles_per_group
     num_pid_m = (M + BLOCK_M - 1) // BLOCK_M
     pid = tl.program_id(0)
     num_pid_in_group = GROUP_M * num_pid_n
@@ -90,14 +98,15 @@ def conv_bn_act_kernel(
     pid_n = (pid % num_pid_in_group) // group_size_m
 
     # ---- columns: output channels of this tile, and the input-channel window each column reads
-    g0 = (pid_n // tiles_per_group) * gpt              # first group of the tile
+    g_tile = pid_n // tiles_per_group
+    g0 = g_tile * GPT                                  # first group of the tile
     col = (pid_n % tiles_per_group) * BLOCK_N + tl.arange(0, BLOCK_N)  # channel within the span
     co = g0 * COUT_G + col
-    n_mask = (col < gpt * COUT_G) & (co < C_out)
+    n_mask = (col < GPT * COUT_G) & (co < C_out)
     lo = (col // COUT_G) * CIN_G                       # column's K window (block diagonal)
     hi = lo + CIN_G
-    KC = tl.minimum(gpt, groups - g0) * CIN_G          # input channels the tile reads per tap
-    c_base = g0 * CIN_G                                # first of them
+    c_base = g_tile * KC_TILE                          # first input channel the tile reads
+    KC = tl.minimum(KC_TILE, C_in - c_base)            # input channels it reads per tap
     w_col = co.to(tl.int64) * sw_o - lo.to(tl.int64) * sw_i   # + kc * sw_i -> w[co, kc - lo]
 
     # ---- rows: output pixels m -> (n, oh, ow) -> top-left input position (int64 offsets)
@@ -233,6 +242,11 @@ def arch_family(capability: Tuple[int, int]) -> str:
     return "hopper" if capability[0] >= 9 else "ampere"
 
 
+@functools.lru_cache(maxsize=None)
+def _device_family(index: Optional[int]) -> str:
+    return arch_family(torch.cuda.get_device_capability(index))
+
+
 def config_tuples(family: str, dtype: torch.dtype) -> List[Tuple[int, ...]]:
     base = {"hopper": HOPPER, "ampere": AMPERE, "interpreter": INTERPRETER}[family]
     if dtype == torch.float32 and family != "interpreter":
@@ -246,14 +260,26 @@ def make_configs(family: str, dtype: torch.dtype) -> List["triton.Config"]:
             for bm, bn, bk, gm, w, s in config_tuples(family, dtype)]
 
 
+def tile_args(args: Dict, block_n: int) -> Dict[str, int]:
+    """GPT (whole groups per N tile, >= 1) and KC_TILE (input channels per tile and tap)."""
+    gpt = max(block_n // args["COUT_G"], 1)
+    return {"GPT": gpt, "KC_TILE": gpt * args["CIN_G"]}
+
+
+_HEURISTICS = {"GPT": lambda a: tile_args(a, a["BLOCK_N"])["GPT"],
+               "KC_TILE": lambda a: tile_args(a, a["BLOCK_N"])["KC_TILE"]}
+
+
 def _next_pow2(v: int) -> int:
     return 1 << max(0, int(v) - 1).bit_length()
 
 
 def _prune(configs, named_args, **kwargs):
-    """Drop tiles far larger than the problem (M = 49 needs no 256-row tile); keep at least one."""
-    m_cap = max(16, _next_pow2(named_args["M"]))
-    n_cap = max(16, _next_pow2(named_args["C_out"]))
+    """Drop tiles far larger than the problem (M = 49 needs no 256-row tile); keep at least one.
+    (The launcher passes every argument by keyword, so the shape arrives in kwargs.)"""
+    shape = {**named_args, **kwargs}
+    m_cap = max(16, _next_pow2(shape["M"]))
+    n_cap = max(16, _next_pow2(shape["C_out"]))
     kept = [c for c in configs if c.kwargs["BLOCK_M"] <= m_cap and c.kwargs["BLOCK_N"] <= n_cap]
     if not kept:
         kept = [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
@@ -303,28 +329,36 @@ def jit_kernel(interpret: bool = False):
         return triton.jit(conv_bn_act_kernel)
 
 
-def _autotune_kwargs() -> Dict:
+def _bench_ms(fn, quantiles=None):
+    """Shorter benchmark per config than Triton's default (25 ms warm-up / 100 ms)."""
+    import triton.testing
+    return triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
+
+
+def build_autotuner(kernel, configs: List["triton.Config"], do_bench=None):
+    """triton.autotune over `configs`, keyed on the problem shape, with the tile heuristics.
+
+    Tuning results persist in Triton's cache directory across processes where Triton supports
+    it (`cache_results`, Triton >= 3.3); older versions silently tune once per process."""
     params = inspect.signature(triton.autotune).parameters
     kw = {}
-    if "cache_results" in params:   # Triton >= 3.3: tuning results persist in Triton's cache dir
-        kw["cache_results"] = True
-    if "do_bench" in params:        # shorter benchmark per config than the 25/100 ms default
-        def do_bench(fn, quantiles=None):
-            return triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
-        kw["do_bench"] = do_bench
-    return kw
+    if len(configs) > 1:
+        kw["prune_configs_by"] = {"early_config_prune": _prune}
+        if "cache_results" in params:
+            kw["cache_results"] = True
+        if "do_bench" in params:
+            kw["do_bench"] = do_bench or _bench_ms
+    return triton.autotune(configs=configs, key=AUTOTUNE_KEY, **kw)(
+        triton.heuristics(_HEURISTICS)(kernel))
 
 
 @functools.lru_cache(maxsize=None)
 def tuned_kernel(family: str, fp32: bool):
-    """The autotuned launcher for one arch family ('hopper', 'ampere', 'interpreter')."""
+    """The autotuned kernel for one arch family ('hopper', 'ampere', 'interpreter')."""
     interpret = family == "interpreter"
     configs = make_configs(family, torch.float32 if fp32 else torch.float16)
-    kw = {} if interpret else _autotune_kwargs()
     with _mode(interpret):
-        return triton.autotune(configs=configs, key=AUTOTUNE_KEY,
-                               prune_configs_by=None if interpret else {"early_config_prune": _prune},
-                               **kw)(jit_kernel(interpret))
+        return build_autotuner(jit_kernel(interpret), configs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -352,7 +386,8 @@ def kernel_args(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shif
                 residual: Optional[torch.Tensor], out: torch.Tensor, stride: Sequence[int],
                 padding: Sequence[int], dilation: Sequence[int], groups: int, relu: bool,
                 interpret: bool, flat_k: Optional[bool] = None) -> Dict:
-    """Every kernel argument except the tile config, by name (also used by the AOT compile test)."""
+    """Every kernel argument except the tile config and `tile_args`, by name (also used by the
+    AOT compile test)."""
     n, c_in, h, w = x.shape
     c_out, cin_g, kh, kw = weight.shape
     oh, ow = out.shape[2], out.shape[3]
@@ -380,7 +415,7 @@ def grid(args: Dict):
     """Grid for a given set of args; must agree with the tile mapping at the top of the kernel."""
     def fn(meta):
         bn = meta["BLOCK_N"]
-        gpt = max(bn // args["COUT_G"], 1)
+        gpt = tile_args(args, bn)["GPT"]
         n_tiles = triton.cdiv(args["groups"], gpt) * triton.cdiv(args["COUT_G"], bn)
         return (triton.cdiv(args["M"], meta["BLOCK_M"]) * n_tiles,)
     return fn
@@ -419,17 +454,14 @@ def conv_bn_act(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shif
     interpret = interpreting()
     args = kernel_args(x, weight, scale, shift, residual, out, stride, padding, dilation, groups,
                        relu, interpret, flat_k)
-    if interpret:
-        family = "interpreter"
-    else:
-        family = arch_family(torch.cuda.get_device_capability(x.device))
+    family = "interpreter" if interpret else _device_family(x.device.index)
     device_guard = torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
     with device_guard:
         if config is not None:
             meta = dict(config)
             warps, stages = meta.pop("num_warps", 4), meta.pop("num_stages", 1)
-            jit_kernel(interpret)[grid(args)(meta)](**args, **meta, num_warps=warps,
-                                                    num_stages=stages)
+            jit_kernel(interpret)[grid(args)(meta)](**args, **tile_args(args, meta["BLOCK_N"]),
+                                                    **meta, num_warps=warps, num_stages=stages)
         else:
             tuned_kernel(family, x.dtype == torch.float32)[grid(args)](**args)
     return out
