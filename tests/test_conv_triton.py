@@ -26,6 +26,21 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
+_single_config_tuners = {}
+
+
+def _single_config_tuner(family, fp32):
+    """On a GPU the many tiny cases below run one mid config of the arch's list (compiling and
+    timing every config for every case would take many minutes); test_autotuned_gpu and the
+    model tests cover the autotuner there."""
+    key = (family, fp32)
+    if key not in _single_config_tuners:
+        configs = tconv.make_configs(family, torch.float32 if fp32 else torch.float16)
+        _single_config_tuners[key] = tconv.build_autotuner(tconv.jit_kernel(False),
+                                                           [configs[len(configs) // 2]])
+    return _single_config_tuners[key]
+
+
 @pytest.fixture(params=DEVICES)
 def device(request, monkeypatch):
     """cpu: the interpreter. cuda: the compiled kernel (interpreter off)."""
@@ -33,6 +48,7 @@ def device(request, monkeypatch):
         monkeypatch.setenv("TRITON_INTERPRET", "1")
     else:
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+        monkeypatch.setattr(tconv, "tuned_kernel", _single_config_tuner)
     return torch.device(request.param)
 
 
@@ -259,6 +275,23 @@ def test_per_layer_auto_choice(monkeypatch):
     monkeypatch.delenv("RESNET_FUSED_PER_LAYER_AUTO")
     monkeypatch.setattr(backends, "get_backend", lambda: "triton")  # explicit choice: no auto
     assert tb._per_layer_choice(a, *args) == "triton"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float16], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("case", [
+    (32, 64, 56, 56, 64, 3, 1, 1, 1, 1),      # ResNet-50 layer1 3x3, batch 32
+    (1, 1024, 14, 14, 2048, 1, 2, 0, 1, 1),   # layer4 downsample 1x1/2, batch 1 (M = 49)
+    (8, 3, 224, 224, 64, 7, 2, 3, 1, 1),      # stem
+    (8, 256, 28, 28, 256, 3, 1, 1, 1, 32),    # ResNeXt-50 32x4d layer2 grouped 3x3
+], ids=["layer1_3x3_b32", "layer4_down_b1", "stem_b8", "resnext_grouped_b8"])
+def test_autotuned_gpu(monkeypatch, case, dtype):
+    """The real autotuned launch (every config of the arch list benchmarked) on ResNet shapes."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    n, c_in, h, w, c_out, k, stride, pad, dil, groups = case
+    x, weight, scale, shift, res = make_problem(n, c_in, h, w, c_out, k, stride, pad, dil, groups,
+                                                dtype, torch.device("cuda"), residual=True)
+    check(x, weight, scale, shift, res, stride, pad, dil, groups, True, dtype)
 
 
 def test_tf32_switch_follows_cudnn_flag(monkeypatch):
