@@ -1,6 +1,7 @@
 """resnet_fused: a drop-in torchvision ResNet whose conv->BN(->add)->ReLU chains run as fused kernels."""
 from . import ops
 from .backends import BackendUnavailableError, backend, get_backend, set_backend
+from .cuda_graphs import cuda_graphs
 from .fold import clear_cache as clear_fold_cache
 from .fuse import fuse
 from .models import *  # noqa: F401,F403
@@ -8,4 +9,4 @@ from .models import __all__ as _models
 
 __version__ = "0.1.0"
 __all__ = ["ops", "fuse", "backend", "set_backend", "get_backend", "BackendUnavailableError",
-           "clear_fold_cache", *_models]
+           "clear_fold_cache", "cuda_graphs", *_models]

@@ -1,4 +1,4 @@
-"""Command line: python -m resnet_fused {info,bench} ..."""
+"""Command line: python -m resnet_fused {info,bench,profile} ..."""
 from __future__ import annotations
 
 import argparse
@@ -9,13 +9,16 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m resnet_fused")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, device and available backends")
-    from . import bench
-    bench.add_arguments(sub.add_parser("bench", help="fused vs stock torchvision, side by side"))
+    from . import bench, profile
+    bench.add_arguments(sub.add_parser("bench", help="fused vs stock PyTorch, side by side"))
+    profile.add_arguments(sub.add_parser("profile", help="per-layer time, stock vs fused"))
     args = parser.parse_args(argv)
     if args.command == "info":
         from .info import report
         print(report())
         return 0
+    if args.command == "profile":
+        return profile.main(args)
     return bench.main(args)
 
 

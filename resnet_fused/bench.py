@@ -1,54 +1,437 @@
-"""`python -m resnet_fused bench`: fused vs stock torchvision, side by side (time, max difference)."""
+"""`python -m resnet_fused bench`: fused vs stock PyTorch, side by side, on this machine.
+
+For each (batch, dtype) it times every provider on the same weights and the same input:
+
+  eager          torchvision, NCHW (what a user gets by default)           -- the speed-up baseline
+  eager_cl       torchvision, channels_last model and input (input converted outside the timing)
+  compile        torch.compile(eager_cl model), default mode
+  compile_max    torch.compile(eager_cl model, max-autotune + inductor freezing [+ CUDA graphs])
+  fused:<name>   resnet_fused with backend <name>, for each backend available here
+  fused+graphs   resnet_fused (auto backend) through resnet_fused.cuda_graphs (CUDA only)
+
+Timing: a warm-up call (fold cache, autotuning, compilation) and then repeated calls; on CUDA each
+call is timed with CUDA events (device time between two events on the stream), on CPU with
+time.perf_counter around a synchronous call. Reported: median, 20th/80th percentiles, images/s =
+batch / median, speed-up = eager median / provider median, TFLOP/s = 2 * multiply-adds / median.
+Each provider's output is compared with eager's (max |diff| / max |eager|) as a sanity check.
+"""
 from __future__ import annotations
 
 import argparse
+import copy
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import sys
 import time
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
 from . import backends
 
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
+          "fp64": torch.float64}
+BASE_PROVIDERS = ("eager", "eager_cl", "compile", "compile_max")
+LABELS = {"eager": "eager (torchvision, NCHW)", "eager_cl": "eager (channels_last)",
+          "compile": "torch.compile (default)",
+          "compile_max": "torch.compile (max-autotune, freezing)",
+          "fused+graphs": "fused + CUDA graphs"}
 
+
+# ----------------------------------------------------------------------------- environment --
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{name} ({torch.get_num_threads()} threads)"
+
+
+def versions() -> Dict[str, str]:
+    out = {"torch": torch.__version__, "cuda": torch.version.cuda or "none", "python":
+           platform.python_version()}
+    try:
+        import triton
+        out["triton"] = triton.__version__
+    except Exception:  # not installed, or broken on this machine
+        out["triton"] = "not available"
+    try:
+        import torchvision
+        out["torchvision"] = torchvision.__version__
+    except Exception:
+        out["torchvision"] = "not available"
+    return out
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ------------------------------------------------------------------------------- timing ----
+def quantile(values: Sequence[float], q: float) -> float:
+    """Linear-interpolated quantile, q in [0, 1]."""
+    v = sorted(values)
+    if not v:
+        return float("nan")
+    pos = (len(v) - 1) * q
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return v[lo] + (v[hi] - v[lo]) * (pos - lo)
+
+
+def summarize(times_ms: Sequence[float]) -> Dict[str, float]:
+    return {"median_ms": quantile(times_ms, 0.5), "p20_ms": quantile(times_ms, 0.2),
+            "p80_ms": quantile(times_ms, 0.8), "reps": len(times_ms)}
+
+
+def measure(fn: Callable[[], Any], device: torch.device, *, warmup: int = 1, min_reps: int = 5,
+            max_reps: int = 100, min_time_s: float = 1.0) -> List[float]:
+    """Per-call times in ms: CUDA events on CUDA, perf_counter on CPU (calls are synchronous).
+
+    Runs `warmup` untimed calls, then at least `min_reps` timed calls, more until `min_time_s`
+    of timed work is done, at most `max_reps`.
+    """
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times: List[float] = []
+    if device.type == "cuda":
+        # A first synchronized probe sizes the batch of event-timed calls.
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize(device)
+        probe = max(start.elapsed_time(end), 1e-3)
+        n = int(min(max_reps, max(min_reps, math.ceil(min_time_s * 1e3 / probe))))
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(n)]
+        for s, e in events:
+            s.record()
+            fn()
+            e.record()
+        torch.cuda.synchronize(device)
+        return [s.elapsed_time(e) for s, e in events]
+    begin = time.perf_counter()
+    while len(times) < max_reps:
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+        if len(times) >= min_reps and time.perf_counter() - begin >= min_time_s:
+            break
+    return times
+
+
+# ----------------------------------------------------------------------------- providers ---
+def available_fused_backends(device: torch.device) -> List[str]:
+    return [n for n in backends.NAMES if n != "auto"
+            and backends.unavailable_reason(n, device) is None]
+
+
+def default_providers(device: torch.device) -> List[str]:
+    fused = [f"fused:{n}" for n in available_fused_backends(device)]
+    if device.type == "cuda":
+        return ["eager", "eager_cl", "compile", *fused, "fused+graphs"]
+    # torch.compile on CPU needs a C++ compiler and ~1 min per shape: opt in with --providers.
+    return ["eager", "eager_cl", *fused]
+
+
+def expand_providers(spec: Optional[str], device: torch.device) -> List[str]:
+    if not spec:
+        return default_providers(device)
+    out: List[str] = []
+    for p in (s.strip() for s in spec.split(",")):
+        if not p:
+            continue
+        if p == "all":
+            out += [*BASE_PROVIDERS,
+                    *(f"fused:{n}" for n in available_fused_backends(device)),
+                    *(["fused+graphs"] if device.type == "cuda" else [])]
+        elif p == "default":
+            out += default_providers(device)
+        elif p in ("fused", "fused:*"):
+            out += [f"fused:{n}" for n in available_fused_backends(device)]
+        elif p in BASE_PROVIDERS or p == "fused+graphs":
+            out.append(p)
+        elif p.startswith("fused:") and p[6:] in backends.NAMES:
+            out.append(p)
+        else:
+            raise SystemExit(f"bench: unknown provider {p!r}; expected one of "
+                             f"{', '.join((*BASE_PROVIDERS, 'fused', 'fused:<backend>', 'fused+graphs', 'all'))}"
+                             f" (backends: {', '.join(backends.NAMES)})")
+    seen = set()
+    return [p for p in out if not (p in seen or seen.add(p))]
+
+
+def label(provider: str, device: torch.device) -> str:
+    if provider.startswith("fused:"):
+        name = provider[6:]
+        if name == "auto":
+            return f"fused (auto -> {backends.auto_choice(device)})"
+        auto = " (auto)" if backends.auto_choice(device) == name else ""
+        return f"fused [{name}]{auto}"
+    return LABELS.get(provider, provider)
+
+
+def _compile(model, max_autotune: bool, device: torch.device):
+    if not max_autotune:
+        return torch.compile(model)
+    options = {"max_autotune": True, "freezing": True}
+    if device.type == "cuda":
+        options["triton.cudagraphs"] = True  # what mode="max-autotune" adds on CUDA
+    return torch.compile(model, options=options)
+
+
+def make_runner(provider: str, stock, x: torch.Tensor, device: torch.device) -> Callable[[], Any]:
+    """A zero-argument callable running one forward of `provider` (built from `stock`)."""
+    import resnet_fused
+
+    if provider == "eager":
+        return lambda: stock(x)
+    if provider in ("eager_cl", "compile", "compile_max"):
+        model = copy.deepcopy(stock).to(memory_format=torch.channels_last)
+        xcl = x.contiguous(memory_format=torch.channels_last)
+        if provider != "eager_cl":
+            model = _compile(model, provider == "compile_max", device)
+        return lambda: model(xcl)
+    fused = resnet_fused.fuse(stock)  # shares stock's tensors
+    if provider == "fused+graphs":
+        if device.type != "cuda":
+            raise RuntimeError("CUDA graphs need a CUDA device")
+        graphed = resnet_fused.cuda_graphs(fused)
+        return lambda: graphed(x)
+    name = provider[6:]
+    reason = backends.unavailable_reason(name, device)
+    if reason is not None:
+        raise RuntimeError(f"backend {name!r} unavailable: {reason}")
+
+    def run():
+        with resnet_fused.backend(name):
+            return fused(x)
+    return run
+
+
+# ---------------------------------------------------------------------------------- run ----
+def _progress(enabled: bool, msg: str) -> None:
+    if enabled:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def run_bench(arch: str = "resnet50", batches: Sequence[int] = (8,), dtypes: Sequence[str] = ("fp32",),
+              providers: Optional[Sequence[str]] = None, device: Optional[str] = None,
+              size: int = 224, warmup: int = 1, min_reps: int = 5, max_reps: int = 100,
+              min_time_s: Optional[float] = None, progress: bool = True, seed: int = 0,
+              on_row: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:
+    """Run the side-by-side benchmark; returns {"meta": ..., "results": [...]} (see module doc).
+
+    `on_row(report_so_far)` is called after every row (the CLI rewrites --json with it, so a run
+    cut short by a timeout keeps the rows it finished)."""
+    import torchvision
+
+    from .profile import count_macs
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench: --device cuda, but no CUDA device is visible")
+    providers = list(providers) if providers else default_providers(dev)
+    if min_time_s is None:
+        min_time_s = 1.0 if dev.type == "cuda" else 6.0
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    macs_per_image = count_macs(arch, size)
+    meta = {"arch": arch, "image_size": size, "device": dev.type, "device_name": device_name(dev),
+            "threads": torch.get_num_threads(), "versions": versions(),
+            "auto_backend": backends.auto_choice(dev),
+            "available_backends": available_fused_backends(dev),
+            "macs_per_image": macs_per_image,
+            "cudnn_benchmark": bool(torch.backends.cudnn.benchmark) if dev.type == "cuda" else None,
+            "timing": ("CUDA events per call" if dev.type == "cuda" else
+                       "time.perf_counter per call") + f", warm-up {warmup}, >= {min_reps} reps "
+                      f"and >= {min_time_s:g} s, <= {max_reps} reps",
+            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "host": platform.node()}
+    results: List[Dict[str, Any]] = []
+    total = len(batches) * len(dtypes) * len(providers)
+    step, t_start = 0, time.perf_counter()
+    for dtype_name in dtypes:
+        dtype = DTYPES[dtype_name]
+        torch.manual_seed(seed)
+        stock = getattr(torchvision.models, arch)().eval().to(device=dev, dtype=dtype)
+        for batch in batches:
+            gen = torch.Generator(device="cpu").manual_seed(seed + batch)
+            x = torch.randn(batch, 3, size, size, generator=gen).to(device=dev, dtype=dtype)
+            eager_out, eager_ms = None, None
+            for provider in providers:
+                step += 1
+                row: Dict[str, Any] = {"arch": arch, "batch": batch, "dtype": dtype_name,
+                                       "provider": provider, "label": label(provider, dev)}
+                _progress(progress, f"[{step}/{total}] {arch} batch {batch} {dtype_name} "
+                                    f"{row['label']} ... ({time.perf_counter() - t_start:.0f} s)")
+                try:
+                    if provider == "fused+graphs" and dev.type != "cuda":
+                        raise RuntimeError("CUDA graphs need a CUDA device")
+                    run = make_runner(provider, stock, x, dev)
+                    with torch.inference_mode():
+                        t0 = time.perf_counter()
+                        out = run()  # first call: compile / autotune / fold, timed apart
+                        synchronize(dev)
+                        row["first_call_s"] = time.perf_counter() - t0
+                        out = out.float()
+                        if eager_out is None and provider == "eager":
+                            eager_out = out
+                        if eager_out is not None:
+                            row["max_rel_diff_vs_eager"] = (
+                                (out - eager_out).abs().max() / eager_out.abs().max()).item()
+                        times = measure(run, dev, warmup=warmup, min_reps=min_reps,
+                                        max_reps=max_reps, min_time_s=min_time_s)
+                    row.update(summarize(times))
+                    row["times_ms"] = [round(t, 4) for t in times]
+                    row["images_per_s"] = batch / row["median_ms"] * 1e3
+                    row["tflops"] = 2 * macs_per_image * batch / (row["median_ms"] * 1e-3) / 1e12
+                    if provider == "eager":
+                        eager_ms = row["median_ms"]
+                    if eager_ms is not None:
+                        row["speedup_vs_eager"] = eager_ms / row["median_ms"]
+                    _progress(progress, f"      median {row['median_ms']:.3f} ms "
+                                        f"({row['images_per_s']:.1f} img/s, {row['reps']} reps)")
+                except Exception as e:  # one provider failing must not lose the others' rows
+                    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+                    _progress(progress, f"      failed: {row['error']}")
+                finally:
+                    run = out = None
+                    gc.collect()
+                    if dev.type == "cuda":
+                        torch.cuda.empty_cache()
+                results.append(row)
+                if on_row is not None:
+                    meta["wall_s"] = time.perf_counter() - t_start
+                    on_row({"meta": meta, "results": results})
+        del stock
+        gc.collect()
+    meta["wall_s"] = time.perf_counter() - t_start
+    return {"meta": meta, "results": results}
+
+
+# ------------------------------------------------------------------------------ output -----
+def format_table(report: Dict[str, Any]) -> str:
+    m = report["meta"]
+    v = m["versions"]
+    lines = [f"{m['arch']} {m['image_size']}x{m['image_size']} on {m['device']}: {m['device_name']}; "
+             f"torch {v['torch']}, triton {v['triton']}; auto backend -> {m['auto_backend']}",
+             f"timing: {m['timing']}",
+             f"{'batch':>5} {'dtype':5} {'provider':34} {'median ms':>10} {'p20 ms':>10} "
+             f"{'p80 ms':>10} {'img/s':>9} {'vs eager':>8} {'TFLOP/s':>8} {'rel diff':>8}"]
+    for r in report["results"]:
+        head = f"{r['batch']:>5} {r['dtype']:5} {r['label'][:34]:34}"
+        if "error" in r:
+            lines.append(f"{head} failed: {r['error'][:80]}")
+            continue
+        speed = f"{r['speedup_vs_eager']:7.2f}x" if "speedup_vs_eager" in r else f"{'-':>8}"
+        diff = (f"{r['max_rel_diff_vs_eager']:8.1e}" if "max_rel_diff_vs_eager" in r
+                else f"{'-':>8}")
+        lines.append(f"{head} {r['median_ms']:10.3f} {r['p20_ms']:10.3f} {r['p80_ms']:10.3f} "
+                     f"{r['images_per_s']:9.1f} {speed} {r['tflops']:8.3f} {diff}")
+    return "\n".join(lines)
+
+
+def plot(report: Dict[str, Any], path: str) -> None:
+    """A PNG bar chart: images/s per provider, one panel per (batch, dtype)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups: Dict[tuple, List[Dict[str, Any]]] = {}
+    for r in report["results"]:
+        groups.setdefault((r["batch"], r["dtype"]), []).append(r)
+    n = max(1, len(groups))
+    cols = min(3, n)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 3.8 * rows), squeeze=False)
+    for ax, ((batch, dtype), rs) in zip(axes.flat, groups.items()):
+        names = [r["label"] for r in rs]
+        vals = [r.get("images_per_s", 0.0) for r in rs]
+        colors = ["#4c72b0" if r["provider"].startswith("eager") else
+                  "#8172b2" if r["provider"].startswith("compile") else "#dd8452" for r in rs]
+        bars = ax.barh(range(len(rs)), vals, color=colors)
+        ax.set_yticks(range(len(rs)), names, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel("images/s (higher is better)")
+        ax.set_title(f"batch {batch}, {dtype}")
+        for bar, r in zip(bars, rs):
+            text = "failed" if "error" in r else (f"{r['speedup_vs_eager']:.2f}x"
+                                                  if "speedup_vs_eager" in r else "")
+            ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, " " + text,
+                    va="center", fontsize=8)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    m = report["meta"]
+    fig.suptitle(f"{m['arch']} on {m['device_name']} (torch {m['versions']['torch']})",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------- CLI -----
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--arch", default="resnet50")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--size", type=int, default=224)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--iters", type=int, default=5)
-
-
-def _time(model, x, iters: int, device: torch.device) -> float:
-    with torch.inference_mode():
-        model(x)  # warm-up: fold cache, autotuning, allocator
-        times = []
-        for _ in range(iters):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            model(x)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t)
-    return sorted(times)[len(times) // 2] * 1e3
+    p.add_argument("--arch", default="resnet50", help="torchvision ResNet builder (resnet50)")
+    p.add_argument("--batch", type=int, nargs="+", default=None,
+                   help="batch sizes (default: 8 on cpu, 1 and 256 on cuda)")
+    p.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=None,
+                   help="dtypes (default: fp32 on cpu, fp16 on cuda)")
+    p.add_argument("--providers", default=None,
+                   help="comma list of: eager, eager_cl, compile, compile_max, fused (every "
+                        "available backend), fused:<backend>, fused+graphs, default, all. "
+                        "Default: eager, eager_cl, fused:* (+ compile, fused+graphs on cuda)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                   help="default: cuda if available, else cpu")
+    p.add_argument("--size", type=int, default=224, help="image height and width (224)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (torch default)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls after the first (1)")
+    p.add_argument("--min-reps", type=int, default=5, help="timed calls at least (5)")
+    p.add_argument("--max-reps", type=int, default=100, help="timed calls at most (100)")
+    p.add_argument("--min-time", type=float, default=None,
+                   help="seconds of timed calls per provider at least (6 on cpu, 1 on cuda)")
+    p.add_argument("--json", metavar="PATH", help="write all numbers as JSON")
+    p.add_argument("--plot", metavar="PATH", help="write a PNG bar chart")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
 
 
 def main(args: argparse.Namespace) -> int:
-    import torchvision
-    import resnet_fused
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    batches = args.batch or ([1, 256] if dev.type == "cuda" else [8])
+    dtypes = args.dtype or (["fp16"] if dev.type == "cuda" else ["fp32"])
 
-    device = torch.device(args.device)
-    torch.manual_seed(0)
-    stock = getattr(torchvision.models, args.arch)().eval().to(device)
-    fused = resnet_fused.fuse(stock)
-    x = torch.randn(args.batch, 3, args.size, args.size, device=device)
-    with torch.inference_mode():
-        diff = (fused(x) - stock(x)).abs().max().item()
-    stock_ms = _time(stock, x, args.iters, device)
-    fused_ms = _time(fused, x, args.iters, device)
-    print(f"{args.arch} batch {args.batch} {args.size}x{args.size} fp32 on {device.type}, "
-          f"backend auto -> {backends.auto_choice(device)}")
-    print(f"{'provider':24s} {'median ms':>10s} {'img/s':>9s} {'speed-up':>9s}")
-    for name, ms in (("torchvision eager", stock_ms), ("resnet_fused", fused_ms)):
-        print(f"{name:24s} {ms:10.2f} {args.batch / ms * 1e3:9.1f} {stock_ms / ms:8.2f}x")
-    print(f"max |fused - torchvision| = {diff:.3e}")
-    return 0
+    def write_json(report: Dict[str, Any]) -> None:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(report, f, indent=1)
+        os.replace(tmp, args.json)
+
+    report = run_bench(args.arch, batches, dtypes, expand_providers(args.providers, dev),
+                       str(dev), args.size, args.warmup, args.min_reps, args.max_reps,
+                       args.min_time, progress=not args.quiet,
+                       on_row=write_json if args.json else None)
+    print(format_table(report))
+    if args.json:
+        write_json(report)
+        print(f"wrote {args.json}")
+    if args.plot:
+        plot(report, args.plot)
+        print(f"wrote {args.plot}")
+    return 0 if not any("error" in r and r["provider"] == "eager"
+                        for r in report["results"]) else 1

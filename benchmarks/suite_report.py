@@ -1,0 +1,138 @@
+"""Merge the GPU suite's pieces into benchmarks/results/<date>-<gpu>.json and .md.
+
+Called by benchmarks/gpu_suite.sh; every input is optional (a step that failed or timed out
+leaves its file missing or partial, and the report says so). Only numbers found in the inputs are
+written: nothing is estimated here.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import xml.etree.ElementTree as ET
+from typing import Any, Dict, List, Optional
+
+
+def _load(path: Optional[str]) -> Optional[Any]:
+    if not path or not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _steps(path: Optional[str]) -> List[Dict[str, Any]]:
+    out = []
+    if path and os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                parts = line.rstrip("\n").split("\t")
+                if len(parts) >= 4:
+                    name, rc, secs, cap = parts[:4]
+                    rc_i = int(rc)
+                    status = "ok" if rc_i == 0 else ("timed out" if rc_i in (124, 137) else
+                                                     "skipped" if rc_i == -1 else f"failed (rc {rc})")
+                    out.append({"step": name, "rc": rc_i, "seconds": float(secs),
+                                "limit_s": float(cap), "status": status})
+    return out
+
+
+def _tests(path: Optional[str]) -> Optional[Dict[str, Any]]:
+    if not path or not os.path.exists(path):
+        return None
+    try:
+        root = ET.parse(path).getroot()
+    except ET.ParseError:
+        return None
+    suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
+    counts = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
+    failed = []
+    for s in suites:
+        for k in counts:
+            counts[k] += int(s.get(k, 0))
+        for case in s.iter("testcase"):
+            if case.find("failure") is not None or case.find("error") is not None:
+                failed.append(f"{case.get('classname')}::{case.get('name')}")
+    counts["passed"] = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
+    counts["failed_tests"] = failed[:50]
+    return counts
+
+
+def _bench_md(report: Dict[str, Any], title: str) -> List[str]:
+    from resnet_fused.bench import format_table
+    m = report["meta"]
+    lines = [f"## {title}", "",
+             f"{m['arch']} {m['image_size']}x{m['image_size']}, {m['device_name']}, "
+             f"auto backend -> {m['auto_backend']}; {m['timing']}; wall {m.get('wall_s', 0):.0f} s",
+             "", "| batch | dtype | provider | median ms | p20 ms | p80 ms | img/s | vs eager | "
+                 "TFLOP/s | max rel diff vs eager | first call s |",
+             "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in report["results"]:
+        if "error" in r:
+            lines.append(f"| {r['batch']} | {r['dtype']} | {r['label']} | failed: "
+                         f"{r['error'][:120].replace('|', '/')} | | | | | | | |")
+            continue
+        sp = f"{r['speedup_vs_eager']:.2f}x" if "speedup_vs_eager" in r else "-"
+        rd = f"{r['max_rel_diff_vs_eager']:.1e}" if "max_rel_diff_vs_eager" in r else "-"
+        lines.append(f"| {r['batch']} | {r['dtype']} | {r['label']} | {r['median_ms']:.3f} | "
+                     f"{r['p20_ms']:.3f} | {r['p80_ms']:.3f} | {r['images_per_s']:.1f} | {sp} | "
+                     f"{r['tflops']:.2f} | {rd} | {r.get('first_call_s', 0):.1f} |")
+    lines += ["", "```", format_table(report), "```", ""]
+    return lines
+
+
+def _profile_md(p: Dict[str, Any]) -> List[str]:
+    from resnet_fused.profile import format_table
+    return [f"## Per-layer profile: {p['arch']} batch {p['batch']} {p['dtype']}", "", "```",
+            format_table(p), "```", ""]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True, help="output path without extension")
+    ap.add_argument("--env")
+    ap.add_argument("--steps")
+    ap.add_argument("--tests")
+    ap.add_argument("--bench", nargs="*", default=[])
+    ap.add_argument("--profile", nargs="*", default=[])
+    args = ap.parse_args()
+
+    env = _load(args.env) or {}
+    steps = _steps(args.steps)
+    tests = _tests(args.tests)
+    benches = [b for b in (_load(p) for p in args.bench) if b]
+    profiles = [p for p in (_load(p) for p in args.profile) if p]
+    merged = {"env": env, "steps": steps, "tests": tests, "bench": benches,
+              "profiles": profiles}
+    with open(args.out + ".json", "w") as f:
+        json.dump(merged, f, indent=1)
+
+    md = [f"# GPU suite: {env.get('gpu', '?')}, {env.get('date', '?')}", "",
+          f"torch {env.get('torch', '?')}, triton {env.get('triton', '?')}, CUDA "
+          f"{env.get('cuda', '?')}, driver {env.get('driver', '?')}, python "
+          f"{env.get('python', '?')}; git {env.get('git', '?')}", "",
+          "All numbers below were measured in this run by benchmarks/gpu_suite.sh.", "",
+          "## Steps", "", "| step | status | seconds | limit s |", "|---|---|---:|---:|"]
+    md += [f"| {s['step']} | {s['status']} | {s['seconds']:.0f} | {s['limit_s']:.0f} |"
+           for s in steps]
+    md.append("")
+    if tests:
+        md += ["## Tests", "", f"{tests['passed']} passed, {tests['failures']} failed, "
+               f"{tests['errors']} errors, {tests['skipped']} skipped", ""]
+        md += [f"- FAILED {t}" for t in tests["failed_tests"]]
+        md.append("")
+    titles = ["End-to-end: eager vs fused", "End-to-end: torch.compile"]
+    for i, b in enumerate(benches):
+        md += _bench_md(b, titles[i] if i < len(titles) else f"Bench {i + 1}")
+    for p in profiles:
+        md += _profile_md(p)
+    with open(args.out + ".md", "w") as f:
+        f.write("\n".join(md) + "\n")
+    print(f"wrote {args.out}.json and {args.out}.md")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

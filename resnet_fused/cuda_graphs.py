@@ -1,0 +1,171 @@
+"""`resnet_fused.cuda_graphs(model)`: run a model's inference forward through captured CUDA graphs.
+
+Batch-1 inference is launch-bound (~53 fused launches for ResNet-50, a few microseconds each), so
+replaying one captured graph is part of the fast path. The wrapper:
+
+- captures one graph per input signature (shape, strides, dtype, device, autocast state, selected
+  backend) on first use, after a few warm-up calls on a side stream (autotuning, cuDNN benchmark
+  and the fold cache all happen there, outside the graph);
+- copies each new input into the graph's static input buffer, so it is correct for any tensor the
+  caller passes, and returns a clone of the static output (pass `clone_output=False` to get the
+  static buffer itself: faster, but the next call overwrites it);
+- checks on every call the identity, storage and version counter of every parameter and buffer,
+  and drops all graphs when one changed (optimizer step, load_state_dict, .to(), running-stat
+  update), so the next call recaptures with the new weights; it also keeps the fold-cache entries
+  the graph reads alive, since replay reads their memory;
+- runs the model plainly when graphs cannot or should not be used: CPU (or any non-CUDA) input,
+  train mode, autograd recording (grad enabled and a parameter requires grad: a replayed graph
+  carries no autograd history), non-tensor or extra arguments, torch.compile tracing, or a
+  capture already in progress.
+
+Graphs are inference-only; each holds its own memory pool (activations for its batch size).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from . import backends, fold
+
+
+class _CapturedCUDAGraph:
+    """One captured forward: static input buffer -> graph -> static output."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], Any], example: torch.Tensor, warmup: int):
+        device = example.device
+        with torch.cuda.device(device):
+            # Same strides as the caller's tensor, so a channels_last input stays channels_last.
+            self.static_in = torch.empty_strided(example.shape, example.stride(),
+                                                 dtype=example.dtype, device=device)
+            self.static_in.copy_(example)
+            side = torch.cuda.Stream(device=device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side), torch.inference_mode():
+                for _ in range(max(1, warmup)):  # autotuning, cudnn.benchmark, fold cache
+                    fn(self.static_in)
+            torch.cuda.current_stream(device).wait_stream(side)
+            torch.cuda.synchronize(device)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph), torch.inference_mode():
+                self.static_out = fn(self.static_in)
+
+    def __call__(self, x: torch.Tensor) -> Any:
+        self.static_in.copy_(x)  # on the current stream, which replay() also uses
+        self.graph.replay()
+        return self.static_out
+
+
+def _clone(out: Any) -> Any:
+    if isinstance(out, torch.Tensor):
+        return out.clone()
+    if isinstance(out, (list, tuple)):
+        return type(out)(_clone(o) for o in out)
+    if isinstance(out, dict):
+        return {k: _clone(v) for k, v in out.items()}
+    return out
+
+
+class CUDAGraphs(nn.Module):
+    """Wraps `model`; see the module docstring. Build it with `resnet_fused.cuda_graphs(model)`."""
+
+    # Device types whose inputs are captured, and how a capture is made. Tests on machines
+    # without a GPU replace these on an instance to exercise the bookkeeping.
+    _device_types: Tuple[str, ...] = ("cuda",)
+    _factory: Callable[..., Callable[[torch.Tensor], Any]] = _CapturedCUDAGraph
+
+    def __init__(self, model: nn.Module, *, warmup: int = 3, clone_output: bool = True):
+        super().__init__()
+        self.model = model
+        self.warmup = int(warmup)
+        self.clone_output = bool(clone_output)
+        self._graphs: Dict[tuple, Callable[[torch.Tensor], Any]] = {}
+        self._weights_key: Optional[tuple] = None
+        self._pinned: List[Any] = []  # fold-cache entries the graphs read
+        self.captures = 0             # graphs captured so far (bookkeeping, for tests/users)
+        self.replays = 0
+
+    @property
+    def num_graphs(self) -> int:
+        return len(self._graphs)
+
+    def reset(self) -> None:
+        """Drop every captured graph (and its memory pool); the next call recaptures."""
+        self._graphs.clear()
+        self._pinned = []
+        self._weights_key = None
+
+    # -- when to capture ------------------------------------------------------------------------
+    def _tensors(self) -> List[torch.Tensor]:
+        return [*self.model.parameters(), *self.model.buffers()]
+
+    @staticmethod
+    def _weights_signature(tensors: List[torch.Tensor]) -> tuple:
+        sig = []
+        for t in tensors:
+            # An inference tensor has no version counter; its storage identity is all we can see.
+            version = -1 if t.is_inference() else t._version
+            sig.append((id(t), t.data_ptr(), version, t.dtype, t.device, tuple(t.shape)))
+        return tuple(sig)
+
+    def _input_key(self, x: torch.Tensor) -> tuple:
+        dev = x.device.type
+        autocast = torch.is_autocast_enabled(dev)
+        return (tuple(x.shape), x.stride(), x.dtype, x.device, autocast,
+                torch.get_autocast_dtype(dev) if autocast else None, backends.get_backend())
+
+    def _use_graphs(self, x: Any, tensors: List[torch.Tensor]) -> bool:
+        if not isinstance(x, torch.Tensor) or x.device.type not in self._device_types:
+            return False
+        if self.model.training or torch.compiler.is_compiling():
+            return False
+        if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in tensors)):
+            return False
+        if x.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return False
+        return True
+
+    def _pin_fold_cache(self) -> None:
+        pinned = []
+        for m in self.model.modules():
+            entries = fold._cache.get(m)
+            if entries:
+                pinned.append(dict(entries))
+        self._pinned = pinned
+
+    # -- the call -------------------------------------------------------------------------------
+    def forward(self, x: Any, *args: Any, **kwargs: Any) -> Any:
+        tensors = self._tensors()
+        if args or kwargs or not self._use_graphs(x, tensors):
+            return self.model(x, *args, **kwargs)
+        weights = self._weights_signature(tensors)
+        if weights != self._weights_key:  # new weights (or first call): old graphs are stale
+            self.reset()
+            self._weights_key = weights
+        key = self._input_key(x)
+        graph = self._graphs.get(key)
+        if graph is None:
+            graph = self._factory(self.model, x, self.warmup)
+            self._graphs[key] = graph
+            self.captures += 1
+            self._pin_fold_cache()
+        out = graph(x)
+        self.replays += 1
+        return _clone(out) if self.clone_output else out
+
+    def extra_repr(self) -> str:
+        return f"graphs={self.num_graphs}, warmup={self.warmup}, clone_output={self.clone_output}"
+
+
+def cuda_graphs(model: nn.Module, *, warmup: int = 3, clone_output: bool = True) -> CUDAGraphs:
+    """Wrap `model` so that eval-mode inference on CUDA runs through captured CUDA graphs.
+
+        fast = resnet_fused.cuda_graphs(resnet_fused.resnet50().eval().cuda().half())
+        with torch.inference_mode():
+            y = fast(x)          # first call per input shape/dtype: warm-up + capture
+            y = fast(x2)         # later calls: copy x2 in, replay, clone the output
+
+    On CPU (or in train mode, or when autograd records) it runs `model` plainly.
+    """
+    return CUDAGraphs(model, warmup=warmup, clone_output=clone_output)

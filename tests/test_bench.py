@@ -1,0 +1,68 @@
+"""`python -m resnet_fused bench`: providers, statistics, JSON and PNG output (tiny sizes)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from resnet_fused import backends, bench
+from resnet_fused.__main__ import main
+
+CPU = torch.device("cpu")
+
+
+def test_quantiles():
+    assert bench.quantile([3.0, 1.0, 2.0], 0.5) == 2.0
+    assert bench.quantile([0.0, 10.0], 0.2) == pytest.approx(2.0)
+    s = bench.summarize([5.0, 1.0, 2.0, 3.0, 4.0])
+    assert (s["median_ms"], s["p20_ms"], s["p80_ms"], s["reps"]) == (3.0, 1.8, 4.2, 5)
+
+
+def test_measure_cpu_respects_rep_limits():
+    calls = []
+    times = bench.measure(lambda: calls.append(1), CPU, warmup=2, min_reps=4, max_reps=6,
+                          min_time_s=0.0)
+    assert len(times) == 4 and len(calls) == 6
+    times = bench.measure(lambda: None, CPU, warmup=0, min_reps=1, max_reps=7, min_time_s=60.0)
+    assert len(times) == 7
+
+
+def test_default_cpu_providers_leave_out_compile():
+    providers = bench.default_providers(CPU)
+    assert providers[:2] == ["eager", "eager_cl"]
+    assert not any(p.startswith("compile") for p in providers)
+    assert "fused+graphs" not in providers
+    for name in bench.available_fused_backends(CPU):
+        assert f"fused:{name}" in providers
+    assert bench.expand_providers("eager,fused:torch,eager", CPU) == ["eager", "fused:torch"]
+    with pytest.raises(SystemExit, match="unknown provider"):
+        bench.expand_providers("eager,nope", CPU)
+
+
+def test_bench_cli_json_and_plot(tmp_path, capsys):
+    js, png = tmp_path / "b.json", tmp_path / "b.png"
+    rc = main(["bench", "--arch", "resnet18", "--batch", "1", "2", "--size", "32", "--device",
+               "cpu", "--providers", "eager,eager_cl,fused,fused+graphs", "--warmup", "0",
+               "--min-reps", "2", "--min-time", "0", "--quiet", "--json", str(js),
+               "--plot", str(png)])
+    assert rc == 0
+    report = json.loads(js.read_text())
+    meta, rows = report["meta"], report["results"]
+    assert meta["device"] == "cpu" and meta["versions"]["torch"] == torch.__version__
+    assert meta["auto_backend"] == backends.auto_choice(CPU)
+    n_fused = len(bench.available_fused_backends(CPU))
+    assert len(rows) == 2 * (3 + n_fused)
+    for r in rows:
+        if r["provider"] == "fused+graphs":  # CPU: reported as not runnable, not a crash
+            assert "CUDA" in r["error"]
+            continue
+        assert "error" not in r, r
+        assert r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
+        assert r["images_per_s"] == pytest.approx(r["batch"] / r["median_ms"] * 1e3)
+        assert r["max_rel_diff_vs_eager"] < 1e-3
+        assert r["reps"] >= 2 and len(r["times_ms"]) == r["reps"]
+    assert all(r["speedup_vs_eager"] == 1.0 for r in rows if r["provider"] == "eager")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    out = capsys.readouterr().out
+    assert "median ms" in out and "vs eager" in out and "fused" in out

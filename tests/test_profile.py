@@ -1,0 +1,103 @@
+"""The per-layer profiler: MAC totals against torchvision's published figures, layer shapes, CLI."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torchvision
+
+import resnet_fused
+from resnet_fused.__main__ import main
+from resnet_fused.profile import count_macs, layers
+
+# torchvision's published multiply-adds per 224x224 image (the "GFLOPS" column of its model
+# table counts convs + fc multiply-adds; BN, ReLU, adds and pooling are not counted).
+PUBLISHED_G = {"resnet18": 1.814, "resnet34": 3.664, "resnet50": 4.089, "resnet101": 7.801,
+               "resnet152": 11.514}
+
+
+@pytest.mark.parametrize("arch", sorted(PUBLISHED_G))
+def test_total_macs_match_torchvision_published(arch):
+    got = count_macs(arch, 224) / 1e9
+    assert abs(got - PUBLISHED_G[arch]) / PUBLISHED_G[arch] <= 0.005, (arch, got)
+    # and torchvision's own weight metadata says the same
+    weights = torchvision.models.get_weight(
+        f"{arch.replace('resnet', 'ResNet')}_Weights.IMAGENET1K_V1")
+    assert abs(got - weights.meta["_ops"]) / weights.meta["_ops"] <= 0.005
+
+
+def test_layer_list_of_resnet50():
+    model = resnet_fused.profile._meta_model("resnet50")
+    ls = layers(model, (2, 3, 224, 224))
+    convs = [l for l in ls if l.kind == "conv_bn_act"]
+    assert len(convs) == 53 and [l.kind for l in ls].count("linear") == 1
+    assert sum(l.residual for l in convs) == 16            # one per bottleneck block
+    assert sum(not l.relu for l in convs) == 4              # the downsample convs
+    assert all(l.relu for l in convs if l.residual)
+    assert sum(l.macs for l in ls) == 2 * count_macs("resnet50")
+    assert ls[-1].out_shape == (2, 1000)
+
+
+@pytest.mark.parametrize("arch,size", [("resnet18", (45, 37)), ("resnext50_32x4d", (33, 64)),
+                                       ("wide_resnet50_2", (32, 32))])
+def test_shapes_and_macs_match_a_real_forward(arch, size):
+    """Analytic shapes and MACs equal what hooks see on a real torchvision forward."""
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, arch)(num_classes=7).eval()
+    seen = {}
+
+    def hook(name):
+        def fn(mod, inp, out):
+            macs = out.numel() * mod.in_channels // mod.groups * mod.kernel_size[0] * \
+                mod.kernel_size[1] if isinstance(mod, torch.nn.Conv2d) else \
+                mod.in_features * mod.out_features * out.shape[0]
+            seen[name] = (tuple(inp[0].shape), tuple(out.shape), macs)
+        return fn
+
+    for name, mod in model.named_modules():
+        if isinstance(mod, (torch.nn.Conv2d, torch.nn.Linear)):
+            mod.register_forward_hook(hook(name))
+    with torch.no_grad():
+        model(torch.randn(2, 3, *size))
+    ls = layers(model, (2, 3, *size))
+    for l in ls:
+        if l.kind == "conv_bn_act":
+            key = l.name + ".0" if l.name.endswith("downsample") else l.name
+            assert seen[key] == (l.in_shape, l.out_shape, l.macs), l.name
+    assert seen["fc"][2] == ls[-1].macs
+    assert sum(l.macs for l in ls) == sum(v[2] for v in seen.values())
+
+
+def test_profile_cli_json(tmp_path, capsys):
+    path = tmp_path / "profile.json"
+    rc = main(["profile", "--arch", "resnet18", "--batch", "2", "--size", "32", "--device", "cpu",
+               "--dtype", "fp32", "--min-time", "0", "--no-peak", "--quiet", "--json", str(path)])
+    assert rc == 0
+    report = json.loads(path.read_text())
+    assert report["total_macs"] == count_macs("resnet18", 32)        # per image, stated
+    assert "per image" in report["total_macs_is"]
+    assert report["total_macs_batch"] == 2 * report["total_macs"]
+    assert isinstance(report["layers"], list) and len(report["layers"]) == 23
+    for row in report["layers"]:
+        for key in ("name", "in_shape", "out_shape", "macs", "stock_ms", "fused_ms", "speedup",
+                    "fused_tflops", "pct_of_peak"):
+            assert key in row, key
+        assert row["stock_ms"] > 0 and row["fused_ms"] > 0
+    out = capsys.readouterr().out
+    assert "layer1.0.conv1" in out and "total" in out
+
+
+def test_profile_fused_layers_are_correct():
+    """The fused callables the profiler times compute what the stock ones do."""
+    from resnet_fused.profile import _layer_fns
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18().eval()
+    for l in layers(model, (1, 3, 32, 32)):
+        if l.kind != "conv_bn_act":
+            continue
+        x = torch.randn(l.in_shape).contiguous(memory_format=torch.channels_last)
+        res = torch.randn(l.out_shape) if l.residual else None
+        stock, fused = _layer_fns(l, x, res, "torch")
+        with torch.no_grad():
+            torch.testing.assert_close(fused(), stock(), rtol=1e-4, atol=1e-4)
