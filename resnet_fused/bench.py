@@ -9,15 +9,18 @@ For each (batch, dtype) it times every provider on the same weights and the same
   fused:<name>   resnet_fused with backend <name>, for each backend available here
   fused+graphs   resnet_fused (auto backend) through resnet_fused.cuda_graphs (CUDA only)
 
-Timing: a warm-up call (fold cache, autotuning, compilation) and then repeated calls; on CUDA each
-call is timed with CUDA events (device time between two events on the stream), on CPU with
-time.perf_counter around a synchronous call. Reported: median, 20th/80th percentiles, images/s =
+Timing: a first call (fold cache, autotuning, compilation; reported apart), warm-up calls, then
+repeated calls. On CUDA, one provider at a time, each call timed with CUDA events (device time
+between two events on the stream). On CPU, time.perf_counter around each (synchronous) call, with
+the providers interleaved round by round, so that load from other processes on a shared machine
+hits every provider alike instead of whichever ran at the wrong moment. Reported: median, 20th/80th percentiles, images/s =
 batch / median, speed-up = eager median / provider median, TFLOP/s = 2 * multiply-adds / median.
 Each provider's output is compared with eager's (max |diff| / max |eager|) as a sanity check.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime
 import gc
@@ -217,8 +220,8 @@ def make_runner(provider: str, stock, x: torch.Tensor, device: torch.device) -> 
         raise RuntimeError(f"backend {name!r} unavailable: {reason}")
 
     def run():
-        with resnet_fused.backend(name):
-            return fused(x)
+        return fused(x)
+    run.backend = name  # run_bench selects it around the timing, not inside each call
     return run
 
 
@@ -256,14 +259,30 @@ def run_bench(arch: str = "resnet50", batches: Sequence[int] = (8,), dtypes: Seq
             "available_backends": available_fused_backends(dev),
             "macs_per_image": macs_per_image,
             "cudnn_benchmark": bool(torch.backends.cudnn.benchmark) if dev.type == "cuda" else None,
-            "timing": ("CUDA events per call" if dev.type == "cuda" else
-                       "time.perf_counter per call") + f", warm-up {warmup}, >= {min_reps} reps "
-                      f"and >= {min_time_s:g} s, <= {max_reps} reps",
+            "timing": ("CUDA events per call, one provider at a time" if dev.type == "cuda" else
+                       "time.perf_counter per call, providers interleaved round by round") +
+                      f", warm-up {warmup}, >= {min_reps} reps and >= {min_time_s:g} s per "
+                      f"provider, <= {max_reps} reps",
             "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "host": platform.node()}
     results: List[Dict[str, Any]] = []
     total = len(batches) * len(dtypes) * len(providers)
     step, t_start = 0, time.perf_counter()
+
+    def emit(row: Dict[str, Any]) -> None:
+        results.append(row)
+        if on_row is not None:
+            meta["wall_s"] = time.perf_counter() - t_start
+            on_row({"meta": meta, "results": results})
+
+    def finish(row: Dict[str, Any], times: List[float], batch: int) -> None:
+        row.update(summarize(times))
+        row["times_ms"] = [round(t, 4) for t in times]
+        row["images_per_s"] = batch / row["median_ms"] * 1e3
+        row["tflops"] = 2 * macs_per_image * batch / (row["median_ms"] * 1e-3) / 1e12
+        _progress(progress, f"      {row['label']}: median {row['median_ms']:.3f} ms "
+                            f"({row['images_per_s']:.1f} img/s, {row['reps']} reps)")
+
     for dtype_name in dtypes:
         dtype = DTYPES[dtype_name]
         torch.manual_seed(seed)
@@ -271,18 +290,23 @@ def run_bench(arch: str = "resnet50", batches: Sequence[int] = (8,), dtypes: Seq
         for batch in batches:
             gen = torch.Generator(device="cpu").manual_seed(seed + batch)
             x = torch.randn(batch, 3, size, size, generator=gen).to(device=dev, dtype=dtype)
-            eager_out, eager_ms = None, None
+            eager_out = None
+            rows: List[Dict[str, Any]] = []
+            ready: List[tuple] = []  # (row, run, backend) kept for interleaved CPU timing
             for provider in providers:
                 step += 1
                 row: Dict[str, Any] = {"arch": arch, "batch": batch, "dtype": dtype_name,
                                        "provider": provider, "label": label(provider, dev)}
+                rows.append(row)
                 _progress(progress, f"[{step}/{total}] {arch} batch {batch} {dtype_name} "
                                     f"{row['label']} ... ({time.perf_counter() - t_start:.0f} s)")
+                run = out = None
                 try:
                     if provider == "fused+graphs" and dev.type != "cuda":
                         raise RuntimeError("CUDA graphs need a CUDA device")
                     run = make_runner(provider, stock, x, dev)
-                    with torch.inference_mode():
+                    name = getattr(run, "backend", None)
+                    with torch.inference_mode(), _selected(name):
                         t0 = time.perf_counter()
                         out = run()  # first call: compile / autotune / fold, timed apart
                         synchronize(dev)
@@ -293,34 +317,81 @@ def run_bench(arch: str = "resnet50", batches: Sequence[int] = (8,), dtypes: Seq
                         if eager_out is not None:
                             row["max_rel_diff_vs_eager"] = (
                                 (out - eager_out).abs().max() / eager_out.abs().max()).item()
-                        times = measure(run, dev, warmup=warmup, min_reps=min_reps,
-                                        max_reps=max_reps, min_time_s=min_time_s)
-                    row.update(summarize(times))
-                    row["times_ms"] = [round(t, 4) for t in times]
-                    row["images_per_s"] = batch / row["median_ms"] * 1e3
-                    row["tflops"] = 2 * macs_per_image * batch / (row["median_ms"] * 1e-3) / 1e12
-                    if provider == "eager":
-                        eager_ms = row["median_ms"]
-                    if eager_ms is not None:
-                        row["speedup_vs_eager"] = eager_ms / row["median_ms"]
-                    _progress(progress, f"      median {row['median_ms']:.3f} ms "
-                                        f"({row['images_per_s']:.1f} img/s, {row['reps']} reps)")
+                        if dev.type == "cuda":  # one provider at a time, event-timed
+                            finish(row, measure(run, dev, warmup=warmup, min_reps=min_reps,
+                                                max_reps=max_reps, min_time_s=min_time_s), batch)
+                        else:
+                            ready.append((row, run, name))
                 except Exception as e:  # one provider failing must not lose the others' rows
                     row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
                     _progress(progress, f"      failed: {row['error']}")
                 finally:
-                    run = out = None
-                    gc.collect()
+                    out = None
                     if dev.type == "cuda":
+                        run = None
+                        gc.collect()
                         torch.cuda.empty_cache()
-                results.append(row)
-                if on_row is not None:
-                    meta["wall_s"] = time.perf_counter() - t_start
-                    on_row({"meta": meta, "results": results})
+                if dev.type == "cuda":
+                    _set_speedup(rows)
+                    emit(row)
+            if ready:  # CPU: all providers interleaved, round by round
+                _progress(progress, f"      timing {len(ready)} providers interleaved ...")
+                times = _interleaved([(r, n) for _, r, n in ready], warmup, min_reps, max_reps,
+                                     min_time_s)
+                for (row, _, _), t in zip(ready, times):
+                    finish(row, t, batch)
+                _set_speedup(rows)
+                for row in rows:
+                    emit(row)
+            elif dev.type != "cuda":
+                for row in rows:
+                    emit(row)
+            ready = []
+            gc.collect()
         del stock
         gc.collect()
     meta["wall_s"] = time.perf_counter() - t_start
     return {"meta": meta, "results": results}
+
+
+def _selected(name: Optional[str]):
+    return backends.backend(name) if name else contextlib.nullcontext()
+
+
+def _set_speedup(rows: List[Dict[str, Any]]) -> None:
+    eager = next((r["median_ms"] for r in rows if r["provider"] == "eager" and "median_ms" in r),
+                 None)
+    if eager is not None:
+        for r in rows:
+            if "median_ms" in r:
+                r["speedup_vs_eager"] = eager / r["median_ms"]
+
+
+def _interleaved(runs: List[tuple], warmup: int, min_reps: int, max_reps: int,
+                 min_time_s: float) -> List[List[float]]:
+    """CPU timing, fair on a shared machine: each round calls every provider once (in a rotating
+    order), so load from other processes hits all providers alike. `min_time_s` is per provider."""
+    n = len(runs)
+    times: List[List[float]] = [[] for _ in range(n)]
+    with torch.inference_mode():
+        for _ in range(warmup):
+            for run, name in runs:
+                with _selected(name):
+                    run()
+        begin = time.perf_counter()
+        rnd = 0
+        while rnd < max_reps:
+            for k in range(n):
+                i = (k + rnd) % n
+                run, name = runs[i]
+                with _selected(name):
+                    t0 = time.perf_counter()
+                    run()
+                    times[i].append((time.perf_counter() - t0) * 1e3)
+            rnd += 1
+            if rnd >= min_reps and time.perf_counter() - begin >= min_time_s * n:
+                break
+    return times
 
 
 # ------------------------------------------------------------------------------ output -----
