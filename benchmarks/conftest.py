@@ -10,6 +10,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 sys.path.insert(0, os.path.dirname(__file__))  # harness.py
 
@@ -35,3 +36,15 @@ def is_smoke(request) -> bool:
 @pytest.fixture
 def bench_compile(request) -> bool:
     return bool(request.config.getoption("--bench-compile"))
+
+
+@pytest.fixture(autouse=True)
+def _smoke_threads(request):
+    """The smoke run uses tiny tensors: one intra-op thread (faster, kinder to shared CI)."""
+    if not smoke(request.config):
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

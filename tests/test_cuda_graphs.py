@@ -13,6 +13,15 @@ from resnet_fused.cuda_graphs import CUDAGraphs
 from numerics import randomize_bn
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one intra-op thread is faster here and kinder to a shared CI machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _model(seed=0):
     torch.manual_seed(seed)
     return randomize_bn(resnet_fused.resnet18(num_classes=10)).eval()

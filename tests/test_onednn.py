@@ -21,6 +21,19 @@ REASON = backends.unavailable_reason("onednn", CPU)
 needs_onednn = pytest.mark.skipif(REASON is not None, reason=f"onednn unavailable: {REASON}")
 
 
+@pytest.fixture(autouse=True)
+def _threads(request):
+    """One intra-op thread for the small cases (fast on a shared machine); the model test keeps
+    the default thread count so that oneDNN's multi-threaded kernels are covered too."""
+    if request.node.name.startswith("test_model_parity"):
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _case(cin, cout, k, stride, padding, dilation, groups, hw, n=2, seed=0):
     """A conv + randomised BN, folded to scale/shift in fp32."""
     torch.manual_seed(seed)
