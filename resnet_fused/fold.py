@@ -5,7 +5,8 @@ fold(conv, bn, dtype, backend) -> (weight, scale, shift): the conv weight in `dt
 
 The cache is never stale: an entry remembers the exact tensors it was built from (it holds a
 detached alias, so their memory cannot be reused by another tensor) and their version counters;
-an optimizer step, load_state_dict, .to()/.half() or a running-stat update changes one of them.
+an optimizer step, load_state_dict, .to()/.half() or a training forward (num_batches_tracked)
+changes one of them.
 The cache lives here, in a weak dict keyed by the conv module, so it is not in the state_dict,
 and deepcopy/pickle of a model never carry it.
 """
@@ -36,7 +37,10 @@ def foldable(bn: nn.Module) -> bool:
 
 
 def _sources(conv: nn.Conv2d, bn: nn.Module) -> Tuple[Optional[torch.Tensor], ...]:
-    return (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+    # num_batches_tracked: stock BatchNorm's kernels update running_mean/var in place without
+    # bumping their version counters, but every training forward increments this counter.
+    return (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+            getattr(bn, "num_batches_tracked", None))
 
 
 def fold_scale_shift(conv: nn.Conv2d, bn: nn.Module,
@@ -73,10 +77,10 @@ class _Entry(NamedTuple):
 _cache: "weakref.WeakKeyDictionary[nn.Module, Dict[tuple, _Entry]]" = weakref.WeakKeyDictionary()
 
 
-def _build(conv, bn, dtype, backend) -> Folded:
+def _build(conv, bn, dtype, backend, pack: bool) -> Folded:
     scale, shift = fold_scale_shift(conv, bn, dtype)
     weight = conv.weight.to(dtype)
-    if not torch.compiler.is_compiling():  # traced: backends read any strides; skip packing
+    if pack:  # packing may detach (a backend's private layout); backends read any strides
         weight = backends.pack_weight(backend, weight)
     return Folded(weight, scale, shift)
 
@@ -87,14 +91,14 @@ def fold(conv: nn.Conv2d, bn: nn.Module, dtype: torch.dtype, backend: str) -> Fo
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                                  for t in sources)
     if needs_grad or torch.compiler.is_compiling():
-        return _build(conv, bn, dtype, backend)  # part of the autograd / compiled graph
+        return _build(conv, bn, dtype, backend, pack=False)  # part of the autograd/traced graph
     # Tensors made under inference_mode cannot be saved for backward later: keep them apart.
     key = (conv.weight.device, dtype, backend, torch.is_inference_mode_enabled())
     entries = _cache.setdefault(conv, {})
     entry = entries.get(key)
     if entry is None or not entry.fresh(sources):
         with torch.no_grad():
-            folded = _build(conv, bn, dtype, backend)
+            folded = _build(conv, bn, dtype, backend, pack=True)
         entry = _Entry(tuple(None if t is None else t.detach() for t in sources),
                        tuple(0 if t is None else t._version for t in sources), folded)
         entries[key] = entry

@@ -9,7 +9,7 @@ import torchvision
 from torch import nn
 
 import resnet_fused
-from numerics import assert_within_rule, max_err, randomize_bn
+from numerics import assert_within_rule, max_err, randomize_bn, stock_outputs
 
 BUILDERS = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
             "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2"]
@@ -70,10 +70,12 @@ def test_eval_parity(pair, size):
         for channels_last in (False, True):
             x64 = _input(size, torch.float64, channels_last)
             ref = theirs64(x64)
-            rel = max_err(ours64(x64), ref) / ref.abs().max().item()
-            assert rel <= 1e-10, f"fp64 relative error {rel:.2e}"
+            # fp64 is the slow part on CPU: one layout per size, the other layout at the other size.
+            if channels_last == (size == SIZES[1]):
+                rel = max_err(ours64(x64), ref) / ref.abs().max().item()
+                assert rel <= 1e-10, f"fp64 relative error {rel:.2e}"
             x32 = x64.float()
-            assert_within_rule(ours(x32), theirs(x32), ref, torch.float32)
+            assert_within_rule(ours(x32), stock_outputs(theirs, x32), ref, torch.float32)
 
 
 def _train_steps(model, x, target, steps):
@@ -168,12 +170,12 @@ def test_fuse_shares_tensors_and_matches(pair):
     x = _input((64, 64), torch.float32, channels_last=False)
     with torch.no_grad():
         ref = copy.deepcopy(tv).double()(x.double())
-        assert_within_rule(fused(x), tv(x), ref, torch.float32)
+        assert_within_rule(fused(x), stock_outputs(tv, x), ref, torch.float32)
         # A change to the torchvision model is seen by the fused one (shared, not copied).
         tv.fc.bias.add_(1.0)
         tv.layer1[0].bn1.running_var.mul_(3.0)
         ref = copy.deepcopy(tv).double()(x.double())
-        assert_within_rule(fused(x), tv(x), ref, torch.float32)
+        assert_within_rule(fused(x), stock_outputs(tv, x), ref, torch.float32)
 
 
 def test_fuse_rejects_other_models():
