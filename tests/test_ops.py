@@ -86,9 +86,8 @@ def test_opcheck(residual):
 
 
 def test_gradcheck():
-    x, w, scale, shift, res, conv = _make(CASES[5], torch.float64, True)
-    x, w, scale, shift, res = (t[..., :4, :4] if t.dim() == 4 and t is not w else t
-                               for t in (x, w, scale, shift, res))
+    # Grouped 3x3 with a residual, kept tiny: gradcheck differentiates numerically per element.
+    x, w, scale, shift, res, conv = _make((4, 4, 3, 1, 1, 1, 2, 3, 4), torch.float64, True)
     inputs = [t.detach().requires_grad_() for t in (x, w, scale, shift, res)]
     with resnet_fused.backend("torch"):
         assert torch.autograd.gradcheck(
