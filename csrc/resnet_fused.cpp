@@ -1,0 +1,64 @@
+// The resnet_fused operator library: every schema is declared once, here.
+// Implementations: cpu/bn_act.cpp (CPU) and cuda/bn_act.cu (CUDA, when built with nvcc).
+// Fake (meta) kernels and autograd formulas are registered in Python: resnet_fused/extension.py.
+//
+// This file is also the Python module `resnet_fused._C`: importing it loads the library (which
+// registers the ops) and exposes what was built, for `python -m resnet_fused info`.
+#include <Python.h>
+#include <torch/library.h>
+
+#if __has_include("resnet_fused_build_info.h")  // written by setup.py
+#include "resnet_fused_build_info.h"
+#endif
+#ifndef RESNET_FUSED_CUDA_ARCHS
+#define RESNET_FUSED_CUDA_ARCHS ""
+#endif
+#ifndef RESNET_FUSED_TORCH_VERSION
+#define RESNET_FUSED_TORCH_VERSION ""
+#endif
+#ifndef RESNET_FUSED_CUDA_VERSION
+#define RESNET_FUSED_CUDA_VERSION ""
+#endif
+
+TORCH_LIBRARY(resnet_fused, m) {
+  // Training-mode BatchNorm2d (+ residual) (+ ReLU), functional:
+  //   out = relu?((x - mean) * invstd * weight + bias + residual), batch statistics per channel
+  //   (biased variance for normalising), fp32 (fp64 for fp64 x).
+  //   new_running_* = (1 - momentum) * running_* + momentum * batch stat (unbiased variance);
+  //   empty when running stats are None. The caller copies them into its buffers.
+  m.def(
+      "bn_act_train(Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, "
+      "Tensor? running_mean, Tensor? running_var, float momentum, float eps, bool relu) -> "
+      "(Tensor out, Tensor save_mean, Tensor save_invstd, Tensor new_running_mean, "
+      "Tensor new_running_var)");
+  // Its backward. `out` (the forward output) gives the ReLU mask; grad_residual (the masked
+  // grad) is written only when relu and grad_residual, else it is empty. grad_weight/grad_bias
+  // are in x's arithmetic dtype (fp32, fp64 for fp64).
+  m.def(
+      "bn_act_train_backward(Tensor grad_out, Tensor x, Tensor? weight, Tensor? out, "
+      "Tensor save_mean, Tensor save_invstd, bool relu, bool grad_residual) -> "
+      "(Tensor grad_x, Tensor grad_weight, Tensor grad_bias, Tensor grad_residual)");
+  // out = relu?(x * scale[c] + shift[c] + residual): the conv_bn_act epilogue.
+  m.def("scale_shift_act(Tensor x, Tensor scale, Tensor shift, Tensor? residual, bool relu) -> "
+        "Tensor");
+}
+
+extern "C" PyObject* PyInit__C(void) {
+  static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C",
+                                   "resnet_fused operator library (loads the ops)", -1, nullptr};
+  PyObject* module = PyModule_Create(&module_def);
+  if (module == nullptr) return nullptr;
+#ifdef RESNET_FUSED_WITH_CUDA
+  const long with_cuda = 1;
+#else
+  const long with_cuda = 0;
+#endif
+  if (PyModule_AddIntConstant(module, "with_cuda", with_cuda) < 0 ||
+      PyModule_AddStringConstant(module, "cuda_archs", RESNET_FUSED_CUDA_ARCHS) < 0 ||
+      PyModule_AddStringConstant(module, "cuda_version", RESNET_FUSED_CUDA_VERSION) < 0 ||
+      PyModule_AddStringConstant(module, "torch_version", RESNET_FUSED_TORCH_VERSION) < 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
+}

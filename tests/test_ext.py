@@ -1,0 +1,482 @@
+"""The compiled extension (csrc/): the build itself, bn_act_train (+ backward) and scale_shift_act
+against float64 references on odd shapes and both layouts, gradcheck, opcheck, bad input, and the
+package without the extension."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import resnet_fused
+from resnet_fused import extension
+from numerics import assert_within_rule, max_err
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SKIP_BUILD = os.environ.get("RESNET_FUSED_NO_EXT", "").strip().lower() in ("1", "true", "yes", "on")
+pytestmark = pytest.mark.skipif(
+    SKIP_BUILD or not extension.available(),
+    reason=f"extension not available: {extension.unavailable_reason()}")
+
+ops = torch.ops.resnet_fused
+DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and extension.available("cuda") else [])
+# (N, C, H, W): C not a multiple of the vector width (8 fp32 / 4 fp64 lanes), batch 1, 1x1 maps,
+# one channel, and some full vectors.
+SHAPES = [(1, 3, 5, 7), (2, 13, 1, 1), (1, 1, 3, 3), (3, 17, 4, 5), (2, 9, 3, 1), (2, 16, 3, 3)]
+LAYOUTS = [torch.contiguous_format, torch.channels_last]
+
+
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _bn_inputs(shape, dtype, param_dtype, residual, device="cpu", seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    n, c, h, w = shape
+    # Per-channel offsets and scales over a wide range: a centred unit input hides bugs.
+    x = (torch.randn(shape, generator=gen) * (torch.rand(c, 1, 1, generator=gen) * 3 + 0.1)
+         + torch.randn(c, 1, 1, generator=gen) * 2)
+    weight = torch.rand(c, generator=gen) * 1.5 + 0.25
+    bias = torch.randn(c, generator=gen) * 0.5
+    res = torch.randn(shape, generator=gen) if residual else None
+    rm = torch.randn(c, generator=gen) * 0.5
+    rv = 10 ** (torch.rand(c, generator=gen) * 4 - 3)
+    cast = lambda t, d: None if t is None else t.to(device=device, dtype=d)  # noqa: E731
+    return (cast(x, dtype), cast(weight, param_dtype), cast(bias, param_dtype), cast(res, dtype),
+            cast(rm, param_dtype), cast(rv, param_dtype))
+
+
+def _bn_stock(x, weight, bias, residual, rm, rv, momentum, eps, relu):
+    """Stock torch, same dtype: F.batch_norm (+ residual) (+ relu); returns (out, rm, rv)."""
+    rm = None if rm is None else rm.clone()
+    rv = None if rv is None else rv.clone()
+    out = F.batch_norm(x, rm, rv, weight, bias, True, momentum, eps)
+    if residual is not None:
+        out = out + residual
+    return (torch.relu(out) if relu else out), rm, rv
+
+
+def _double(*ts):
+    return [None if t is None else t.detach().double().requires_grad_(t.requires_grad) for t in ts]
+
+
+def _fmt(t, fmt):
+    return None if t is None else t.contiguous(memory_format=fmt)
+
+
+# ---- build ------------------------------------------------------------------------------------
+def _cuda_toolchain_matches() -> bool:
+    """Whether setup.py must have built CUDA kernels here (torch with CUDA + matching nvcc)."""
+    if not torch.version.cuda or os.environ.get("RESNET_FUSED_NO_CUDA"):
+        return False
+    home = os.environ.get("CUDA_HOME") or "/usr/local/cuda"
+    nvcc = os.path.join(home, "bin", "nvcc")
+    if not os.path.isfile(nvcc):
+        nvcc = shutil.which("nvcc")
+    if not nvcc:
+        return False
+    try:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except OSError:
+        return False
+    m = re.search(r"release (\d+)\.", out)
+    return bool(m) and m.group(1) == torch.version.cuda.split(".")[0]
+
+
+def test_library_is_in_the_package_and_reports_itself():
+    module = extension.load()
+    assert os.path.dirname(module.__file__) == os.path.dirname(resnet_fused.__file__)
+    assert module.torch_version == torch.__version__
+    status = extension.status()
+    assert status.startswith("built: ") and module.__file__ in status
+
+
+@pytest.mark.skipif(not _cuda_toolchain_matches(), reason="no CUDA toolkit matching torch here")
+def test_cuda_objects_built_for_sm80_and_sm90():
+    """CI compiles the .cu sources: a CUDA toolchain present means CUDA kernels in the build,
+    with SASS for sm_80 and sm_90 (unless TORCH_CUDA_ARCH_LIST asked for something else)."""
+    module = extension.load()
+    assert module.with_cuda, extension.status()
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        assert {"sm_80", "sm_90"} <= set(extension.built_archs()), extension.status()
+
+
+def test_arch_compatibility_rule():
+    archs = ("sm_80", "sm_90", "compute_90")
+    assert extension._runs_on((8, 0), archs) and extension._runs_on((8, 6), archs)
+    assert extension._runs_on((9, 0), archs) and extension._runs_on((10, 0), archs)  # PTX JIT
+    assert not extension._runs_on((7, 5), archs)
+    assert not extension._runs_on((10, 0), ("sm_80", "sm_90"))
+
+
+# ---- bn_act_train: forward, running stats, backward vs float64 ----------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("fmt", LAYOUTS, ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("residual,relu", [(True, True), (False, True), (False, False)])
+def test_bn_act_train_matches_float64(device, shape, fmt, dtype, residual, relu):
+    reduced = dtype in (torch.float16, torch.bfloat16)
+    param_dtype = torch.float32 if reduced and shape[1] % 2 else dtype  # mixed and pure
+    x, w, b, res, rm, rv = _bn_inputs(shape, dtype, param_dtype, residual, device)
+    x, res = _fmt(x, fmt), _fmt(res, fmt)
+    momentum, eps = 0.3, 1e-5
+    leaves = [t.requires_grad_() for t in (x, w, b, res) if t is not None]
+
+    out, mean, invstd, new_rm, new_rv = ops.bn_act_train(x, w, b, res, rm, rv, momentum, eps, relu)
+    assert out.dtype == dtype and out.shape == x.shape
+    assert out.is_contiguous(memory_format=torch.channels_last if not x.is_contiguous()
+                             else torch.contiguous_format)
+    assert mean.dtype == invstd.dtype == _acc(dtype)
+    assert new_rm.dtype == new_rv.dtype == param_dtype
+
+    xd, wd, bd, resd = _double(x, w, b, res)
+    ref, ref_rm, ref_rv = _bn_stock(xd, wd, bd, resd, rm.double(), rv.double(), momentum, eps, relu)
+    stock, stock_rm, stock_rv = _bn_stock(x, w, b, res, rm, rv, momentum, eps, relu)
+    _, ref_mean, ref_invstd = torch.native_batch_norm(xd.detach(), None, None, None, None, True,
+                                                      momentum, eps)
+    _, stock_mean, stock_invstd = torch.native_batch_norm(x.detach(), None, None, None, None,
+                                                          True, momentum, eps)
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(device, dtype)
+    got = torch.autograd.grad(out, leaves, grad)
+    want = torch.autograd.grad(ref, [t for t in (xd, wd, bd, resd) if t is not None],
+                               grad.double())
+    stock_grads = torch.autograd.grad(stock, leaves, grad)
+
+    pairs = [("out", out, stock, ref), ("mean", mean, stock_mean, ref_mean),
+             ("invstd", invstd, stock_invstd, ref_invstd), ("running_mean", new_rm, stock_rm, ref_rm),
+             ("running_var", new_rv, stock_rv, ref_rv)]
+    pairs += [(f"grad{i}", g, s, r) for i, (g, s, r) in enumerate(zip(got, stock_grads, want))]
+    for name, fused, stock_t, ref_t in pairs:
+        if dtype == torch.float64:
+            scale = max(1.0, ref_t.abs().max().item())
+            assert max_err(fused, ref_t) <= 1e-10 * scale, name
+        else:
+            # fp32 statistics of low-precision input are as exact as the fp32 reference
+            rule_dtype = _acc(dtype) if name in ("mean", "invstd") or fused.dtype == torch.float32 \
+                else dtype
+            try:
+                assert_within_rule(fused, stock_t, ref_t, rule_dtype)
+            except AssertionError as e:
+                raise AssertionError(f"{name}: {e}") from None
+    grad_res_index = 3 if residual else None
+    if grad_res_index is not None:  # the residual's grad is the masked grad, exactly
+        assert got[grad_res_index].dtype == dtype
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fmt", LAYOUTS, ids=["nchw", "nhwc"])
+def test_bn_act_train_without_affine_or_running_stats(device, fmt):
+    x, *_ = _bn_inputs((2, 7, 3, 4), torch.float64, torch.float64, False, device)
+    x = x.contiguous(memory_format=fmt).requires_grad_()
+    out, mean, invstd, new_rm, new_rv = ops.bn_act_train(x, None, None, None, None, None, 0.1,
+                                                         1e-3, True)
+    assert new_rm.numel() == 0 and new_rv.numel() == 0
+    ref = torch.relu(F.batch_norm(x, None, None, None, None, True, 0.1, 1e-3))
+    assert max_err(out, ref) <= 1e-12
+    g = torch.randn_like(out)
+    assert max_err(torch.autograd.grad(out, x, g)[0], torch.autograd.grad(ref, x, g)[0]) <= 1e-12
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bn_act_train_large_channel_mean(device):
+    """|mean| >> std: the corrected two-pass statistics stay accurate in fp32."""
+    gen = torch.Generator().manual_seed(3)
+    x = (torch.randn(4, 5, 16, 16, generator=gen) * 1e-2 + 300).to(device)
+    out, mean, invstd, _, _ = ops.bn_act_train(x, None, None, None, None, None, 0.1, 1e-5, False)
+    ref = F.batch_norm(x.double(), None, None, None, None, True, 0.1, 1e-5)
+    stock = F.batch_norm(x, None, None, None, None, True, 0.1, 1e-5)
+    assert_within_rule(out, stock, ref, torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fmt", LAYOUTS, ids=["nchw", "nhwc"])
+def test_bn_act_train_many_chunks(device, fmt):
+    """Enough rows for several parallel chunks in both layouts (and several CUDA blocks)."""
+    x, w, b, res, rm, rv = _bn_inputs((8, 24, 40, 40), torch.float64, torch.float64, True, device)
+    x, res = _fmt(x, fmt), _fmt(res, fmt)
+    out, _, _, new_rm, new_rv = ops.bn_act_train(x, w, b, res, rm, rv, 0.1, 1e-5, True)
+    ref, ref_rm, ref_rv = _bn_stock(x, w, b, res, rm, rv, 0.1, 1e-5, True)
+    for got, want in ((out, ref), (new_rm, ref_rm), (new_rv, ref_rv)):
+        assert max_err(got, want) <= 1e-12 * max(1.0, want.abs().max().item())
+
+
+def test_bn_act_train_is_deterministic():
+    x, w, b, res, rm, rv = _bn_inputs((4, 24, 30, 30), torch.float32, torch.float32, True)
+    first = ops.bn_act_train(x, w, b, res, rm, rv, 0.1, 1e-5, True)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        second = ops.bn_act_train(x, w, b, res, rm, rv, 0.1, 1e-5, True)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b_ in zip(first, second):
+        assert torch.equal(a, b_)
+
+
+def test_relu_mask_follows_torch_for_nan():
+    """torch.relu keeps NaN and threshold_backward passes the grad at NaN outputs."""
+    x = torch.tensor([[[[1.0, -2.0, float("nan"), 4.0]]]]).repeat(1, 2, 1, 1).double()
+    x.requires_grad_()
+    out = ops.bn_act_train(x, None, None, None, None, None, 0.1, 1e-5, True)[0]
+    assert torch.isnan(out).all()  # NaN in the stats poisons the channel, as stock
+    y = ops.scale_shift_act(x, torch.ones(2, dtype=torch.float64),
+                            torch.zeros(2, dtype=torch.float64), None, True)
+    ref = torch.relu(x)
+    assert torch.equal(torch.isnan(y), torch.isnan(ref)) and y[~torch.isnan(y)].eq(
+        ref[~torch.isnan(ref)]).all()
+
+
+# ---- scale_shift_act ---------------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("fmt", LAYOUTS, ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("residual,relu", [(True, True), (False, True), (False, False)])
+def test_scale_shift_act_matches_float64(device, shape, fmt, dtype, residual, relu):
+    gen = torch.Generator().manual_seed(2)
+    c = shape[1]
+    x = torch.randn(shape, generator=gen).to(device, dtype).contiguous(memory_format=fmt)
+    res = (torch.randn(shape, generator=gen).to(device, dtype).contiguous(memory_format=fmt)
+           if residual else None)
+    scale = (torch.rand(c, generator=gen) * 2 - 0.5).to(device, _acc(dtype))
+    shift = torch.randn(c, generator=gen).to(device, _acc(dtype))
+    out = ops.scale_shift_act(x, scale, shift, res, relu)
+    v = lambda t: t.view(1, -1, 1, 1)  # noqa: E731
+    ref = x.double() * v(scale.double()) + v(shift.double())
+    stock = x * v(scale.to(dtype)) + v(shift.to(dtype))
+    if residual:
+        ref, stock = ref + res.double(), stock + res
+    if relu:
+        ref, stock = torch.relu(ref), torch.relu(stock)
+    assert out.dtype == dtype and out.shape == x.shape
+    if dtype == torch.float64:
+        assert max_err(out, ref) <= 1e-14 * max(1.0, ref.abs().max().item())
+    else:
+        assert_within_rule(out, stock, ref, dtype)
+
+
+@pytest.mark.skipif("cuda" not in DEVICES, reason="needs a GPU and CUDA kernels")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("fmt", LAYOUTS, ids=["nchw", "nhwc"])
+def test_cuda_vectorised_and_misaligned_paths_agree(dtype, fmt):
+    """16-byte vector path (aligned, C or H*W a multiple of the width) vs the scalar path (a
+    storage offset of one element): same numbers as the CPU kernels."""
+    gen = torch.Generator().manual_seed(4)
+    shape = (4, 64, 8, 8)
+    base = torch.randn(torch.Size(shape).numel() + 1, generator=gen).to("cuda", dtype)
+    aligned = base[:-1].view(shape)
+    misaligned = base[1:].view(shape)
+    if fmt == torch.channels_last:
+        aligned = aligned.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+        misaligned = base[1:].view(4, 8, 8, 64).permute(0, 3, 1, 2)
+    scale = torch.rand(64, generator=gen).to("cuda", _acc(dtype))
+    shift = torch.randn(64, generator=gen).to("cuda", _acc(dtype))
+    for x in (aligned, misaligned):
+        got = ops.scale_shift_act(x, scale, shift, x, True)
+        want = ops.scale_shift_act(x.cpu(), scale.cpu(), shift.cpu(), x.cpu(), True)
+        assert max_err(got, want) <= (1e-12 if dtype == torch.float64 else 1e-6 if
+                                      dtype == torch.float32 else 1e-2)
+        got = ops.bn_act_train(x, None, None, x, None, None, 0.1, 1e-5, True)[0]
+        want = ops.bn_act_train(x.cpu(), None, None, x.cpu(), None, None, 0.1, 1e-5, True)[0]
+        assert max_err(got, want) <= (1e-10 if dtype == torch.float64 else 1e-4 if
+                                      dtype == torch.float32 else 5e-2)
+
+
+# ---- gradcheck and opcheck ---------------------------------------------------------------------
+@pytest.mark.parametrize("fmt", LAYOUTS, ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("residual,relu,affine", [(True, True, True), (False, False, True),
+                                                  (False, True, False)])
+def test_gradcheck_bn_act_train(fmt, residual, relu, affine):
+    x, w, b, res, rm, rv = _bn_inputs((3, 5, 2, 3), torch.float64, torch.float64, residual)
+    # keep pre-activations away from the ReLU kink, where finite differences are meaningless
+    x, res = _fmt(x, fmt), _fmt(res, fmt)
+    inputs = [x.requires_grad_(), w.requires_grad_() if affine else None,
+              b.requires_grad_() if affine else None,
+              res.requires_grad_() if res is not None else None]
+
+    def f(x, w, b, res):
+        return ops.bn_act_train(x, w, b, res, rm, rv, 0.1, 1e-5, relu)[0]
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("fmt", LAYOUTS, ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("residual,relu", [(True, True), (False, False)])
+def test_gradcheck_scale_shift_act(fmt, residual, relu):
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 3, 2, 3, generator=gen, dtype=torch.float64).contiguous(memory_format=fmt)
+    res = torch.randn_like(x) if residual else None
+    scale = torch.rand(3, generator=gen, dtype=torch.float64) + 0.5
+    shift = torch.randn(3, generator=gen, dtype=torch.float64)
+    inputs = [t.requires_grad_() if t is not None else None for t in (x, scale, shift, res)]
+
+    def f(x, scale, shift, res):
+        return ops.scale_shift_act(x, scale, shift, res, relu)
+    assert torch.autograd.gradcheck(f, inputs)
+
+
+def test_double_backward_raises_clearly():
+    x, w, b, *_ = _bn_inputs((2, 3, 2, 2), torch.float64, torch.float64, False)
+    x.requires_grad_()
+    out = ops.bn_act_train(x, w, b, None, None, None, 0.1, 1e-5, True)[0]
+    (g,) = torch.autograd.grad(out.sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        g.sum().backward()
+
+
+@pytest.mark.parametrize("fmt", LAYOUTS, ids=["nchw", "nhwc"])
+def test_opcheck_bn_act_train(fmt):
+    x, w, b, res, rm, rv = _bn_inputs((2, 5, 3, 3), torch.float32, torch.float32, True)
+    x, res = _fmt(x, fmt).requires_grad_(), _fmt(res, fmt).requires_grad_()
+    torch.library.opcheck(ops.bn_act_train.default,
+                          (x, w.requires_grad_(), b.requires_grad_(), res, rm, rv, 0.1, 1e-5, True))
+    torch.library.opcheck(ops.bn_act_train.default,
+                          (x.detach().half(), None, None, None, None, None, 0.1, 1e-5, False))
+
+
+@pytest.mark.parametrize("fmt", LAYOUTS, ids=["nchw", "nhwc"])
+def test_opcheck_bn_act_train_backward(fmt):
+    x, w, b, res, rm, rv = _bn_inputs((2, 5, 3, 3), torch.float32, torch.float32, True)
+    x, res = _fmt(x, fmt), _fmt(res, fmt)
+    out, mean, invstd, _, _ = ops.bn_act_train(x, w, b, res, rm, rv, 0.1, 1e-5, True)
+    grad = torch.randn_like(out)
+    torch.library.opcheck(ops.bn_act_train_backward.default,
+                          (grad, x, w, out, mean, invstd, True, True))
+    torch.library.opcheck(ops.bn_act_train_backward.default,
+                          (grad, x, None, None, mean, invstd, False, False))
+
+
+@pytest.mark.parametrize("fmt", LAYOUTS, ids=["nchw", "nhwc"])
+def test_opcheck_scale_shift_act(fmt):
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 5, 3, 3, generator=gen).contiguous(memory_format=fmt)
+    scale, shift = torch.rand(5, generator=gen), torch.randn(5, generator=gen)
+    torch.library.opcheck(ops.scale_shift_act.default,
+                          (x.requires_grad_(), scale.requires_grad_(), shift.requires_grad_(),
+                           torch.randn_like(x).requires_grad_(), True))
+    torch.library.opcheck(ops.scale_shift_act.default,
+                          (x.detach().to(torch.bfloat16), scale.detach(), shift.detach(), None,
+                           False))
+
+
+def test_bn_act_train_under_torch_compile():
+    x, w, b, res, rm, rv = _bn_inputs((2, 6, 4, 4), torch.float32, torch.float32, True)
+
+    def f(x, w, b, res):
+        return ops.bn_act_train(x, w, b, res, rm, rv, 0.1, 1e-5, True)[0].sum()
+    args = [t.requires_grad_() for t in (x, w, b, res)]
+    eager = torch.autograd.grad(f(*args), args)
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    got = torch.autograd.grad(compiled(*args), args)
+    for a, e in zip(got, eager):
+        assert torch.allclose(a, e, rtol=1e-5, atol=1e-6)
+
+
+# ---- bad input: clear C++ errors naming expected and got --------------------------------------
+def _bad_bn_cases():
+    x, w, b, res, rm, rv = _bn_inputs((2, 4, 3, 3), torch.float32, torch.float32, True)
+    base = dict(x=x, weight=w, bias=b, residual=res, running_mean=rm, running_var=rv)
+    nhwc = x.contiguous(memory_format=torch.channels_last)
+    return [
+        (dict(x=x[0]), r"expected x of shape \(N, C, H, W\) \(4-D\), got a 3-D tensor"),
+        (dict(x=x.int()), r"expected x of dtype Half, BFloat16, Float or Double, got Int"),
+        (dict(x=x.transpose(1, 2)), r"expected x dense in NCHW .* or NHWC .* got shape"),
+        (dict(weight=w[:3]), r"expected weight of shape \[4\] .* got \[3\]"),
+        (dict(bias=b.double()), r"expected bias of dtype Float \(the dtype of weight\), got Double"),
+        (dict(weight=w.half()), r"expected weight of dtype Float for Float x, got Half"),
+        (dict(residual=res[:, :, :2]), r"expected residual of shape \[2, 4, 3, 3\] .* got "
+                                       r"\[2, 4, 2, 3\]"),
+        (dict(residual=res.double()), r"expected residual of dtype Float .* got Double"),
+        (dict(x=nhwc), r"expected residual in x's layout NHWC \(channels_last\), got strides"),
+        (dict(running_var=None), r"expected running_mean and running_var both given or both "
+                                 r"None, got running_mean only"),
+        (dict(running_mean=rm[::2]), r"expected running_mean of shape \[4\] .* got \[2\]"),
+        (dict(x=x[:1, :, :1, :1].contiguous(), residual=None), r"expected more than 1 value per channel when "
+                                                  r"training, got input of shape \[1, 4, 1, 1\]"),
+    ], base
+
+
+@pytest.mark.parametrize("index", range(len(_bad_bn_cases()[0])))
+def test_bn_act_train_bad_input(index):
+    cases, base = _bad_bn_cases()
+    change, message = cases[index]
+    args = {**base, **change}
+    with pytest.raises(RuntimeError, match="bn_act_train: " + message):
+        ops.bn_act_train(args["x"], args["weight"], args["bias"], args["residual"],
+                         args["running_mean"], args["running_var"], 0.1, 1e-5, True)
+
+
+def test_backward_and_epilogue_bad_input():
+    x, w, b, res, rm, rv = _bn_inputs((2, 4, 3, 3), torch.float32, torch.float32, False)
+    out, mean, invstd, _, _ = ops.bn_act_train(x, w, b, None, rm, rv, 0.1, 1e-5, True)
+    g = torch.randn_like(out)
+    bwd = ops.bn_act_train_backward
+    with pytest.raises(RuntimeError, match=r"expected grad_out of shape \[2, 4, 3, 3\] .*got "
+                                           r"\[2, 4, 3, 2\]"):
+        bwd(g[..., :2], x, w, out, mean, invstd, True, False)
+    with pytest.raises(RuntimeError, match=r"expected grad_out in x's layout NCHW"):
+        bwd(g.contiguous(memory_format=torch.channels_last), x, w, out, mean, invstd, True, False)
+    with pytest.raises(RuntimeError, match=r"expected the forward output `out` .* got None"):
+        bwd(g, x, w, None, mean, invstd, True, False)
+    with pytest.raises(RuntimeError, match=r"expected save_mean of dtype Float for Float x, "
+                                           r"got Double"):
+        bwd(g, x, w, out, mean.double(), invstd, True, False)
+    ssa = ops.scale_shift_act
+    with pytest.raises(RuntimeError, match=r"expected scale of dtype Float for Half x, got Half"):
+        ssa(x.half(), w.half(), b, None, True)
+    with pytest.raises(RuntimeError, match=r"expected shift of shape \[4\] .* got \[5\]"):
+        ssa(x, w, torch.zeros(5), None, True)
+    with pytest.raises(RuntimeError, match=r"expected shift contiguous, got strides"):
+        ssa(x, w, torch.zeros(8)[::2], None, True)
+
+
+@pytest.mark.skipif("cuda" not in DEVICES, reason="needs a GPU and CUDA kernels")
+def test_device_mismatch_raises():
+    x, w, b, res, rm, rv = _bn_inputs((2, 4, 3, 3), torch.float32, torch.float32, True, "cuda")
+    with pytest.raises(RuntimeError, match=r"expected weight on device cuda:0 .* got cpu"):
+        ops.bn_act_train(x, w.cpu(), b, res, rm, rv, 0.1, 1e-5, True)
+    with pytest.raises(RuntimeError, match=r"expected residual on device cuda:0 .* got cpu"):
+        ops.scale_shift_act(x, w, b, res.cpu(), True)
+
+
+# ---- the package without the extension ---------------------------------------------------------
+def test_package_works_without_the_extension():
+    """With resnet_fused._C missing, import, status, backends, eval and a training step all work
+    (stock BN in train mode) and the `cuda` backend says why it is unavailable."""
+    script = textwrap.dedent("""
+        import importlib.abc, sys
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name == "resnet_fused._C":
+                    raise ImportError("blocked for the test")
+        sys.meta_path.insert(0, Block())
+        import torch, resnet_fused
+        from resnet_fused import backends, extension
+        assert not extension.available(), extension.status()
+        assert extension.status().startswith("not available"), extension.status()
+        print(backends.unavailable_reason("cuda", torch.device("cpu")))
+        m = resnet_fused.resnet18(num_classes=4).train()
+        loss = m(torch.randn(2, 3, 32, 32)).sum()
+        loss.backward()
+        m.eval()(torch.randn(1, 3, 32, 32))
+        print("ok")
+    """)
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=300, env=env, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip().endswith("ok")
+    assert "resnet_fused._C" in run.stdout or "extension" in run.stdout
+
+
+def test_cuda_backend_reports_why_it_cannot_run_on_cpu():
+    from resnet_fused.backends import cuda as cuda_backend
+    reason = cuda_backend.unavailable_reason(torch.device("cpu"))
+    assert reason is not None and "cuda" in reason.lower()
