@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from . import backends
+from . import backends, extension
 from .fold import fold, foldable
 from .ops import conv_bn_act
 
@@ -32,8 +32,13 @@ def fusable(conv: nn.Module, bn: nn.Module) -> bool:
 
 def train_chain(conv: nn.Module, bn: nn.Module, x: torch.Tensor,
                 residual: Optional[torch.Tensor], relu: bool) -> torch.Tensor:
-    """torchvision's own op sequence: conv, bn, += residual, relu."""
-    out = bn(conv(x))
+    """torchvision's semantics: conv, bn, += residual, relu. With a plain nn.BatchNorm2d in
+    training mode and the extension built, BN(+residual)(+ReLU) is one fused bn_act_train
+    (same statistics, running-stat updates and gradients); otherwise the stock op sequence."""
+    y = conv(x)
+    if extension.bn_act_supported(bn, y, residual):
+        return extension.batch_norm_act(bn, y, residual, relu)
+    out = bn(y)
     if residual is not None:
         out = out + residual
     return torch.relu(out) if relu else out

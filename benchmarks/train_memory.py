@@ -1,0 +1,128 @@
+"""Saved-activation memory of one training step: resnet_fused (train mode through the
+extension's bn_act_train) vs torchvision.
+
+What autograd keeps for the backward pass is recorded with saved-tensor hooks during the forward
+pass (CPU, no GPU needed). Two figures per model:
+  * saved:  bytes of every activation tensor autograd saves, counted per save (parameters
+            excluded) -- what the ops ask to keep;
+  * unique: bytes of the distinct storages behind them -- the memory actually held, since one
+            tensor saved by two ops (a ReLU output that the next conv also saves) is stored once.
+With a GPU, the peak of torch.cuda.max_memory_allocated over a forward+backward step is added.
+
+    python benchmarks/train_memory.py [--batch 8] [--size 224] [--dtype float32]
+writes benchmarks/results/train_memory.{json,md}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+
+import torch
+import torchvision
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import resnet_fused  # noqa: E402
+from resnet_fused import extension  # noqa: E402
+
+RESULTS = os.path.join(ROOT, "benchmarks", "results")
+
+
+def saved_activation_bytes(model: torch.nn.Module, x: torch.Tensor) -> dict:
+    params = {p.data_ptr() for p in model.parameters()}
+    saved = 0
+    count = 0
+    storages = {}
+
+    def pack(t: torch.Tensor):
+        nonlocal saved, count
+        if t.data_ptr() not in params:
+            saved += t.numel() * t.element_size()
+            count += 1
+            s = t.untyped_storage()
+            storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(x)
+    del out
+    return {"saved_bytes": saved, "saved_tensors": count, "unique_bytes": sum(storages.values()),
+            "unique_storages": len(storages)}
+
+
+def cuda_peak_bytes(model: torch.nn.Module, x: torch.Tensor) -> int:
+    model, x = model.cuda(), x.cuda()
+    model(x).sum().backward()  # warm-up (cuDNN workspaces, allocator)
+    model.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    model(x).sum().backward()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    model.zero_grad(set_to_none=True)
+    return peak
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"])
+    parser.add_argument("--out", default=RESULTS)
+    args = parser.parse_args(argv)
+    reason = extension.unavailable_reason(torch.device("cpu"))
+    if reason is not None:
+        print(f"the extension is unavailable ({reason}): 'ours' would run stock BN",
+              file=sys.stderr)
+        return 1
+    dtype = getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    models = {"resnet_fused": resnet_fused.resnet50(), "torchvision": torchvision.models.resnet50()}
+    x = torch.randn(args.batch, 3, args.size, args.size, dtype=dtype)
+    rows = {}
+    for name, model in models.items():
+        model = model.to(dtype).train()
+        rows[name] = saved_activation_bytes(model, x)
+        if torch.cuda.is_available():
+            rows[name]["cuda_peak_bytes"] = cuda_peak_bytes(model, x)
+    result = {"model": "resnet50", "batch": args.batch, "size": args.size, "dtype": args.dtype,
+              "torch": torch.__version__, "machine": platform.machine(),
+              "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+              "extension": extension.status(), "results": rows}
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "train_memory.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    mib = lambda b: f"{b / 2**20:,.1f} MiB"  # noqa: E731
+    ours, theirs = rows["resnet_fused"], rows["torchvision"]
+    lines = [f"# Saved activations per training step: resnet50, batch {args.batch}, "
+             f"{args.size}x{args.size}, {args.dtype}",
+             "",
+             f"torch {torch.__version__}; {result['device']}; extension: {result['extension']}",
+             "",
+             "| | resnet_fused | torchvision | ours / theirs |",
+             "|---|---:|---:|---:|",
+             f"| saved by the ops (per save) | {mib(ours['saved_bytes'])} "
+             f"({ours['saved_tensors']} tensors) | {mib(theirs['saved_bytes'])} "
+             f"({theirs['saved_tensors']} tensors) | "
+             f"{ours['saved_bytes'] / theirs['saved_bytes']:.3f} |",
+             f"| held (distinct storages) | {mib(ours['unique_bytes'])} "
+             f"({ours['unique_storages']}) | {mib(theirs['unique_bytes'])} "
+             f"({theirs['unique_storages']}) | "
+             f"{ours['unique_bytes'] / theirs['unique_bytes']:.3f} |"]
+    if "cuda_peak_bytes" in ours:
+        lines.append(f"| CUDA peak over a fwd+bwd step | {mib(ours['cuda_peak_bytes'])} | "
+                     f"{mib(theirs['cuda_peak_bytes'])} | "
+                     f"{ours['cuda_peak_bytes'] / theirs['cuda_peak_bytes']:.3f} |")
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(args.out, "train_memory.md"), "w") as f:
+        f.write(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
