@@ -184,6 +184,8 @@ def label(provider: str, device: torch.device) -> str:
             return f"fused (auto -> {backends.auto_choice(device)})"
         auto = " (auto)" if backends.auto_choice(device) == name else ""
         return f"fused [{name}]{auto}"
+    if provider == "fused+graphs":
+        return f"fused + CUDA graphs (auto -> {backends.auto_choice(device)})"
     return LABELS.get(provider, provider)
 
 
@@ -438,6 +440,7 @@ def plot(report: Dict[str, Any], path: str) -> None:
         ax.set_yticks(range(len(rs)), names, fontsize=8)
         ax.invert_yaxis()
         ax.set_xlabel("images/s (higher is better)")
+        ax.set_xlim(0, max(vals + [1e-9]) * 1.2)  # room for the speed-up labels
         ax.set_title(f"batch {batch}, {dtype}")
         for bar, r in zip(bars, rs):
             text = "failed" if "error" in r else (f"{r['speedup_vs_eager']:.2f}x"
