@@ -28,6 +28,8 @@ def report() -> str:
     else:
         devices = [torch.device("cpu")]
         lines.append("device       cpu only (no CUDA device visible)")
+    from . import extension
+    lines.append(f"extension    {extension.status()}")
     lines.append(f"selected     {backends.get_backend()}  (set_backend(), backend(), "
                  f"${backends.ENV_VAR})")
     for device in devices:
