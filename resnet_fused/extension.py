@@ -96,6 +96,9 @@ def _runs_on(cap: Tuple[int, int], archs: Tuple[str, ...]) -> bool:
     return False
 
 
+_capabilities: dict = {}  # CUDA device index -> compute capability (asked once per device)
+
+
 def unavailable_reason(device: Optional[torch.device] = None) -> Optional[str]:
     """None when the extension's ops can run (on `device`, or at all when None), else why not."""
     module = load()
@@ -112,7 +115,10 @@ def unavailable_reason(device: Optional[torch.device] = None) -> Optional[str]:
         return ("it was built without CUDA kernels (CPU only: torch without CUDA, no nvcc "
                 "matching torch's CUDA, or RESNET_FUSED_NO_CUDA); rebuild with nvcc")
     if torch.cuda.is_available():
-        cap = torch.cuda.get_device_capability(device)
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        cap = _capabilities.get(index)
+        if cap is None:
+            cap = _capabilities[index] = torch.cuda.get_device_capability(index)
         if not _runs_on(cap, built_archs()):
             return (f"it was built for {','.join(built_archs())}, which cannot run on this "
                     f"sm_{cap[0]}{cap[1]} GPU; rebuild with TORCH_CUDA_ARCH_LIST="
