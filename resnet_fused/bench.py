@@ -6,6 +6,7 @@ For each (batch, dtype) it times every provider on the same weights and the same
   eager_cl       torchvision, channels_last model and input (input converted outside the timing)
   compile        torch.compile(eager_cl model), default mode
   compile_max    torch.compile(eager_cl model, max-autotune + inductor freezing [+ CUDA graphs])
+  jit_ofi        torch.jit.optimize_for_inference(torch.jit.script(model)) (opt-in; deprecated API)
   fused:<name>   resnet_fused with backend <name>, for each backend available here
   fused+graphs   resnet_fused (auto backend) through resnet_fused.cuda_graphs (CUDA only)
 
@@ -38,10 +39,11 @@ from . import backends
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
           "fp64": torch.float64}
-BASE_PROVIDERS = ("eager", "eager_cl", "compile", "compile_max")
+BASE_PROVIDERS = ("eager", "eager_cl", "compile", "compile_max", "jit_ofi")
 LABELS = {"eager": "eager (torchvision, NCHW)", "eager_cl": "eager (channels_last)",
           "compile": "torch.compile (default)",
           "compile_max": "torch.compile (max-autotune, freezing)",
+          "jit_ofi": "torch.jit.optimize_for_inference",
           "fused+graphs": "fused + CUDA graphs"}
 
 
@@ -158,7 +160,7 @@ def expand_providers(spec: Optional[str], device: torch.device) -> List[str]:
         if not p:
             continue
         if p == "all":
-            out += [*BASE_PROVIDERS,
+            out += [*(b for b in BASE_PROVIDERS if b != "jit_ofi"),
                     *(f"fused:{n}" for n in available_fused_backends(device)),
                     *(["fused+graphs"] if device.type == "cuda" else [])]
         elif p == "default":
@@ -204,6 +206,12 @@ def make_runner(provider: str, stock, x: torch.Tensor, device: torch.device) -> 
 
     if provider == "eager":
         return lambda: stock(x)
+    if provider == "jit_ofi":  # deprecated in recent torch, still the CPU reference point
+        import warnings
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            model = torch.jit.optimize_for_inference(torch.jit.script(copy.deepcopy(stock)))
+        return lambda: model(x)
     if provider in ("eager_cl", "compile", "compile_max"):
         model = copy.deepcopy(stock).to(memory_format=torch.channels_last)
         xcl = x.contiguous(memory_format=torch.channels_last)
@@ -435,7 +443,7 @@ def plot(report: Dict[str, Any], path: str) -> None:
         names = [r["label"] for r in rs]
         vals = [r.get("images_per_s", 0.0) for r in rs]
         colors = ["#4c72b0" if r["provider"].startswith("eager") else
-                  "#8172b2" if r["provider"].startswith("compile") else "#dd8452" for r in rs]
+                  "#dd8452" if r["provider"].startswith("fused") else "#8172b2" for r in rs]
         bars = ax.barh(range(len(rs)), vals, color=colors)
         ax.set_yticks(range(len(rs)), names, fontsize=8)
         ax.invert_yaxis()
@@ -465,8 +473,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=None,
                    help="dtypes (default: fp32 on cpu, fp16 on cuda)")
     p.add_argument("--providers", default=None,
-                   help="comma list of: eager, eager_cl, compile, compile_max, fused (every "
-                        "available backend), fused:<backend>, fused+graphs, default, all. "
+                   help="comma list of: eager, eager_cl, compile, compile_max, jit_ofi, fused "
+                        "(every available backend), fused:<backend>, fused+graphs, default, all. "
                         "Default: eager, eager_cl, fused:* (+ compile, fused+graphs on cuda)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="default: cuda if available, else cpu")

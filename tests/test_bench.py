@@ -52,7 +52,7 @@ def test_default_cpu_providers_leave_out_compile():
 def test_bench_cli_json_and_plot(tmp_path, capsys):
     js, png = tmp_path / "b.json", tmp_path / "b.png"
     rc = main(["bench", "--arch", "resnet18", "--batch", "1", "2", "--size", "32", "--device",
-               "cpu", "--providers", "eager,eager_cl,fused,fused+graphs", "--warmup", "0",
+               "cpu", "--providers", "eager,eager_cl,jit_ofi,fused,fused+graphs", "--warmup", "0",
                "--min-reps", "2", "--min-time", "0", "--quiet", "--json", str(js),
                "--plot", str(png)])
     assert rc == 0
@@ -61,7 +61,7 @@ def test_bench_cli_json_and_plot(tmp_path, capsys):
     assert meta["device"] == "cpu" and meta["versions"]["torch"] == torch.__version__
     assert meta["auto_backend"] == backends.auto_choice(CPU)
     n_fused = len(bench.available_fused_backends(CPU))
-    assert len(rows) == 2 * (3 + n_fused)
+    assert len(rows) == 2 * (4 + n_fused)
     for r in rows:
         if r["provider"] == "fused+graphs":  # CPU: reported as not runnable, not a crash
             assert "CUDA" in r["error"]
