@@ -12,7 +12,7 @@ import resnet_fused
 from resnet_fused import backends
 from resnet_fused.backends import onednn
 from resnet_fused.fold import fold_scale_shift
-from resnet_fused.ops import conv_bn_act
+from resnet_fused.ops import channels_last_strides, conv_bn_act
 
 from numerics import assert_within_rule, conv_bn_act_ref, max_err, randomize_bn
 
@@ -101,6 +101,10 @@ def test_layouts(x_layout, res_layout):
         stock = conv_bn_act(x, conv.weight, scale, shift, residual=res, padding=1)
     assert_within_rule(got, stock, ref, torch.float32)
     assert got.data_ptr() not in (x.data_ptr(), res.data_ptr())
+    # the backend itself returns the contract's layout (no copy needed in ops.py)
+    with torch.no_grad():
+        raw = onednn.conv_bn_act(x, conv.weight, scale, shift, res, [1, 1], [1, 1], [1, 1], 1, True)
+    assert raw.stride() == channels_last_strides(raw.shape)
 
 
 @needs_onednn

@@ -95,8 +95,9 @@ def backend(name: str) -> Iterator[None]:
 
 def auto_choice(device: torch.device) -> str:
     """What 'auto' runs on `device`: the fastest backend usable there."""
-    # CPU: oneDNN's fused conv (fp32; other dtypes it hands to stock) measured ~3x faster than
-    # stock for resnet50 batch 8 on 2 cores (benchmarks/RESULTS.md).
+    # CPU: oneDNN's fused conv (fp32; other dtypes it hands to stock). resnet50 batch 8 fp32,
+    # 2 threads: 1.38-1.42x torchvision eager uncontended, 1.3x the torch backend
+    # (benchmarks/RESULTS.md).
     order = ("triton", "cuda", "torch") if device.type == "cuda" else ("onednn", "torch")
     for name in order:
         if unavailable_reason(name, device) is None:

@@ -149,11 +149,8 @@ def conv_bn_act(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shif
     if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
         return stock.conv_bn_act(x, weight, scale, shift, residual, stride, padding, dilation,
                                  groups, relu)
-    if x.is_contiguous(memory_format=torch.channels_last) or x.is_contiguous():
-        fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and \
-            not x.is_contiguous() else torch.contiguous_format
-    else:
-        x, fmt = x.contiguous(memory_format=torch.channels_last), torch.channels_last
+    # oneDNN's output takes the input's layout; the op contract's output is channels_last.
+    x = x.contiguous(memory_format=torch.channels_last)
     padding, stride, dilation = list(padding), list(stride), list(dilation)
     blocked, bias = _blocked_weight(weight, scale, shift, x.shape, padding, stride, dilation,
                                     groups)
@@ -162,7 +159,7 @@ def conv_bn_act(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shif
         if residual is None:
             return unary(x, blocked, bias, padding, stride, dilation, groups,
                          "relu" if relu else "none", [], None)
-        residual = residual.contiguous(memory_format=fmt)  # match the output's layout
+        residual = residual.contiguous(memory_format=torch.channels_last)  # the output's
         return binary(x, residual, blocked, bias, padding, stride, dilation, groups, "add", None,
                       "relu" if relu else None, [], None)
 
