@@ -133,7 +133,7 @@ RESULTS=${SUITE_RESULTS_DIR:-benchmarks/results}
 mkdir -p "$RESULTS"
 OUTBASE="$RESULTS/$(date -u +%Y-%m-%d)-$GPU"
 [ -e "$OUTBASE.json" ] && OUTBASE="$OUTBASE-$(date -u +%H%M)"
-timeout 60 "$PY" benchmarks/suite_report.py --out "$OUTBASE" --env "$TMP/env.json" \
+timeout 120 "$PY" benchmarks/suite_report.py --out "$OUTBASE" --env "$TMP/env.json" \
   --steps "$STEPS" --tests "$TMP/tests.xml" --bench "$TMP/bench.json" "$TMP/compile.json" \
   --profile "$TMP/profile_1.json" "$TMP/profile_2.json" 2>&1 | tee -a "$LOG"
 [ -f "$TMP/bench.png" ] && cp "$TMP/bench.png" "$OUTBASE.png"

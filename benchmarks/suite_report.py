@@ -1,6 +1,7 @@
 """Merge the GPU suite's pieces into benchmarks/results/<date>-<gpu>.json and .md.
 
-Called by benchmarks/gpu_suite.sh; every input is optional (a step that failed or timed out
+Called by benchmarks/gpu_suite.sh; it imports neither torch nor resnet_fused (fast, and it works
+even where those broke). Every input is optional (a step that failed or timed out
 leaves its file missing or partial, and the report says so). Only numbers found in the inputs are
 written: nothing is estimated here.
 """
@@ -61,7 +62,6 @@ def _tests(path: Optional[str]) -> Optional[Dict[str, Any]]:
 
 
 def _bench_md(report: Dict[str, Any], title: str) -> List[str]:
-    from resnet_fused.bench import format_table
     m = report["meta"]
     lines = [f"## {title}", "",
              f"{m['arch']} {m['image_size']}x{m['image_size']}, {m['device_name']}, "
@@ -79,14 +79,35 @@ def _bench_md(report: Dict[str, Any], title: str) -> List[str]:
         lines.append(f"| {r['batch']} | {r['dtype']} | {r['label']} | {r['median_ms']:.3f} | "
                      f"{r['p20_ms']:.3f} | {r['p80_ms']:.3f} | {r['images_per_s']:.1f} | {sp} | "
                      f"{r['tflops']:.2f} | {rd} | {r.get('first_call_s', 0):.1f} |")
-    lines += ["", "```", format_table(report), "```", ""]
+    lines.append("")
     return lines
 
 
 def _profile_md(p: Dict[str, Any]) -> List[str]:
-    from resnet_fused.profile import format_table
-    return [f"## Per-layer profile: {p['arch']} batch {p['batch']} {p['dtype']}", "", "```",
-            format_table(p), "```", ""]
+    def shape(v):
+        return "x".join(map(str, v))
+
+    def num(v, fmt):
+        return format(v, fmt) if isinstance(v, (int, float)) else "-"
+
+    peak = p.get("peak_tflops")
+    lines = [f"## Per-layer profile: {p['arch']} batch {p['batch']} {p['dtype']}", "",
+             f"{p['device_name']}; backend {p['backend']} -> {p['backend_resolved']}; "
+             f"{p['timing']}; {p['layout']}; peak "
+             + (f"{peak:.1f} TFLOP/s ({p['peak_measured_as']})" if peak else "not measured"),
+             "", "| layer | in -> out | MACs (M) | stock ms | fused ms | speed-up | TFLOP/s | "
+                 "% peak |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in p["layers"]:
+        lines.append(f"| {r['name']} | {shape(r['in_shape'])} -> {shape(r['out_shape'])} | "
+                     f"{r['macs'] / 1e6:.1f} | {r['stock_ms']:.3f} | {r['fused_ms']:.3f} | "
+                     f"{num(r.get('speedup'), '.2f')}x | {num(r.get('fused_tflops'), '.2f')} | "
+                     f"{num(r.get('pct_of_peak'), '.1f')} |")
+    lines += [f"| total | | {p['total_macs_batch'] / 1e6:.1f} | {p['stock_ms_total']:.3f} | "
+              f"{p['fused_ms_total']:.3f} | {num(p.get('speedup_total'), '.2f')}x | "
+              f"{num(p.get('fused_tflops_total'), '.2f')} | |", "",
+              f"Multiply-adds: {p['total_macs'] / 1e9:.3f} G per image (convs + fc); layers timed "
+              "one by one, times summed.", ""]
+    return lines
 
 
 def main() -> int:
