@@ -124,8 +124,12 @@ def _check_train(ours, theirs, ref, dtype, x, target, steps=2):
     for mine, stock, r in zip(h_ours, h_stock, h_ref):
         check(mine[0], [s[0] for s in stock], r[0])   # output
         check(mine[1], [s[1] for s in stock], r[1])   # loss
-        for n in r[2]:                                # every gradient
-            check(mine[2][n], [s[2][n] for s in stock], r[2][n])
+        # Every gradient, in fp64 (1e-10). fp32 gradients are compared per ReLU branch in
+        # tests/test_train.py: a ReLU input within rounding of 0 may flip in any fp32 run and
+        # move a gradient by a whole term, so a per-tensor max error is no yardstick there.
+        if dtype == torch.float64:
+            for n in r[2]:
+                check(mine[2][n], [], r[2][n])
     bufs_ours, bufs_theirs = dict(ours.named_buffers()), dict(theirs.named_buffers())
     bufs_cl = dict(stock_cl.named_buffers()) if stock_cl is not None else {}
     for n, r in ref.named_buffers():
@@ -135,11 +139,13 @@ def _check_train(ours, theirs, ref, dtype, x, target, steps=2):
             check(bufs_ours[n], [bufs_theirs[n]] + ([bufs_cl[n]] if bufs_cl else []), r)
 
 
-# Train parity runs 2-3 models through forward, backward and SGD steps: the CI budget (2 cores)
-# allows 64x64 for the builders up to depth 50 and 32x32 (layer4 still 1x1, batch statistics over
-# 2 values) for the 101/152-layer ones, whose blocks are the same code as their depth-50 twins.
-TRAIN_SIZE = {"resnet101": (32, 32), "resnet152": (32, 32), "resnext101_32x8d": (32, 32),
-              "resnext101_64x4d": (32, 32), "wide_resnet101_2": (32, 32)}
+# Train parity runs 2-4 models through forward, backward and SGD steps: the CI budget (2 cores)
+# allows 64x64 for the builders up to depth 50 and 33x33 for the 101/152-layer ones, whose blocks
+# are the same code as their depth-50 twins. 33x33 keeps layer4 at 2x2 (8 values per channel for
+# the batch statistics at batch 2); at 32x32 layer4 is 1x1 and BN over 2 values is so
+# ill-conditioned that rounding-level input changes move fp64 gradients past 1e-10.
+TRAIN_SIZE = {"resnet101": (33, 33), "resnet152": (33, 33), "resnext101_32x8d": (33, 33),
+              "resnext101_64x4d": (33, 33), "wide_resnet101_2": (33, 33)}
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
