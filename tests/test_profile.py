@@ -17,13 +17,7 @@ PUBLISHED_G = {"resnet18": 1.814, "resnet34": 3.664, "resnet50": 4.089, "resnet1
                "resnet152": 11.514}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster here and kinder to a shared CI machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.mark.parametrize("arch", sorted(PUBLISHED_G))
