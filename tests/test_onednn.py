@@ -144,6 +144,19 @@ def test_never_stale_when_tensors_change_in_place():
 
 
 @needs_onednn
+def test_same_weight_with_other_geometry():
+    """One weight tensor used with different groups / strides must not reuse a blocked copy."""
+    torch.manual_seed(0)
+    w, scale, shift = torch.randn(8, 4, 3, 3), torch.rand(8) + 0.5, torch.randn(8)
+    for groups, stride, cin in ((1, 1, 4), (2, 1, 8), (1, 2, 4), (2, 2, 8)):
+        x = torch.randn(1, cin, 9, 9)
+        with torch.no_grad(), resnet_fused.backend("onednn"):
+            got = conv_bn_act(x, w, scale, shift, stride=stride, padding=1, groups=groups)
+        ref = conv_bn_act_ref(x, w, scale, shift, stride=stride, padding=1, groups=groups)
+        assert max_err(got, ref) < 1e-4, (groups, stride)
+
+
+@needs_onednn
 def test_inference_tensors_passed_directly_are_not_memoised():
     conv, bn, x, scale, shift = _case(8, 16, 1, 1, 0, 1, 1, (5, 5))
     with torch.inference_mode():

@@ -39,7 +39,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from . import stock
 
-_MAX_SHAPES = 4  # blocked weights kept per conv, one per distinct input shape
+_MAX_SHAPES = 4  # blocked weights kept per conv (one per input shape): older ones are dropped
 
 
 def _ops():
@@ -95,7 +95,7 @@ _owned: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:
     """The fold cache's copy of the weight (channels_last, dense). The blocked oneDNN layout needs
-    BN's scale folded in first, so it is made on the first conv_bn_act call (see _prepared)."""
+    BN's scale folded in first, so it is made on the first conv_bn_act call (see _Prepared)."""
     packed = weight.detach().clone(memory_format=torch.channels_last)
     _owned[packed] = True
     return packed
@@ -106,7 +106,8 @@ def _version(t: torch.Tensor) -> Optional[int]:
 
 
 class _Prepared:
-    """W * scale in oneDNN's blocked layout (per input shape) and the bias, for one weight."""
+    """W * scale in oneDNN's blocked layout (per input shape and conv geometry) and the bias,
+    for one weight."""
     __slots__ = ("scale", "shift", "versions", "bias", "blocked")
 
     def __init__(self, weight, scale, shift):
@@ -131,7 +132,8 @@ def _blocked_weight(weight, scale, shift, x_shape, padding, stride, dilation, gr
         entry = _Prepared(weight, scale, shift)
         if trusted:
             _memo[weight] = entry
-    key = tuple(x_shape)
+    # The blocked layout depends on the conv's geometry (groups change the weight's meaning).
+    key = (tuple(x_shape), tuple(padding), tuple(stride), tuple(dilation), groups)
     blocked = entry.blocked.get(key)
     if blocked is None:
         with torch.no_grad():
