@@ -83,6 +83,16 @@ def _bench_md(report: Dict[str, Any], title: str) -> List[str]:
     return lines
 
 
+def _bench_title(report: Dict[str, Any]) -> str:
+    providers = {r["provider"] for r in report["results"]}
+    dtypes = {r["dtype"] for r in report["results"]}
+    if "compile_max" in providers:
+        return "End-to-end: torch.compile max-autotune"
+    if "fp16" in dtypes:
+        return "End-to-end: eager vs fused"
+    return "End-to-end: " + ", ".join(sorted(dtypes))
+
+
 def _profile_md(p: Dict[str, Any]) -> List[str]:
     def shape(v):
         return "x".join(map(str, v))
@@ -110,6 +120,26 @@ def _profile_md(p: Dict[str, Any]) -> List[str]:
     return lines
 
 
+def _check_md(c: Dict[str, Any]) -> List[str]:
+    m = c["meta"]
+    lines = ["## Correctness sweep: every Triton config on every conv vs float64", "",
+             f"{m['device_name']}, {m['family']} configs; {', '.join(m['archs'])} (the first dtype; "
+             f"the others on a subset) at batch {', '.join(map(str, m['batches']))}, {m['size']}x"
+             f"{m['size']}; one NaN planted per input; {m['workers']} workers, {m['wall_s']} s", "",
+             "| dtype | config | problems | wrong | errors | not run | verdict |",
+             "|---|---|---:|---:|---:|---:|---|"]
+    for s in c["summary"]:
+        total = s["ok"] + s["wrong"] + s["error"] + s["not run"]
+        lines.append(f"| {s['dtype']} | {s['config']} | {total} | {s['wrong']} | {s['error']} | "
+                     f"{s['not run']} | {s['verdict']} |")
+    lines.append("")
+    for s in c["summary"]:
+        for f in s["failures"][:5]:
+            lines.append(f"- {s['dtype']} {s['config']}: {f[:200].replace('|', '/')}")
+    lines.append("")
+    return lines
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True, help="output path without extension")
@@ -118,6 +148,7 @@ def main() -> int:
     ap.add_argument("--tests")
     ap.add_argument("--bench", nargs="*", default=[])
     ap.add_argument("--profile", nargs="*", default=[])
+    ap.add_argument("--check")
     args = ap.parse_args()
 
     env = _load(args.env) or {}
@@ -125,8 +156,11 @@ def main() -> int:
     tests = _tests(args.tests)
     benches = [b for b in (_load(p) for p in args.bench) if b]
     profiles = [p for p in (_load(p) for p in args.profile) if p]
+    check = _load(args.check)
     merged = {"env": env, "steps": steps, "tests": tests, "bench": benches,
-              "profiles": profiles}
+              "profiles": profiles,
+              "check": None if check is None else {"meta": check["meta"],
+                                                   "summary": check["summary"]}}
     with open(args.out + ".json", "w") as f:
         json.dump(merged, f, indent=1)
 
@@ -144,9 +178,10 @@ def main() -> int:
                f"{tests['errors']} errors, {tests['skipped']} skipped", ""]
         md += [f"- FAILED {t}" for t in tests["failed_tests"]]
         md.append("")
-    titles = ["End-to-end: eager vs fused", "End-to-end: torch.compile"]
-    for i, b in enumerate(benches):
-        md += _bench_md(b, titles[i] if i < len(titles) else f"Bench {i + 1}")
+    if check:
+        md += _check_md(check)
+    for b in benches:
+        md += _bench_md(b, _bench_title(b))
     for p in profiles:
         md += _profile_md(p)
     with open(args.out + ".md", "w") as f:

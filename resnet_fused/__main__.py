@@ -1,4 +1,4 @@
-"""Command line: python -m resnet_fused {info,bench,profile} ..."""
+"""Command line: python -m resnet_fused {info,bench,profile,check} ..."""
 from __future__ import annotations
 
 import argparse
@@ -9,14 +9,17 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m resnet_fused")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, device and available backends")
-    from . import bench, profile
+    from . import bench, check, profile
     bench.add_arguments(sub.add_parser("bench", help="fused vs stock PyTorch, side by side"))
     profile.add_arguments(sub.add_parser("profile", help="per-layer time, stock vs fused"))
+    check.add_arguments(sub.add_parser("check", help="every Triton config on every conv, vs float64"))
     args = parser.parse_args(argv)
     if args.command == "info":
         from .info import report
         print(report())
         return 0
+    if args.command == "check":
+        return check.main(args)
     if args.command == "profile":
         return profile.main(args)
     return bench.main(args)

@@ -1,4 +1,4 @@
-"""Shared test helpers: float64 references, randomised BatchNorm, and DESIGN.md's error rule."""
+"""Shared test helpers: float64 references, randomised BatchNorm, and the accuracy rule (resnet_fused/numerics.py)."""
 from __future__ import annotations
 
 from typing import List, Optional
@@ -7,11 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Per-dtype slack for the rule err(fused) <= 2 * err(stock) + atol * max(1, max|ref|). It only has
-# to cover the case where stock happens to be (nearly) exact: a few rounding steps of the dtype at
-# the output's magnitude: 2^-10 * 4 for fp16, 2^-7 * 4 for bf16, 2^-23 * 4 for fp32.
-ATOL = {torch.float16: 4e-3, torch.bfloat16: 3e-2, torch.float32: 5e-7, torch.float64: 1e-12}
-
+from resnet_fused.numerics import ATOL, max_err, rule_violation  # noqa: F401 (re-exported)
 
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
     """Random running stats (var over 7 decades, some below eps) and affine params in every BN
@@ -45,10 +41,6 @@ def conv_bn_act_ref(x, weight, bn_or_scale, shift=None, *, residual=None, stride
     return torch.relu(y) if relu else y
 
 
-def max_err(a: torch.Tensor, ref: torch.Tensor) -> float:
-    return (a.to(torch.float64) - ref.to(torch.float64)).abs().max().item() if a.numel() else 0.0
-
-
 def stock_outputs(model: nn.Module, x: torch.Tensor) -> List[torch.Tensor]:
     """Stock PyTorch's outputs in both standard layouts. The fused path runs NHWC, and on CPU
     stock fp32 NHWC convs are measurably less accurate than NCHW ones (resnet34, 64x64: 1.2-4.3x
@@ -58,15 +50,6 @@ def stock_outputs(model: nn.Module, x: torch.Tensor) -> List[torch.Tensor]:
 
 def assert_within_rule(fused: torch.Tensor, stock, ref64: torch.Tensor, dtype: torch.dtype,
                        factor: float = 2.0) -> None:
-    """DESIGN.md: err(fused, ref64) <= factor * err(stock same dtype, ref64) + atol[dtype].
-
-    `stock` is one tensor, a list of stock results (the largest error counts: see
-    stock_outputs), or None when no stock same-dtype result exists."""
-    assert fused.shape == ref64.shape, (fused.shape, ref64.shape)
-    assert torch.isfinite(fused).all()
-    err = max_err(fused, ref64)
-    stocks = [] if stock is None else [stock] if isinstance(stock, torch.Tensor) else stock
-    stock_err = max([max_err(s, ref64) for s in stocks], default=0.0)
-    atol = ATOL[dtype] * max(1.0, ref64.abs().max().item() if ref64.numel() else 0.0)
-    bound = factor * stock_err + atol
-    assert err <= bound, f"{dtype}: err {err:.3e} > {factor} * stock err {stock_err:.3e} + {atol:.1e}"
+    """The package's accuracy rule (resnet_fused.numerics), as a test assertion."""
+    problem = rule_violation(fused, stock, ref64, dtype, factor)
+    assert problem is None, problem

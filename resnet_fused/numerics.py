@@ -1,0 +1,63 @@
+"""The accuracy rule every fused result is held to, against a float64 reference.
+
+    err(fused, ref64) <= factor * err(stock in the same dtype, ref64) + ATOL[dtype] * max(1, max|ref64|)
+
+ATOL only has to cover the case where stock happens to be (nearly) exact: a few rounding steps of
+the dtype at the output's magnitude: 2^-10 * 4 for fp16, 2^-7 * 4 for bf16, 2^-23 * 4 for fp32.
+Non-finite elements are compared apart: the fused result must be NaN/Inf exactly where the
+reference is (stock PyTorch propagates NaN through conv, BatchNorm, add and ReLU).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+
+ATOL = {torch.float16: 4e-3, torch.bfloat16: 3e-2, torch.float32: 5e-7, torch.float64: 1e-12}
+
+
+def max_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |a - ref| over the elements where ref is finite, in float64."""
+    if not a.numel():
+        return 0.0
+    ref = ref.to(torch.float64)
+    finite = torch.isfinite(ref)
+    diff = (a.to(torch.float64) - ref).abs()
+    if not bool(finite.all()):
+        diff = diff[finite]
+    return diff.max().item() if diff.numel() else 0.0
+
+
+def rule_violation(fused: torch.Tensor, stock: Union[None, torch.Tensor, Sequence[torch.Tensor]],
+                   ref64: torch.Tensor, dtype: torch.dtype, factor: float = 2.0) -> Optional[str]:
+    """None when `fused` satisfies the rule, else a sentence saying how it fails.
+
+    `stock` is one tensor, several (the largest error counts: stock's two layouts round
+    differently) or None when no stock same-dtype result exists."""
+    if fused.shape != ref64.shape:
+        return f"shape {tuple(fused.shape)}, expected {tuple(ref64.shape)}"
+    problems = []
+    fused64 = fused.to(torch.float64)
+    nan_f, nan_r = torch.isnan(fused64), torch.isnan(ref64)
+    if not torch.equal(nan_f, nan_r):
+        problems.append(f"NaN pattern differs from the reference: {int(nan_f.sum())} NaN, "
+                        f"expected {int(nan_r.sum())}")
+    inf_r = torch.isinf(ref64)
+    if not torch.equal(fused64[inf_r], ref64[inf_r]):
+        problems.append("Inf elements differ from the reference")
+    both = torch.isfinite(fused64) & torch.isfinite(ref64)
+    if not torch.equal(both, torch.isfinite(ref64)):
+        problems.append(f"{int((torch.isfinite(ref64) & ~both).sum())} non-finite elements where "
+                        f"the reference is finite")
+    # The error on the elements both got finite (the non-finite ones are judged above).
+    whole = bool(both.all())
+    err = max_err(fused if whole else fused64[both], ref64 if whole else ref64[both])
+    stocks = [] if stock is None else [stock] if isinstance(stock, torch.Tensor) else list(stock)
+    stock_err = max([max_err(s, ref64) for s in stocks], default=0.0)
+    finite_ref = ref64 if whole else ref64[torch.isfinite(ref64)]
+    ref_max = finite_ref.abs().max().item() if finite_ref.numel() else 0.0
+    bound = factor * stock_err + ATOL[dtype] * max(1.0, ref_max)
+    if not err <= bound:
+        problems.append(f"{dtype}: err {err:.3e} > {factor} * stock err {stock_err:.3e} + atol "
+                        f"-> {bound:.3e}")
+    return "; ".join(problems) or None
