@@ -35,7 +35,10 @@ import torch.nn.functional as F
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 ARCHS = ("resnet18", "resnet50", "resnext50_32x4d")
 FAMILIES = ("hopper", "ampere", "interpreter")
-_GPU_BYTES_PER_WORKER = 8 << 30   # batch-256 problems: x, fp64 reference, stock, output
+# Peak per worker on batch-256 problems: x, its fp64 copy, the fp64 reference chain, stock,
+# output (~8-10 GiB; 12 workers without emptying the cache between problems hit 16.5 GiB each
+# and ran out of an H200's 140 GiB).
+_GPU_BYTES_PER_WORKER = 12 << 30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,6 +177,8 @@ def run_job(dtype_name: str, family: str, index: int, todo: Sequence[Problem],
         row["seconds"] = round(time.perf_counter() - t0, 3)
         emit(row)
         x = weight = scale = shift = res = stock = ref = out = None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # workers share the GPU: hand back each problem's peak
 
 
 # ----------------------------------------------------------------------------------- driver --

@@ -17,12 +17,14 @@ ATOL = {torch.float16: 4e-3, torch.bfloat16: 3e-2, torch.float32: 5e-7, torch.fl
 
 
 def max_err(a: torch.Tensor, ref: torch.Tensor) -> float:
-    """max |a - ref| over the elements where ref is finite, in float64."""
+    """max |a - ref| in float64, over the elements where both are finite (where they are not,
+    the NaN/Inf pattern is judged on its own: stock cuDNN's fp16 stem, for one, spreads a NaN
+    beyond the conv's receptive field)."""
     if not a.numel():
         return 0.0
-    ref = ref.to(torch.float64)
-    finite = torch.isfinite(ref)
-    diff = (a.to(torch.float64) - ref).abs()
+    ref, a = ref.to(torch.float64), a.to(torch.float64)
+    finite = torch.isfinite(ref) & torch.isfinite(a)
+    diff = (a - ref).abs()
     if not bool(finite.all()):
         diff = diff[finite]
     return diff.max().item() if diff.numel() else 0.0
@@ -50,11 +52,10 @@ def rule_violation(fused: torch.Tensor, stock: Union[None, torch.Tensor, Sequenc
         problems.append(f"{int((torch.isfinite(ref64) & ~both).sum())} non-finite elements where "
                         f"the reference is finite")
     # The error on the elements both got finite (the non-finite ones are judged above).
-    whole = bool(both.all())
-    err = max_err(fused if whole else fused64[both], ref64 if whole else ref64[both])
+    err = max_err(fused64, ref64)
     stocks = [] if stock is None else [stock] if isinstance(stock, torch.Tensor) else list(stock)
     stock_err = max([max_err(s, ref64) for s in stocks], default=0.0)
-    finite_ref = ref64 if whole else ref64[torch.isfinite(ref64)]
+    finite_ref = ref64[torch.isfinite(ref64)]
     ref_max = finite_ref.abs().max().item() if finite_ref.numel() else 0.0
     bound = factor * stock_err + ATOL[dtype] * max(1.0, ref_max)
     if not err <= bound:

@@ -295,11 +295,12 @@ def test_autotuned_gpu(monkeypatch, case, dtype):
 
 
 def test_tf32_switch_follows_cudnn_flag(monkeypatch):
-    """fp32 uses TF32 exactly when torch.backends.cudnn.allow_tf32 is on (as stock conv)."""
+    """fp32 uses the tensor cores (3xTF32, fp32-accurate) when torch.backends.cudnn.allow_tf32 is
+    on, plain IEEE fp32 when it is off."""
     x = torch.zeros(1, 4, 3, 3).contiguous(memory_format=torch.channels_last)
     w = torch.zeros(4, 4, 1, 1)
     s = torch.zeros(4)
-    for flag, want in ((True, "tf32"), (False, "ieee")):
+    for flag, want in ((True, "tf32x3"), (False, "ieee")):
         monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", flag)
         args = tconv.kernel_args(x, w, s, s, None, x, (1, 1), (0, 0), (1, 1), 1, True, False)
         assert args["PRECISION"] == want

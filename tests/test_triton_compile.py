@@ -141,7 +141,7 @@ def _cp_async_widths(ptx: str) -> str:
 
 
 # What is compiled, per target with that arch's config list: every config for each K-loop kind /
-# epilogue in fp16 (the product dtype) and for fp32 with TF32 (fp32 has its own list: BLOCK_K
+# epilogue in fp16 (the product dtype) and for fp32 with 3xTF32 (fp32 has its own list: BLOCK_K
 # halved); one mid config for the remaining specialisations (bf16 compiles like fp16 with another
 # MMA type; fp32-IEEE is the allow_tf32=False path; strides/groups edge cases).
 EVERY_CONFIG = [("fp16", "3x3 taps"), ("fp16", "1x1 +res"), ("fp16", "stem flat-K"),
@@ -149,7 +149,7 @@ EVERY_CONFIG = [("fp16", "3x3 taps"), ("fp16", "1x1 +res"), ("fp16", "stem flat-
 ONE_CONFIG = [("bf16", "3x3 taps"), ("fp32-ieee", "3x3 taps"), ("fp16", "1x1/2 linear"),
               ("fp16", "depthwise"), ("fp16", "NCHW input"), ("fp16", "int64 strides")]
 DTYPES = {"fp16": (torch.float16, "ieee"), "bf16": (torch.bfloat16, "ieee"),
-          "fp32-tf32": (torch.float32, "tf32"), "fp32-ieee": (torch.float32, "ieee")}
+          "fp32-tf32": (torch.float32, "tf32x3"), "fp32-ieee": (torch.float32, "ieee")}
 
 
 def _jobs():

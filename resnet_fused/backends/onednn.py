@@ -18,8 +18,17 @@ that scale is never folded into a low-precision weight and fp64 stays fp64 (DESI
 
 The trade-off: the ops used are PyTorch's own oneDNN ops, which live in the private namespace
 `torch.ops.mkldnn` (`_convolution_pointwise`, `_reorder_convolution_weight`; present with these
-schemas from torch 2.0 through 2.14, used by Inductor's CPU freezing path). Their absence or failure
-makes `unavailable_reason` say so, and `auto` then picks the stock backend.
+schemas from torch 2.0 through 2.14, used by Inductor's CPU freezing path). Their absence, a failure
+of the basic self-check, or a wrong result in any self-check case (edge cases included: 1x1 outputs,
+stride 2, groups > 1, each with and without residual) makes `unavailable_reason` say so, and `auto`
+then picks the stock backend.
+
+Per-shape fallback: some builds refuse particular problem shapes (torch 2.11: the residual-add
+post-op raises "could not create a memory" when the output is 1x1 spatially; 2x2 works, 2.14 is
+fine). Any RuntimeError from the private ops makes conv_bn_act compute that call with the stock
+backend instead, remember the problem shape (`fallback_shapes()`) so it is not retried, and log one
+warning per shape on the `resnet_fused` logger. Edge cases the self-check saw raise are listed by
+`limitations()`.
 
 Caching: the fold cache calls `pack_weight` once per (conv, dtype, backend) and keeps the result
 until a parameter/buffer changes. Folding `scale` into the weight needs the scale, which the pack
@@ -32,6 +41,7 @@ tensors that did not come from `pack_weight` cannot be version-checked and are r
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -40,6 +50,9 @@ from torch.utils.weak import WeakIdKeyDictionary
 from . import stock
 
 _MAX_SHAPES = 4  # blocked weights kept per conv (one per input shape): older ones are dropped
+_MAX_FAILED = 256  # problem shapes remembered as failing (oldest forgotten: retried, logged again)
+
+logger = logging.getLogger("resnet_fused")
 
 
 def _ops():
@@ -49,35 +62,95 @@ def _ops():
             mkldnn._reorder_convolution_weight.default)
 
 
+# The self-check's edge cases: (name, cin, cout, k, stride, padding, groups, input hw), each run
+# with and without a residual. Chosen from shapes real models hit that some torch builds get wrong
+# or refuse: torch 2.11's oneDNN raises "could not create a memory" for the residual (binary
+# post-op) when the output is 1x1 spatially (resnet18/50 layer4 on 32x32 images), while 2x2 works.
+_EDGE_CASES = (
+    ("3x3 conv, 1x1 output", 8, 8, 3, 1, 1, 1, 1),
+    ("1x1 conv, 1x1 output", 8, 16, 1, 1, 0, 1, 1),
+    ("3x3 conv, stride 2", 8, 8, 3, 2, 1, 1, 5),
+    ("3x3 conv, stride 2, 1x1 output", 8, 8, 3, 2, 1, 1, 2),
+    ("1x1 conv, stride 2", 8, 16, 1, 2, 0, 1, 5),
+    ("3x3 conv, groups 2", 8, 8, 3, 1, 1, 2, 5),
+    ("3x3 conv, groups 2, 1x1 output", 8, 8, 3, 1, 1, 2, 1),
+)
+
+_limitations: List[str] = []  # edge cases the self-check saw raise (handled by the fallback)
+
+
+def _probe_case(ops, g, cin, cout, k, stride, padding, groups, hw, residual):
+    """Run one fused conv and the stock composition; (got, want)."""
+    unary, binary, reorder = ops
+    x = torch.randn(1, cin, hw, hw, generator=g).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(cout, cin // groups, k, k, generator=g)
+    b = torch.randn(cout, generator=g)
+    args = ([padding] * 2, [stride] * 2, [1, 1], groups)
+    with torch.no_grad():
+        want = torch.nn.functional.conv2d(x, w, b, stride, padding, 1, groups)
+        packed = reorder(w, *args, list(x.shape))
+        if not residual:
+            return unary(x, packed, b, *args, "relu", [], None), torch.relu(want)
+        r = torch.randn(want.shape, generator=g).contiguous(memory_format=torch.channels_last)
+        return (binary(x, r, packed, b, *args, "add", None, "relu", [], None),
+                torch.relu(want + r))
+
+
 @functools.lru_cache(maxsize=None)
 def _probe() -> Optional[str]:
-    """Run a tiny fused conv once and compare it with stock; a reason string if anything fails."""
+    """Run tiny fused convs once and compare them with stock; a reason string if unusable.
+
+    The basic case (5x5, 3x3 conv, with and without residual) must run and be right, else the
+    backend is unavailable. The edge cases (_EDGE_CASES) must be right wherever they run: a wrong
+    result makes the backend unavailable. An edge case whose private op raises RuntimeError does
+    not: conv_bn_act falls back to the stock backend for exactly the problem shapes that raise
+    (see _fallback), so the rest of the model keeps the fused path; such cases are listed by
+    `limitations()` and logged once here.
+    """
     if not torch.backends.mkldnn.is_available():
         return "this PyTorch build has no oneDNN (mkldnn) support"
     try:
-        unary, binary, reorder = _ops()
+        ops = _ops()
     except (AttributeError, RuntimeError) as e:
         return (f"torch {torch.__version__} lacks the private oneDNN ops "
                 f"torch.ops.mkldnn._convolution_pointwise / _reorder_convolution_weight ({e})")
+    g = torch.Generator().manual_seed(0)
+
+    def close(got, want):
+        return (got.shape == want.shape and got.dtype == want.dtype
+                and torch.allclose(got, want, rtol=1e-4, atol=1e-4))
+
     try:
-        g = torch.Generator().manual_seed(0)
-        x = torch.randn(1, 4, 5, 5, generator=g).contiguous(memory_format=torch.channels_last)
-        w = torch.randn(8, 4, 3, 3, generator=g)
-        b = torch.randn(8, generator=g)
-        r = torch.randn(1, 8, 5, 5, generator=g).contiguous(memory_format=torch.channels_last)
-        args = ([1, 1], [1, 1], [1, 1], 1)
-        with torch.no_grad():
-            packed = reorder(w, *args, list(x.shape))
-            got = binary(x, r, packed, b, *args, "add", None, "relu", [], None)
-            want = torch.relu(torch.nn.functional.conv2d(x, w, b, 1, 1) + r)
-            got1 = unary(x, packed, b, *args, "none", [], None)
-            want1 = torch.nn.functional.conv2d(x, w, b, 1, 1)
-        if not (torch.allclose(got, want, rtol=1e-4, atol=1e-4)
-                and torch.allclose(got1, want1, rtol=1e-4, atol=1e-4)):
-            return "the oneDNN fused convolution gave wrong results in a self-check"
+        for residual in (True, False):
+            if not close(*_probe_case(ops, g, 4, 8, 3, 1, 1, 1, 5, residual)):
+                return "the oneDNN fused convolution gave wrong results in a self-check"
     except Exception as e:  # any failure of a private op means: do not use it
         return f"the oneDNN fused convolution failed a self-check: {type(e).__name__}: {e}"
+    limitations = []
+    for name, *case in _EDGE_CASES:
+        for residual in (False, True):
+            what = f"{name}, {'with' if residual else 'without'} residual"
+            try:
+                ok = close(*_probe_case(ops, g, *case, residual))
+            except RuntimeError as e:  # a shape it refuses: the run-time fallback covers it
+                limitations.append(f"{what}: {type(e).__name__}: {e}")
+                continue
+            except Exception as e:
+                return (f"the oneDNN fused convolution failed a self-check ({what}): "
+                        f"{type(e).__name__}: {e}")
+            if not ok:
+                return f"the oneDNN fused convolution gave wrong results in a self-check ({what})"
+    _limitations[:] = limitations
+    for text in limitations:
+        logger.info("oneDNN backend (torch %s): self-check case %s; such problem shapes run on "
+                    "the stock torch backend", torch.__version__, text)
     return None
+
+
+def limitations() -> List[str]:
+    """Self-check edge cases that this torch's oneDNN refuses (they run on the stock backend)."""
+    _probe()
+    return list(_limitations)
 
 
 def unavailable_reason(device: Optional[torch.device] = None) -> Optional[str]:
@@ -124,6 +197,12 @@ class _Prepared:
 _memo: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
+def _geometry(x_shape, padding, stride, dilation, groups) -> Tuple:
+    """The key of a blocked weight: its layout depends on the conv's geometry (groups change the
+    weight's meaning) and on the input shape."""
+    return (tuple(x_shape), tuple(padding), tuple(stride), tuple(dilation), groups)
+
+
 def _blocked_weight(weight, scale, shift, x_shape, padding, stride, dilation, groups):
     """(blocked W*scale, bias) for this call, memoised when the tensors can be version-checked."""
     trusted = weight in _owned or not any(t.is_inference() for t in (weight, scale, shift))
@@ -132,8 +211,7 @@ def _blocked_weight(weight, scale, shift, x_shape, padding, stride, dilation, gr
         entry = _Prepared(weight, scale, shift)
         if trusted:
             _memo[weight] = entry
-    # The blocked layout depends on the conv's geometry (groups change the weight's meaning).
-    key = (tuple(x_shape), tuple(padding), tuple(stride), tuple(dilation), groups)
+    key = _geometry(x_shape, padding, stride, dilation, groups)
     blocked = entry.blocked.get(key)
     if blocked is None:
         with torch.no_grad():
@@ -145,6 +223,58 @@ def _blocked_weight(weight, scale, shift, x_shape, padding, stride, dilation, gr
     return blocked, entry.bias
 
 
+def _forget_blocked(weight, x_shape, padding, stride, dilation, groups) -> None:
+    """Drop the blocked copy made for a geometry that then failed (it would evict good ones)."""
+    entry = _memo.get(weight)
+    if entry is not None:
+        entry.blocked.pop(_geometry(x_shape, padding, stride, dilation, groups), None)
+
+
+# Problem shapes whose oneDNN call raised: key -> the error, in insertion order. They go straight
+# to the stock backend (no retry, no repeated log). Small: one entry per failing layer shape.
+_failed: Dict[Tuple, str] = {}
+
+
+def _problem_key(x, weight, residual, stride, padding, dilation, groups, relu) -> Tuple:
+    return (tuple(x.shape), tuple(weight.shape), tuple(stride), tuple(padding), tuple(dilation),
+            groups, residual is not None, relu)
+
+
+def _describe(key) -> str:
+    x_shape, w_shape, stride, padding, dilation, groups, residual, relu = key
+    return (f"x {list(x_shape)}, weight {list(w_shape)}, stride {list(stride)}, padding "
+            f"{list(padding)}, dilation {list(dilation)}, groups {groups}, "
+            f"residual {'yes' if residual else 'no'}, relu {'yes' if relu else 'no'}")
+
+
+def _stock(x, weight, scale, shift, residual, stride, padding, dilation, groups, relu):
+    """The stock backend's result in this backend's output contract (fresh, channels_last)."""
+    with torch.no_grad():
+        out = stock.conv_bn_act(x, weight, scale, shift, residual, stride, padding, dilation,
+                                groups, relu)
+    if out.stride() != _channels_last_strides(out.shape) or out is x or out is residual:
+        out = torch.empty(out.shape, dtype=out.dtype, device=out.device,
+                          memory_format=torch.channels_last).copy_(out)
+    return out
+
+
+def _channels_last_strides(shape) -> Tuple[int, ...]:
+    n, c, h, w = shape
+    return (h * w * c, 1, w * c, c)
+
+
+def _remember_failure(key, error: RuntimeError) -> None:
+    text = f"{type(error).__name__}: {error}".strip()
+    if key in _failed:
+        return
+    while len(_failed) >= _MAX_FAILED:
+        _failed.pop(next(iter(_failed)))
+    _failed[key] = text
+    logger.warning("resnet_fused onednn backend: the oneDNN fused convolution (torch %s) failed "
+                   "for the problem shape (%s) with %s; this shape now runs on the stock torch "
+                   "backend (same results, unfused).", torch.__version__, _describe(key), text)
+
+
 def conv_bn_act(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
                 residual: Optional[torch.Tensor], stride: Sequence[int], padding: Sequence[int],
                 dilation: Sequence[int], groups: int, relu: bool) -> torch.Tensor:
@@ -154,16 +284,29 @@ def conv_bn_act(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shif
     # oneDNN's output takes the input's layout; the op contract's output is channels_last.
     x = x.contiguous(memory_format=torch.channels_last)
     padding, stride, dilation = list(padding), list(stride), list(dilation)
-    blocked, bias = _blocked_weight(weight, scale, shift, x.shape, padding, stride, dilation,
-                                    groups)
-    unary, binary, _ = _ops()
-    with torch.no_grad():
-        if residual is None:
-            return unary(x, blocked, bias, padding, stride, dilation, groups,
-                         "relu" if relu else "none", [], None)
-        residual = residual.contiguous(memory_format=torch.channels_last)  # the output's
-        return binary(x, residual, blocked, bias, padding, stride, dilation, groups, "add", None,
-                      "relu" if relu else None, [], None)
+    key = _problem_key(x, weight, residual, stride, padding, dilation, groups, relu)
+    if key in _failed:  # known to fail in this torch's oneDNN: don't retry
+        return _stock(x, weight, scale, shift, residual, stride, padding, dilation, groups, relu)
+    try:
+        blocked, bias = _blocked_weight(weight, scale, shift, x.shape, padding, stride, dilation,
+                                        groups)
+        unary, binary, _ = _ops()
+        with torch.no_grad():
+            if residual is None:
+                return unary(x, blocked, bias, padding, stride, dilation, groups,
+                             "relu" if relu else "none", [], None)
+            residual = residual.contiguous(memory_format=torch.channels_last)  # the output's
+            return binary(x, residual, blocked, bias, padding, stride, dilation, groups, "add",
+                          None, "relu" if relu else None, [], None)
+    except RuntimeError as e:  # e.g. torch 2.11: "could not create a memory" for 1x1 outputs
+        _forget_blocked(weight, x.shape, padding, stride, dilation, groups)
+        _remember_failure(key, e)
+        return _stock(x, weight, scale, shift, residual, stride, padding, dilation, groups, relu)
+
+
+def fallback_shapes() -> Dict[Tuple, str]:
+    """Problem shapes that run on the stock backend after a oneDNN failure, with the error."""
+    return dict(_failed)
 
 
 def cached_weights() -> int:
@@ -171,4 +314,5 @@ def cached_weights() -> int:
     return len(_memo)
 
 
-__all__: List[str] = ["unavailable_reason", "pack_weight", "conv_bn_act"]
+__all__: List[str] = ["unavailable_reason", "pack_weight", "conv_bn_act", "limitations",
+                       "fallback_shapes"]

@@ -77,7 +77,7 @@ def conv_bn_act_kernel(
     KH: tl.constexpr, KW: tl.constexpr,
     FLAT_K: tl.constexpr,        # per-element (tap, channel) gather: tiny C_in/groups (the stem)
     HAS_RES: tl.constexpr, RELU: tl.constexpr,
-    PRECISION: tl.constexpr,     # tl.dot input precision: "tf32" or "ieee" (fp32 operands only)
+    PRECISION: tl.constexpr,     # tl.dot input precision: "tf32x3" or "ieee" (fp32 operands only)
     UPCAST: tl.constexpr,        # interpreter only: bf16 operands to fp32 before tl.dot
     # tile configuration (autotuned)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -325,6 +325,9 @@ def jit_kernel(interpret: bool = False):
     Built here rather than with a decorator so that whether TRITON_INTERPRET was set before this
     module was imported does not matter: both kinds can coexist in one process (the interpreter for
     CPU tensors in tests, the compiled one for the AOT compile test)."""
+    if interpret:
+        from .compat import fix_interpreter_scalar_index
+        fix_interpreter_scalar_index()
     with _mode(interpret):
         return triton.jit(conv_bn_act_kernel)
 
@@ -406,7 +409,10 @@ def kernel_args(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shif
         KH=kh, KW=kw,
         FLAT_K=use_flat_k(cin_g, kh, kw, groups) if flat_k is None else bool(flat_k),
         HAS_RES=residual is not None, RELU=bool(relu),
-        PRECISION="tf32" if fp32 and torch.backends.cudnn.allow_tf32 else "ieee",
+        # Not plain "tf32": Hopper's TF32 MMA truncates its operands, 2.5x cuDNN's TF32 error, and
+        # cuDNN runs exact fp32 algorithms on some shapes anyway (H200, 2026-11-27: 3-5e-3 against
+        # cuDNN's 4e-7..1.4e-3). tf32x3 (three MMAs on the split operands) is fp32-accurate.
+        PRECISION="tf32x3" if fp32 and torch.backends.cudnn.allow_tf32 else "ieee",
         UPCAST=interpret and x.dtype == torch.bfloat16,
     )
 
