@@ -7,7 +7,7 @@ DEPS := $(VENV)/.deps-installed
 BUILT := $(VENV)/.package-built
 EXT_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h csrc/*/*.cuh)
 
-.PHONY: bench test install
+.PHONY: bench test test-compat install
 
 $(DEPS): requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -26,3 +26,28 @@ bench: $(BUILT)
 
 test: $(BUILT)
 	$(PY) -m pytest tests benchmarks --benchmark-disable -q $(ARGS)
+
+# The GPU machine's stack (requirements-compat.txt) in a second venv, Python 3.12 where pyenv or
+# PATH has it: the package built there with its CUDA kernels (sm_90), and the tests whose result
+# can differ between stacks: op level for every backend, the Triton interpreter and AOT compile
+# tests, the extension, and the GPU suite's plumbing (smoke mode).
+COMPAT_VENV := .venv-compat
+COMPAT_PY := $(COMPAT_VENV)/bin/python
+COMPAT_PYTHON ?= $(shell PYENV_VERSION=3.12.1 pyenv which python3.12 2>/dev/null || command -v python3.12 || echo $(PYTHON))
+COMPAT_TESTS := tests/test_ops.py tests/test_onednn.py tests/test_ext.py tests/test_conv_triton.py \
+	tests/test_models_triton.py tests/test_triton_compile.py tests/test_check.py
+
+$(COMPAT_VENV)/.deps-installed: requirements-compat.txt
+	$(COMPAT_PYTHON) -m venv $(COMPAT_VENV)
+	$(COMPAT_PY) -m pip install --quiet -r requirements-compat.txt
+	touch $@
+
+$(COMPAT_VENV)/.package-built: $(COMPAT_VENV)/.deps-installed setup.py pyproject.toml $(EXT_SOURCES)
+	RESNET_FUSED_REQUIRE_CUDA=1 \
+		$(COMPAT_PY) -m pip install --quiet --no-build-isolation --no-deps -e .
+	touch $@
+
+test-compat: $(COMPAT_VENV)/.package-built
+	$(COMPAT_PY) -m pytest $(COMPAT_TESTS) -q -p no:cacheprovider $(ARGS)
+	SUITE_SMOKE=1 SUITE_RESULTS_DIR=$$(mktemp -d) PYTHON=$(abspath $(COMPAT_PY)) \
+		bash benchmarks/gpu_suite.sh

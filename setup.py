@@ -204,8 +204,10 @@ setup(
     version="0.1.0",
     description="Drop-in torchvision ResNet with fused conv+BN+residual+ReLU kernels",
     packages=find_packages(include=["resnet_fused", "resnet_fused.*"]),
-    python_requires=">=3.10",
-    install_requires=["torch>=2.11"],
+    # Supported and tested (make test: the newest; make test-compat: the oldest, the GPU machine's).
+    python_requires=">=3.11,<3.13",
+    install_requires=["torch>=2.11,<2.15", "torchvision>=0.26,<0.30"],
+    extras_require={"triton": ["triton>=3.6,<3.9"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

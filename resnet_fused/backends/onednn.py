@@ -79,8 +79,9 @@ _EDGE_CASES = (
 _limitations: List[str] = []  # edge cases the self-check saw raise (handled by the fallback)
 
 
-def _probe_case(ops, g, cin, cout, k, stride, padding, groups, hw, residual):
+def _probe_case(ops, g, cin, cout, k, stride, padding, groups, hw, residual, relu=True):
     """Run one fused conv and the stock composition; (got, want)."""
+    act = torch.relu if relu else (lambda t: t)
     unary, binary, reorder = ops
     x = torch.randn(1, cin, hw, hw, generator=g).contiguous(memory_format=torch.channels_last)
     w = torch.randn(cout, cin // groups, k, k, generator=g)
@@ -90,21 +91,21 @@ def _probe_case(ops, g, cin, cout, k, stride, padding, groups, hw, residual):
         want = torch.nn.functional.conv2d(x, w, b, stride, padding, 1, groups)
         packed = reorder(w, *args, list(x.shape))
         if not residual:
-            return unary(x, packed, b, *args, "relu", [], None), torch.relu(want)
+            return unary(x, packed, b, *args, "relu" if relu else "none", [], None), act(want)
         r = torch.randn(want.shape, generator=g).contiguous(memory_format=torch.channels_last)
-        return (binary(x, r, packed, b, *args, "add", None, "relu", [], None),
-                torch.relu(want + r))
+        return (binary(x, r, packed, b, *args, "add", None, "relu" if relu else None, [], None),
+                act(want + r))
 
 
 @functools.lru_cache(maxsize=None)
 def _probe() -> Optional[str]:
     """Run tiny fused convs once and compare them with stock; a reason string if unusable.
 
-    The basic case (5x5, 3x3 conv, with and without residual) must run and be right, else the
-    backend is unavailable. The edge cases (_EDGE_CASES) must be right wherever they run: a wrong
-    result makes the backend unavailable. An edge case whose private op raises RuntimeError does
-    not: conv_bn_act falls back to the stock backend for exactly the problem shapes that raise
-    (see _fallback), so the rest of the model keeps the fused path; such cases are listed by
+    The basic case (5x5, 3x3 conv, with and without residual and ReLU) must run and be right,
+    else the backend is unavailable. The edge cases (_EDGE_CASES) must be right wherever they
+    run: a wrong result makes the backend unavailable. An edge case whose private op raises
+    RuntimeError does not: conv_bn_act falls back to the stock backend for exactly the problem
+    shapes that raise, so the rest of the model keeps the fused path; such cases are listed by
     `limitations()` and logged once here.
     """
     if not torch.backends.mkldnn.is_available():
@@ -121,8 +122,8 @@ def _probe() -> Optional[str]:
                 and torch.allclose(got, want, rtol=1e-4, atol=1e-4))
 
     try:
-        for residual in (True, False):
-            if not close(*_probe_case(ops, g, 4, 8, 3, 1, 1, 1, 5, residual)):
+        for residual, relu in ((True, True), (True, False), (False, True), (False, False)):
+            if not close(*_probe_case(ops, g, 4, 8, 3, 1, 1, 1, 5, residual, relu)):
                 return "the oneDNN fused convolution gave wrong results in a self-check"
     except Exception as e:  # any failure of a private op means: do not use it
         return f"the oneDNN fused convolution failed a self-check: {type(e).__name__}: {e}"
@@ -270,7 +271,7 @@ def _remember_failure(key, error: RuntimeError) -> None:
     while len(_failed) >= _MAX_FAILED:
         _failed.pop(next(iter(_failed)))
     _failed[key] = text
-    logger.warning("resnet_fused onednn backend: the oneDNN fused convolution (torch %s) failed "
+    logger.warning("onednn backend: the oneDNN fused convolution (torch %s) failed "
                    "for the problem shape (%s) with %s; this shape now runs on the stock torch "
                    "backend (same results, unfused).", torch.__version__, _describe(key), text)
 
