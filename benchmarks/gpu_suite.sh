@@ -38,7 +38,7 @@ CHECK_ARGS=(--device cuda)
 TEST_K="cuda or gpu"
 if [ "${SUITE_SMOKE:-0}" = 1 ]; then
   DEV=cpu ARCH=resnet18 SIZE=32 PB=(1 2) MT=0 PMT=0
-  CHECK_ARGS=(--device cpu --arch resnet18 --batch 1 --size 32 --dtype fp32 --workers 1)
+  CHECK_ARGS=(--device cpu --arch resnet18 --batch 1 --size 32 --dtype fp32)
   TEST_K="test_cpu_falls_back or test_bench_cli"
 fi
 
