@@ -32,7 +32,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+from .bench import DTYPES as _ALL_DTYPES
+
+DTYPES = {name: _ALL_DTYPES[name] for name in ("fp16", "bf16", "fp32")}  # the kernel's dtypes
 ARCHS = ("resnet18", "resnet50", "resnext50_32x4d")
 FAMILIES = ("hopper", "ampere", "interpreter")
 # Peak per worker on batch-256 problems: x, its fp64 copy, the fp64 reference chain, stock,
@@ -106,12 +108,11 @@ def config_name(cfg: Dict[str, int]) -> str:
             f"w{cfg['num_warps']} s{cfg['num_stages']}")
 
 
-def tunable(problem: Problem, family: str, dtype: torch.dtype, index: int) -> bool:
-    """Whether the autotuner's pruning keeps config `index` for `problem` (only those can run)."""
+def tunable(problem: Problem, configs: Sequence["triton.Config"]) -> List[int]:
+    """Indices of the `configs` the autotuner's pruning keeps for `problem` (only those run)."""
     from .backends.triton import conv
-    configs = conv.make_configs(family, dtype)
     kept = conv._prune(configs, {}, M=problem.m, C_out=problem.c_out)
-    return any(c is configs[index] for c in kept)
+    return [i for i, c in enumerate(configs) if any(c is k for k in kept)]
 
 
 def make_inputs(p: Problem, dtype: torch.dtype, device: torch.device, seed: int):
@@ -185,15 +186,16 @@ def run_job(dtype_name: str, family: str, index: int, todo: Sequence[Problem],
 def plan(args) -> List[Tuple[str, int, List[Problem]]]:
     """Jobs (dtype, config index, problems); the first dtype runs on every arch, the others on
     --subset-arch only."""
+    from .backends.triton import conv
     jobs = []
     for d, dtype_name in enumerate(args.dtype):
         archs = args.arch if d == 0 else [a for a in args.arch if a in args.subset_arch] or args.arch[:1]
-        probs = problems(archs, args.batch, args.size)
-        dtype = DTYPES[dtype_name]
-        for index in range(len(candidate_configs(args.family, dtype))):
-            todo = [p for p in probs if tunable(p, args.family, dtype, index)]
-            if todo:
-                jobs.append((dtype_name, index, todo))
+        configs = conv.make_configs(args.family, DTYPES[dtype_name])
+        todo: List[List[Problem]] = [[] for _ in configs]
+        for p in problems(archs, args.batch, args.size):
+            for index in tunable(p, configs):
+                todo[index].append(p)
+        jobs += [(dtype_name, index, probs) for index, probs in enumerate(todo) if probs]
     return jobs
 
 
@@ -233,11 +235,12 @@ def _run_parallel(args, jobs, workers: int, deadline: float) -> List[Dict[str, A
             proc, path, log = running[j]
             if proc.poll() is None and time.time() < deadline:
                 continue
-            if proc.poll() is None:
+            killed = proc.poll() is None
+            if killed:  # the time limit, not a failure: its unreported problems count as not run
                 proc.kill()
                 proc.wait()
             log.close()
-            done[j] = (proc.returncode, path)
+            done[j] = (None if killed else proc.returncode, path)
             del running[j]
             if args.progress:
                 print(f"  job {j + 1}/{len(jobs)} {jobs[j][0]} "
@@ -246,7 +249,7 @@ def _run_parallel(args, jobs, workers: int, deadline: float) -> List[Dict[str, A
     rows: List[Dict[str, Any]] = []
     for j, (dtype_name, index, todo) in enumerate(jobs):
         got: List[Dict[str, Any]] = []
-        rc, path = done.get(j, (None, None))
+        rc, path = done.get(j, (None, None))  # rc None: never started, or stopped at the limit
         if path and os.path.exists(path):
             with open(path) as f:
                 got = [json.loads(line) for line in f if line.strip()]

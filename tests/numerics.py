@@ -1,4 +1,5 @@
-"""Shared test helpers: float64 references, randomised BatchNorm, and the accuracy rule (resnet_fused/numerics.py)."""
+"""Shared test helpers: float64 references, randomised BatchNorm, and the accuracy rule (defined in
+resnet_fused/numerics.py)."""
 from __future__ import annotations
 
 from typing import List, Optional
@@ -8,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from resnet_fused.numerics import ATOL, max_err, rule_violation  # noqa: F401 (re-exported)
+
 
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
     """Random running stats (var over 7 decades, some below eps) and affine params in every BN

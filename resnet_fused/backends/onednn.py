@@ -47,6 +47,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
+from ..ops import channels_last_strides
 from . import stock
 
 _MAX_SHAPES = 4  # blocked weights kept per conv (one per input shape): older ones are dropped
@@ -253,15 +254,10 @@ def _stock(x, weight, scale, shift, residual, stride, padding, dilation, groups,
     with torch.no_grad():
         out = stock.conv_bn_act(x, weight, scale, shift, residual, stride, padding, dilation,
                                 groups, relu)
-    if out.stride() != _channels_last_strides(out.shape) or out is x or out is residual:
+    if out.stride() != channels_last_strides(out.shape) or out is x or out is residual:
         out = torch.empty(out.shape, dtype=out.dtype, device=out.device,
                           memory_format=torch.channels_last).copy_(out)
     return out
-
-
-def _channels_last_strides(shape) -> Tuple[int, ...]:
-    n, c, h, w = shape
-    return (h * w * c, 1, w * c, c)
 
 
 def _remember_failure(key, error: RuntimeError) -> None:
