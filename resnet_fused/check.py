@@ -108,11 +108,12 @@ def config_name(cfg: Dict[str, int]) -> str:
             f"w{cfg['num_warps']} s{cfg['num_stages']}")
 
 
-def tunable(problem: Problem, configs: Sequence["triton.Config"]) -> List[int]:
-    """Indices of the `configs` the autotuner's pruning keeps for `problem` (only those run)."""
+def tunable(problem: Problem, family: str, dtype: torch.dtype) -> List[int]:
+    """Indices (in the family's config list) of the candidates tuning times for `problem`."""
     from .backends.triton import conv
-    kept = conv._prune(configs, {}, M=problem.m, C_out=problem.c_out)
-    return [i for i, c in enumerate(configs) if any(c is k for k in kept)]
+    configs = conv.config_tuples(family, dtype)
+    kept = conv.candidates(family, dtype, problem.m, problem.c_out)
+    return [i for i, c in enumerate(configs) if c in kept]
 
 
 def make_inputs(p: Problem, dtype: torch.dtype, device: torch.device, seed: int):
@@ -190,10 +191,10 @@ def plan(args) -> List[Tuple[str, int, List[Problem]]]:
     jobs = []
     for d, dtype_name in enumerate(args.dtype):
         archs = args.arch if d == 0 else [a for a in args.arch if a in args.subset_arch] or args.arch[:1]
-        configs = conv.make_configs(args.family, DTYPES[dtype_name])
-        todo: List[List[Problem]] = [[] for _ in configs]
+        dtype = DTYPES[dtype_name]
+        todo: List[List[Problem]] = [[] for _ in conv.config_tuples(args.family, dtype)]
         for p in problems(archs, args.batch, args.size):
-            for index in tunable(p, configs):
+            for index in tunable(p, args.family, dtype):
                 todo[index].append(p)
         jobs += [(dtype_name, index, probs) for index, probs in enumerate(todo) if probs]
     return jobs

@@ -10,3 +10,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def private_tuning_cache(tmp_path_factory, monkeypatch):
+    """Tuning decisions of a test go to a fresh folder, never the user's cache, and no test sees
+    another's decisions in memory."""
+    from resnet_fused import tuning
+    monkeypatch.setenv(tuning.DIR_ENV, str(tmp_path_factory.mktemp("tuning")))
+    tuning.clear()
+    yield
+    tuning.clear()

@@ -26,19 +26,17 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-_single_config_tuners = {}
-
-
-def _single_config_tuner(family, fp32):
+def one_mid_config(monkeypatch):
     """On a GPU the many tiny cases below run one mid config of the arch's list (compiling and
-    timing every config for every case would take many minutes); test_autotuned_gpu and the
-    model tests cover the autotuner there."""
-    key = (family, fp32)
-    if key not in _single_config_tuners:
-        configs = tconv.make_configs(family, torch.float32 if fp32 else torch.float16)
-        _single_config_tuners[key] = tconv.build_autotuner(tconv.jit_kernel(False),
-                                                           [configs[len(configs) // 2]])
-    return _single_config_tuners[key]
+    timing every config for every case would take many minutes); test_tuned_gpu and the
+    model tests cover tuning there."""
+    real = tconv.candidates
+
+    def mid(family, dtype, m, c_out):
+        configs = tconv.config_tuples(family, dtype)
+        return [configs[len(configs) // 2]] if family != "interpreter" else real(family, dtype,
+                                                                                  m, c_out)
+    monkeypatch.setattr(tconv, "candidates", mid)
 
 
 @pytest.fixture(params=DEVICES)
@@ -48,7 +46,7 @@ def device(request, monkeypatch):
         monkeypatch.setenv("TRITON_INTERPRET", "1")
     else:
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-        monkeypatch.setattr(tconv, "tuned_kernel", _single_config_tuner)
+        one_mid_config(monkeypatch)
     return torch.device(request.param)
 
 
@@ -215,37 +213,51 @@ def test_k_loop_kinds_agree(device, case, flat_k):
     check(x, weight, scale, shift, res, stride, pad, dil, groups, True, dtype, flat_k=flat_k)
 
 
-def test_autotuned_path_under_interpreter(monkeypatch):
-    """The GPU launch path (autotuner over several configs, pruning, tile heuristics, grid from
-    the chosen config, per-shape cache) run under the interpreter, a stand-in for the timer."""
+def test_tuned_path_under_interpreter(monkeypatch):
+    """The GPU launch path (several candidates pruned on the M bucket, tile heuristics, grid from
+    the chosen config, one decision per bucket, persisted) run under the interpreter, with a
+    stand-in for the timer."""
+    from resnet_fused import tuning
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    benched = []
+    monkeypatch.setattr(tconv, "INTERPRETER", tconv.AMPERE)
+    timed = []
 
-    def fake_bench(fn, quantiles=None):
-        fn()  # runs the kernel with this config
-        benched.append(1)
-        t = float(len(benched))  # the first config benchmarked "wins"
-        return [t, t, t] if quantiles else t
+    def fake_time(args, config):
+        tconv.launch(args, config, True)  # runs the kernel with this config
+        timed.append(config)
+        return float(len(timed))  # the first config timed "wins"
 
-    with tconv._mode(True):
-        tuner = tconv.build_autotuner(tconv.jit_kernel(True),
-                                      tconv.make_configs("ampere", torch.float16),
-                                      do_bench=fake_bench)
-    monkeypatch.setattr(tconv, "tuned_kernel", lambda family, fp32: tuner)
+    monkeypatch.setattr(tconv, "time_config", fake_time)
     device = torch.device("cpu")
-    # M = 49 and C_out = 64: pruning keeps the tiles with BLOCK_M, BLOCK_N <= 64 (3 of 8).
+    # M = 49 (bucket 64) and C_out = 64: the tiles with BLOCK_M, BLOCK_N <= 64 (3 of 8).
     x, weight, scale, shift, res = make_problem(1, 32, 7, 7, 64, 3, 1, 1, 1, 1, torch.float16,
                                                 device, residual=True, seed=2)
     check(x, weight, scale, shift, res, 1, 1, 1, 1, True, torch.float16)
-    assert len(benched) == 3
-    best = tuner.best_config.kwargs
-    assert (best["BLOCK_M"], best["BLOCK_N"]) == (64, 64)
-    check(x, weight, scale, shift, res, 1, 1, 1, 1, True, torch.float16)  # cached: no re-tuning
-    assert len(benched) == 3
-    # a grouped shape: the heuristics give GPT = BLOCK_N // (C_out/groups) for the chosen tile
+    assert len(timed) == 3 and all(c[0] <= 64 and c[1] <= 64 for c in timed)
+    (key, best), = tuning.decisions(device).items()
+    assert best == timed[0] and "M64|" in key
+    check(x, weight, scale, shift, res, 1, 1, 1, 1, True, torch.float16)  # remembered
+    assert len(timed) == 3
+    # batch 1 at 6x6 is M = 36: same bucket (64), so nothing is timed
+    x6, weight6, scale6, shift6, res6 = make_problem(1, 32, 6, 6, 64, 3, 1, 1, 1, 1,
+                                                     torch.float16, device, residual=True, seed=3)
+    check(x6, weight6, scale6, shift6, res6, 1, 1, 1, 1, True, torch.float16)
+    assert len(timed) == 3
+    # a fresh process (memory cleared) reads the decision back from disk
+    tuning.clear()
+    check(x, weight, scale, shift, res, 1, 1, 1, 1, True, torch.float16)
+    assert len(timed) == 3
+    # a grouped shape: GPT = BLOCK_N // (C_out/groups) for the chosen tile
     x, weight, scale, shift, res = make_problem(2, 64, 6, 6, 64, 3, 1, 1, 1, 16, torch.float16,
                                                 device, residual=False, seed=4)
     check(x, weight, scale, shift, None, 1, 1, 1, 16, True, torch.float16)
+    assert len(timed) == 7  # M = 72 (bucket 128), C_out = 64: 4 candidates
+    # no run-time tuning: the heuristic, nothing timed or remembered
+    monkeypatch.setenv(tuning.MODE_ENV, "cached")
+    x, weight, scale, shift, res = make_problem(4, 32, 7, 7, 64, 1, 1, 0, 1, 1, torch.float16,
+                                                device, residual=False, seed=5)
+    check(x, weight, scale, shift, None, 1, 0, 1, 1, True, torch.float16)
+    assert len(timed) == 7 and len(tuning.decisions(device)) == 2
 
 
 def test_per_layer_auto_choice(monkeypatch):
@@ -253,23 +265,23 @@ def test_per_layer_auto_choice(monkeypatch):
     (Selection logic only: the CUDA timer and both backends are stand-ins here.)"""
     import types
 
+    from resnet_fused import tuning
     from resnet_fused.backends import triton as tb
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setattr(backends, "get_backend", lambda: "auto")
     monkeypatch.setattr(backends, "unavailable_reason", lambda name, device=None: None)
     monkeypatch.setattr(backends, "load", lambda name: types.SimpleNamespace(conv_bn_act=None))
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    monkeypatch.setattr(tb, "_choice", {})
-    timings = iter([2.0, 1.0, 1.0, 3.0])  # (triton, cuda) per measured shape
+    timings = iter([2.0, 1.0, 1.0, 3.0])  # (triton, cuda) per measured bucket
     monkeypatch.setattr(tb, "_time_ms", lambda fn, reps=10: next(timings))
     w = torch.zeros(8, 4, 3, 3)
     s = torch.zeros(8)
     args = (w, s, s, None, (1, 1), (1, 1), (1, 1), 1, True)
-    a, b = torch.zeros(1, 4, 8, 8), torch.zeros(2, 4, 8, 8)
+    a, b = torch.zeros(1, 4, 8, 8), torch.zeros(2, 4, 8, 8)  # M = 64 and 128
     assert tb._per_layer_choice(a, *args) == "cuda"
     assert tb._per_layer_choice(b, *args) == "triton"
-    assert tb._per_layer_choice(a, *args) == "cuda"  # cached: not timed again
-    assert len(tb.per_layer_choices()) == 2
+    assert tb._per_layer_choice(a, *args) == "cuda"  # remembered: not timed again
+    assert tb._per_layer_choice(torch.zeros(1, 4, 7, 8), *args) == "cuda"  # M = 56: same bucket
+    assert len(tuning.decisions(torch.device("cpu"))) == 2
     monkeypatch.setenv("RESNET_FUSED_PER_LAYER_AUTO", "0")
     assert tb._per_layer_choice(a, *args) == "triton"
     monkeypatch.delenv("RESNET_FUSED_PER_LAYER_AUTO")
@@ -285,8 +297,8 @@ def test_per_layer_auto_choice(monkeypatch):
     (8, 3, 224, 224, 64, 7, 2, 3, 1, 1),      # stem
     (8, 256, 28, 28, 256, 3, 1, 1, 1, 32),    # ResNeXt-50 32x4d layer2 grouped 3x3
 ], ids=["layer1_3x3_b32", "layer4_down_b1", "stem_b8", "resnext_grouped_b8"])
-def test_autotuned_gpu(monkeypatch, case, dtype):
-    """The real autotuned launch (every config of the arch list benchmarked) on ResNet shapes."""
+def test_tuned_gpu(monkeypatch, case, dtype):
+    """The real tuned launch (every candidate of the arch list timed) on ResNet shapes."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     n, c_in, h, w, c_out, k, stride, pad, dil, groups = case
     x, weight, scale, shift, res = make_problem(n, c_in, h, w, c_out, k, stride, pad, dil, groups,
@@ -309,13 +321,36 @@ def test_tf32_switch_follows_cudnn_flag(monkeypatch):
         assert args["PRECISION"] == "ieee"  # not used for 16-bit operands
 
 
-def test_autotune_is_keyed_on_shape_only():
-    import inspect
-    params = inspect.signature(tconv.conv_bn_act_kernel).parameters
-    for name in tconv.AUTOTUNE_KEY:
-        assert name in params
-        assert not name.endswith("_ptr") and not name.startswith(("sx_", "sw_", "sr_"))
-    assert len(tconv.make_configs("interpreter", torch.float16)) == 1
+def test_tuning_key_is_the_bucket_not_the_shape():
+    """Batch sizes in one M bucket share a key (and so a decision); strides other than the
+    channel stride, pointers and H/W (beyond M) do not enter it."""
+    def key(n, h):
+        x = torch.zeros(n, 8, h, h).contiguous(memory_format=torch.channels_last)
+        w = torch.zeros(8, 8, 3, 3)
+        s = torch.zeros(8)
+        return tconv.tuning_key(tconv.kernel_args(x, w, s, s, None, x, (1, 1), (1, 1), (1, 1), 1,
+                                                  True, False), torch.float16)
+    assert key(3, 7) == key(4, 7) == key(6, 6)      # M = 147, 196, 216: bucket 256
+    assert key(2, 7) != key(3, 7)                   # M = 98: bucket 128
+    assert len(tconv.config_tuples("interpreter", torch.float16)) == 1
+    assert tconv.candidates("hopper", torch.float16, 49, 2048) == [
+        c for c in tconv.HOPPER if c[0] <= 64]
+    assert tconv.candidates("hopper", torch.float16, 50, 2048) == tconv.candidates(
+        "hopper", torch.float16, 64, 2048)
+
+
+def test_heuristic_config_fills_the_gpu():
+    x = torch.zeros(1, 64, 56, 56).contiguous(memory_format=torch.channels_last)
+    w = torch.zeros(64, 64, 3, 3)
+    s = torch.zeros(64)
+    args = tconv.kernel_args(x, w, s, s, None, x, (1, 1), (1, 1), (1, 1), 1, True, False)
+    cands = tconv.candidates("hopper", torch.float16, args["M"], 64)
+    best = tconv.heuristic_config(cands, args, 132)      # M = 3136: 25 programs of 128x64
+    assert tconv.programs(args, best) >= 132
+    assert all(c[0] * c[1] <= best[0] * best[1] for c in cands if tconv.programs(args, c) >= 132)
+    tiny = dict(args, M=49)
+    assert tconv.heuristic_config(cands, tiny, 132) == max(
+        cands, key=lambda c: tconv.programs(tiny, c))
 
 
 def test_availability(monkeypatch):
@@ -362,7 +397,6 @@ def test_interpreter_mode_does_not_leak(monkeypatch):
     import os
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     tconv.jit_kernel(True)
-    tconv.tuned_kernel("interpreter", False)
     assert "TRITON_INTERPRET" not in os.environ
     assert not tconv.interpreting()
 

@@ -23,20 +23,11 @@ def device(request, monkeypatch):
     if request.param == "cpu":
         monkeypatch.setenv("TRITON_INTERPRET", "1")
     else:
-        # One mid config per arch on the GPU: autotuning every layer of three models would take
-        # minutes of GPU time; test_conv_triton.py::test_autotuned_gpu covers the autotuner.
-        from resnet_fused.backends.triton import conv as tconv
-        tuners = {}
-
-        def single_config(family, fp32):
-            if (family, fp32) not in tuners:
-                configs = tconv.make_configs(family, torch.float32 if fp32 else torch.float16)
-                tuners[family, fp32] = tconv.build_autotuner(tconv.jit_kernel(False),
-                                                             [configs[len(configs) // 2]])
-            return tuners[family, fp32]
-
+        # One mid config per arch on the GPU: tuning every layer of three models would take
+        # minutes of GPU time; test_conv_triton.py::test_tuned_gpu covers tuning.
+        from test_conv_triton import one_mid_config
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-        monkeypatch.setattr(tconv, "tuned_kernel", single_config)
+        one_mid_config(monkeypatch)
     return torch.device(request.param)
 
 

@@ -1,4 +1,4 @@
-"""Ahead-of-time compilation of the Triton conv kernel for sm_90 and sm_80 (issue 3, item 4b).
+"""Ahead-of-time compilation of the Triton conv kernel for sm_90 and sm_80 .
 
 No GPU is needed: `triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))` runs the whole
 compiler (TTIR -> TTGIR -> LLIR -> PTX -> cubin via ptxas). Every autotune config of each arch's
@@ -13,6 +13,7 @@ in the same session as the interpreter tests, whatever TRITON_INTERPRET says.
 """
 from __future__ import annotations
 
+import inspect
 import os
 import re
 import shutil
@@ -26,15 +27,12 @@ import pytest
 import torch
 
 triton = pytest.importorskip("triton")
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
-
+from resnet_fused.backends.triton import aot  # noqa: E402
 from resnet_fused.backends.triton import conv as tconv  # noqa: E402
 
 # Shared memory per block (opt-in maximum): H100 227 KiB, A100 163 KiB.
 TARGETS = {90: ("hopper", 232448), 80: ("ampere", 166912)}
 REPORT = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "triton_compile_report.md"
-_PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
 
 
 def _cl(shape, dtype):
@@ -69,8 +67,8 @@ def _problem(variant: str, dtype: torch.dtype):
     raise KeyError(variant)
 
 
-def build_source(variant: str, dtype: torch.dtype, precision: str, config: tuple):
-    """ASTSource with the signature/specialisation triton.jit would derive for this problem."""
+def problem_args(variant: str, dtype: torch.dtype, precision: str) -> dict:
+    """conv.kernel_args for the variant (meta tensors), with the precision forced."""
     x, weight, res, s, p, d, groups, relu = _problem(variant, dtype)
     c_out, _, kh, kw = weight.shape
     oh, ow = tconv.out_hw(x.shape[2], x.shape[3], kh, kw, (s, s), (p, p), (d, d))
@@ -79,26 +77,7 @@ def build_source(variant: str, dtype: torch.dtype, precision: str, config: tuple
     args = tconv.kernel_args(x, weight, scale, scale, res, out, (s, s), (p, p), (d, d), groups,
                              relu, interpret=False)
     args["PRECISION"] = precision
-    bm, bn, bk, gm, _, _ = config
-    args.update(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, **tconv.tile_args(args, bn))
-    kernel = tconv.jit_kernel(False)
-    signature, constexprs, attrs = {}, {}, {}
-    for i, param in enumerate(kernel.params):
-        name, value = param.name, args[param.name]
-        if param.is_constexpr:
-            signature[name], constexprs[name] = "constexpr", value
-        elif isinstance(value, torch.Tensor):
-            signature[name] = _PTR[value.dtype]
-            attrs[(i,)] = [["tt.divisibility", 16]]  # torch allocations are 16-byte aligned
-        elif isinstance(value, int) and value == 1:
-            signature[name], constexprs[name] = "constexpr", 1  # triton.jit specialises == 1
-        elif isinstance(value, int):
-            signature[name] = "i32" if -2**31 <= value < 2**31 else "i64"
-            if value % 16 == 0:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-        else:
-            raise TypeError(f"{name}: unexpected argument {value!r}")
-    return ASTSource(kernel, signature, constexprs, attrs)
+    return args
 
 
 def _tool(name: str) -> Optional[str]:
@@ -166,9 +145,7 @@ def _jobs():
 
 def _compile_one(job):
     cap, label, dtype, precision, variant, cfg = job
-    src = build_source(variant, dtype, precision, cfg)
-    compiled = triton.compile(src, target=GPUTarget("cuda", cap, 32),
-                              options={"num_warps": cfg[4], "num_stages": cfg[5]})
+    compiled = aot.compile_job(aot.job(problem_args(variant, dtype, precision), cfg, cap))
     ptx = compiled.asm["ptx"]
     res = _resource_usage(compiled.asm["cubin"])
     return dict(cap=cap, dtype=label, variant=variant, config=cfg,
@@ -232,3 +209,92 @@ def test_compile_every_config_for_sm90_and_sm80():
     for r in rows:
         if r["dtype"] in ("fp16", "bf16", "fp32-tf32"):
             assert r["mma"] in ("wgmma", "mma.sync"), r
+
+
+def _jit_cache_key(args: dict, config: tuple, capability: int) -> str:
+    """The on-disk cache key triton.jit computes when it launches `args` with `config`: its own
+    binder and argument packing with the options JITFunction.run adds (private API, test only)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.compiler.compiler import get_cache_key
+    from triton.runtime import jit as triton_jit
+    from triton._C.libtriton import get_cache_invalidating_env_vars
+    kernel = tconv.jit_kernel(False)
+    backend = make_backend(GPUTarget("cuda", capability, 32))
+    binder = triton_jit.create_function_from_signature(kernel.signature, kernel.params, backend)
+    bm, bn, bk, gm, warps, stages = config
+    kwargs = {"num_warps": warps, "num_stages": stages, "debug": False}
+    if "instrumentation_mode" in inspect.getsource(triton_jit.JITFunction.run):
+        kwargs["instrumentation_mode"] = triton.knobs.compilation.instrumentation_mode
+    bound, specialization, options = binder(**args, **tconv.tile_args(args, bn), BLOCK_M=bm,
+                                            BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound,
+                                                              specialization, options)
+    return get_cache_key(ASTSource(kernel, signature, constexprs, attrs), backend, options,
+                         get_cache_invalidating_env_vars())
+
+
+def _aot_cache_key(j) -> str:
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.compiler.compiler import get_cache_key
+    from triton._C.libtriton import get_cache_invalidating_env_vars
+    backend = make_backend(GPUTarget("cuda", j.capability, 32))
+    options = backend.parse_options({"num_warps": j.num_warps, "num_stages": j.num_stages})
+    return get_cache_key(aot.source(j), backend, options, get_cache_invalidating_env_vars())
+
+
+@pytest.mark.parametrize("batch", [1, 3, 16])
+@pytest.mark.parametrize("residual", [False, True])
+def test_aot_source_is_what_the_jit_would_compile(batch, residual):
+    """warmup compiles with aot.job in worker processes; that only saves time if the JIT's own
+    launch later finds the result in Triton's cache, i.e. if both derive the same cache key
+    (signature, ==1 and divisibility specialisation, options). Real CPU tensors stand in for the
+    GPU ones (the JIT reads only their dtype and address alignment). Batch 1/3/16 give M = 49,
+    147, 784: M is not specialised, so every batch size must map to the same key."""
+    keys = set()
+    for cap in (90, 80):
+        x = torch.zeros(batch, 64, 7, 7, dtype=torch.float16).contiguous(
+            memory_format=torch.channels_last)
+        w = torch.zeros(64, 64, 3, 3, dtype=torch.float16).contiguous(
+            memory_format=torch.channels_last)
+        out = torch.empty_like(x)
+        s = torch.zeros(64)
+        res = torch.zeros_like(x) if residual else None
+        args = tconv.kernel_args(x, w, s, s, res, out, (1, 1), (1, 1), (1, 1), 1, True,
+                                 interpret=False)
+        config = tconv.config_tuples("hopper" if cap == 90 else "ampere", torch.float16)[-2]
+        key = _aot_cache_key(aot.job(args, config, cap))
+        assert key == _jit_cache_key(args, config, cap)
+        keys.add(key)
+    assert len(keys) == 2
+
+
+def test_fallback_specialisation_compiles_the_same_code(monkeypatch, tmp_path):
+    """Without Triton's binder, aot.job derives the specialisation from public facts: the same
+    signature and constants, and the same code (the JIT's extra empty attribute lists change only
+    the cache key)."""
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    args = problem_args("1x1 +res", torch.float16, "ieee")
+    config = tconv.config_tuples("hopper", torch.float16)[-1]
+    exact = aot.job(args, config, 90)
+    monkeypatch.setattr(aot, "_jit_specialisation", lambda *a: 1 / 0)
+    derived = aot.job(args, config, 90)
+    src_exact, src_derived = aot.source(exact), aot.source(derived)
+    assert src_exact.signature == src_derived.signature
+    assert src_exact.constants == src_derived.constants
+    assert ({k: v for k, v in src_exact.attrs.items() if v}
+            == {k: v for k, v in src_derived.attrs.items() if v})
+    assert aot.compile_job(exact).asm["ptx"] == aot.compile_job(derived).asm["ptx"]
+
+
+def test_compile_all_in_parallel(tmp_path, monkeypatch):
+    """Distinct jobs only, spread over worker processes, each landing in Triton's cache."""
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    args = problem_args("1x1 +res", torch.float16, "ieee")
+    configs = tconv.config_tuples("hopper", torch.float16)[-2:]
+    jobs = [aot.job(args, c, 90) for c in configs] * 2
+    report = aot.compile_all(jobs, workers=2)
+    assert report["jobs"] == 2 and report["workers"] == 2 and report["errors"] == []
+    cubins = list(tmp_path.rglob("*.cubin"))
+    assert len(cubins) == 2

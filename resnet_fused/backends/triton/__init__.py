@@ -5,8 +5,9 @@ interpreter runs the same kernel code; slow, for tests). Importing this package 
 Triton nor the GPU; both happen on first use.
 
 Per-layer `auto`: when the selected backend is `auto` (which resolves to `triton` on CUDA) and the
-`cuda` backend (cuDNN conv + fused epilogue) is usable too, the first call for each problem shape
-times both and later calls with that shape run the faster one. Both read the same packed weight
+`cuda` backend (cuDNN conv + fused epilogue) is usable too, the first call for each problem bucket
+times both and later calls in that bucket run the faster one (resnet_fused/tuning.py: buckets,
+the no-timing mode, the on-disk cache). Both read the same packed weight
 (channels_last, the model's dtype), so the fold cache entry keyed on `triton` serves both.
 Set RESNET_FUSED_PER_LAYER_AUTO=0 to always run Triton under `auto`.
 """
@@ -14,9 +15,11 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Optional, Sequence
 
 import torch
+
+from ... import tuning
 
 _PER_LAYER_ENV = "RESNET_FUSED_PER_LAYER_AUTO"
 
@@ -78,20 +81,10 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------
-# Per-layer choice between triton and cuda under `auto`, measured once per shape
+# Per-layer choice between triton and cuda under `auto`: measured once per shape bucket
 # --------------------------------------------------------------------------------------------
-_choice: Dict[Tuple, str] = {}
-
-
-def _shape_key(x, weight, residual, stride, padding, dilation, groups, relu) -> Tuple:
-    return (x.device, x.dtype, tuple(x.shape), tuple(x.stride()), tuple(weight.shape),
-            tuple(weight.stride()), None if residual is None else tuple(residual.stride()),
-            tuple(stride), tuple(padding), tuple(dilation), groups, bool(relu),
-            torch.backends.cudnn.allow_tf32)
-
-
 def _time_ms(fn, reps: int = 10) -> float:
-    fn()  # warm-up: compiles / autotunes on first use
+    fn()  # warm-up: compiles / tunes on first use
     torch.cuda.synchronize()
     times = []
     for _ in range(reps):
@@ -110,27 +103,21 @@ def _per_layer_choice(x, weight, scale, shift, residual, stride, padding, dilati
     from .. import get_backend, load, unavailable_reason as backend_reason
     if os.environ.get(_PER_LAYER_ENV, "1").strip() == "0" or get_backend() != "auto":
         return "triton"
-    key = _shape_key(x, weight, residual, stride, padding, dilation, groups, relu)
-    choice = _choice.get(key)
-    if choice is not None:
-        return choice
     if _interpreting() or backend_reason("cuda", x.device) is not None:
         return "triton"
-    if torch.cuda.is_current_stream_capturing():
-        return "triton"  # cannot time inside a CUDA graph capture; decide on an eager call
     from . import conv
-    cuda_backend = load("cuda")
+    n, _, h, w = x.shape
+    oh, ow = conv.out_hw(h, w, weight.shape[2], weight.shape[3], stride, padding, dilation)
+    layout = "cl" if x.stride(1) == 1 else "other"
+    key = (f"backend|{str(x.dtype)[6:]}|tf32{int(torch.backends.cudnn.allow_tf32)}|"
+           f"M{tuning.bucket(n * oh * ow)}|w{tuple(weight.shape)}|g{groups}|s{tuple(stride)}|"
+           f"p{tuple(padding)}|d{tuple(dilation)}|res{int(residual is not None)}|"
+           f"relu{int(relu)}|{layout}")
     args = (x, weight, scale, shift, residual, stride, padding, dilation, groups, relu)
-    t_triton = _time_ms(lambda: conv.conv_bn_act(*args))
-    t_cuda = _time_ms(lambda: cuda_backend.conv_bn_act(*args))
-    choice = "cuda" if t_cuda < t_triton else "triton"
-    _choice[key] = choice
-    return choice
-
-
-def per_layer_choices() -> Dict[Tuple, str]:
-    """What per-layer `auto` picked so far, by problem key (for benchmarks and reports)."""
-    return dict(_choice)
+    run = {"triton": lambda: conv.conv_bn_act(*args),
+           "cuda": lambda: load("cuda").conv_bn_act(*args)}
+    return tuning.decide(x.device, key, ("triton", "cuda"),
+                         measure=lambda name: _time_ms(run[name]), heuristic=lambda: "triton")
 
 
 def conv_bn_act(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,

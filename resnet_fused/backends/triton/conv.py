@@ -43,13 +43,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import triton
 import triton.language as tl
+
+from ... import tuning
 
 _INT32_MAX = 2**31 - 1
 
@@ -61,7 +62,7 @@ _INT32_MAX = 2**31 - 1
 def conv_bn_act_kernel(
     # tensors
     x_ptr, w_ptr, scale_ptr, shift_ptr, res_ptr, out_ptr,
-    # problem shape (the autotune key is drawn from these)
+    # problem shape (M is not specialised: a new batch size reuses the compiled kernel)
     M, C_in, C_out, groups, CIN_G, COUT_G,
     H, W, OH, OW,
     # N-tile grouping, derived from BLOCK_N by `tile_args` (runtime ints, so Triton's own
@@ -234,9 +235,6 @@ AMPERE = [  # sm_80: 163 KiB shared memory per block; mma.sync; shallower K tile
 # tests run every real config's tile shape through the interpreter too).
 INTERPRETER = [(32, 128, 128, 4, 4, 1)]
 
-AUTOTUNE_KEY = ["M", "C_in", "C_out", "groups", "H", "W", "KH", "KW", "stride_h", "stride_w",
-                "dil_h", "dil_w", "HAS_RES"]
-
 
 def arch_family(capability: Tuple[int, int]) -> str:
     return "hopper" if capability[0] >= 9 else "ampere"
@@ -260,36 +258,46 @@ def config_tuples(family: str, dtype: torch.dtype) -> List[Tuple[int, ...]]:
     return base
 
 
-def make_configs(family: str, dtype: torch.dtype) -> List["triton.Config"]:
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": gm},
-                          num_warps=w, num_stages=s)
-            for bm, bn, bk, gm, w, s in config_tuples(family, dtype)]
-
-
 def tile_args(args: Dict, block_n: int) -> Dict[str, int]:
     """GPT (whole groups per N tile, >= 1) and KC_TILE (input channels per tile and tap)."""
     gpt = max(block_n // args["COUT_G"], 1)
     return {"GPT": gpt, "KC_TILE": gpt * args["CIN_G"]}
 
 
-_HEURISTICS = {"GPT": lambda a: tile_args(a, a["BLOCK_N"])["GPT"],
-               "KC_TILE": lambda a: tile_args(a, a["BLOCK_N"])["KC_TILE"]}
+def candidates(family: str, dtype: torch.dtype, m: int, c_out: int) -> List[Tuple[int, ...]]:
+    """The configs worth timing for a problem: tiles not far larger than its M bucket and C_out
+    (M = 49 needs no 256-row tile); at least one. Pruned on the bucket, so every batch size in a
+    bucket has the same candidates."""
+    configs = config_tuples(family, dtype)
+    m_cap, n_cap = max(16, tuning.bucket(m)), max(16, tuning.bucket(c_out))
+    kept = [c for c in configs if c[0] <= m_cap and c[1] <= n_cap]
+    return kept or [min(configs, key=lambda c: c[0] * c[1])]
 
 
-def _next_pow2(v: int) -> int:
-    return 1 << max(0, int(v) - 1).bit_length()
+def programs(args: Dict, config: Sequence[int]) -> int:
+    """Grid size of `config` on the problem; must agree with the tile mapping in the kernel."""
+    bm, bn = config[0], config[1]
+    gpt = tile_args(args, bn)["GPT"]
+    n_tiles = triton.cdiv(args["groups"], gpt) * triton.cdiv(args["COUT_G"], bn)
+    return triton.cdiv(args["M"], bm) * n_tiles
 
 
-def _prune(configs, named_args, **kwargs):
-    """Drop tiles far larger than the problem (M = 49 needs no 256-row tile); keep at least one.
-    (The launcher passes every argument by keyword, so the shape arrives in kwargs.)"""
-    shape = {**named_args, **kwargs}
-    m_cap = max(16, _next_pow2(shape["M"]))
-    n_cap = max(16, _next_pow2(shape["C_out"]))
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= m_cap and c.kwargs["BLOCK_N"] <= n_cap]
-    if not kept:
-        kept = [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
-    return kept
+def heuristic_config(cands: Sequence[Tuple[int, ...]], args: Dict, sms: int) -> Tuple[int, ...]:
+    """Without timing: the largest tile that still gives every SM a program, else the tile with
+    the most programs (small problems are latency bound: spread them)."""
+    filling = [c for c in cands if programs(args, c) >= sms]
+    if filling:
+        return max(filling, key=lambda c: c[0] * c[1])
+    return max(cands, key=lambda c: programs(args, c))
+
+
+def tuning_key(args: Dict, dtype: torch.dtype) -> str:
+    """What a tile decision depends on, with M bucketed (H and W enter only through M)."""
+    layout = "cl" if args["sx_c"] == 1 else f"c{args['sx_c']}"
+    return (f"conv|{str(dtype)[6:]}|{args['PRECISION']}|M{tuning.bucket(args['M'])}|"
+            f"{args['C_in']}>{args['C_out']}|g{args['groups']}|k{args['KH']}x{args['KW']}|"
+            f"s{args['stride_h']}x{args['stride_w']}|d{args['dil_h']}x{args['dil_w']}|"
+            f"res{int(args['HAS_RES'])}|flat{int(args['FLAT_K'])}|{layout}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -324,6 +332,11 @@ def _mode(interpret: bool):
             os.environ["TRITON_INTERPRET"] = old
 
 
+# Arguments triton.jit must not specialise (on ==1 or divisibility by 16): M changes with the
+# batch size, and a new specialisation would be a new compile at the first call of that batch.
+NOT_SPECIALISED = ("M",)
+
+
 @functools.lru_cache(maxsize=None)
 def jit_kernel(interpret: bool = False):
     """The kernel as triton.jit makes it: compiled (JITFunction) or interpreted.
@@ -335,39 +348,38 @@ def jit_kernel(interpret: bool = False):
         from .compat import fix_interpreter_scalar_index
         fix_interpreter_scalar_index()
     with _mode(interpret):
-        return triton.jit(conv_bn_act_kernel)
+        return triton.jit(conv_bn_act_kernel, do_not_specialize=list(NOT_SPECIALISED))
 
 
-def _bench_ms(fn, quantiles=None):
-    """Shorter benchmark per config than Triton's default (25 ms warm-up / 100 ms)."""
+def launch(args: Dict, config: Sequence[int], interpret: bool) -> None:
+    """One launch of the kernel with tile `config` (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps,
+    stages) on `args` (from kernel_args)."""
+    bm, bn, bk, gm, warps, stages = config
+    jit_kernel(interpret)[(programs(args, config),)](
+        **args, **tile_args(args, bn), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm,
+        num_warps=warps, num_stages=stages)
+
+
+def time_config(args: Dict, config: Sequence[int]) -> float:
+    """Milliseconds per launch (short runs: 5 ms warm-up, 25 ms measured, not Triton's 25/100)."""
     import triton.testing
-    return triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
-
-
-def build_autotuner(kernel, configs: List["triton.Config"], do_bench=None):
-    """triton.autotune over `configs`, keyed on the problem shape, with the tile heuristics.
-
-    Tuning results persist in Triton's cache directory across processes where Triton supports
-    it (`cache_results`, Triton >= 3.3); older versions silently tune once per process."""
-    params = inspect.signature(triton.autotune).parameters
-    kw = {}
-    if len(configs) > 1:
-        kw["prune_configs_by"] = {"early_config_prune": _prune}
-        if "cache_results" in params:
-            kw["cache_results"] = True
-        if "do_bench" in params:
-            kw["do_bench"] = do_bench or _bench_ms
-    return triton.autotune(configs=configs, key=AUTOTUNE_KEY, **kw)(
-        triton.heuristics(_HEURISTICS)(kernel))
+    return triton.testing.do_bench(lambda: launch(args, config, False), warmup=5, rep=25)
 
 
 @functools.lru_cache(maxsize=None)
-def tuned_kernel(family: str, fp32: bool):
-    """The autotuned kernel for one arch family ('hopper', 'ampere', 'interpreter')."""
-    interpret = family == "interpreter"
-    configs = make_configs(family, torch.float32 if fp32 else torch.float16)
-    with _mode(interpret):
-        return build_autotuner(jit_kernel(interpret), configs)
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def pick_config(args: Dict, family: str, dtype: torch.dtype,
+                device: torch.device) -> Tuple[int, ...]:
+    """The tile config for this problem: remembered per bucket, else measured (tuning.decide)."""
+    cands = candidates(family, dtype, args["M"], args["C_out"])
+    return tuning.decide(device, tuning_key(args, dtype), cands,
+                         measure=lambda c: time_config(args, c),
+                         heuristic=lambda: heuristic_config(cands, args, _sm_count(device)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -423,16 +435,6 @@ def kernel_args(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shif
     )
 
 
-def grid(args: Dict):
-    """Grid for a given set of args; must agree with the tile mapping at the top of the kernel."""
-    def fn(meta):
-        bn = meta["BLOCK_N"]
-        gpt = tile_args(args, bn)["GPT"]
-        n_tiles = triton.cdiv(args["groups"], gpt) * triton.cdiv(args["COUT_G"], bn)
-        return (triton.cdiv(args["M"], meta["BLOCK_M"]) * n_tiles,)
-    return fn
-
-
 def conv_bn_act(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
                 residual: Optional[torch.Tensor], stride: Sequence[int], padding: Sequence[int],
                 dilation: Sequence[int], groups: int, relu: bool, *,
@@ -440,8 +442,8 @@ def conv_bn_act(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shif
     """relu?(conv2d(x, weight) * scale + shift + residual) in one launch; channels_last output.
 
     Inputs are assumed checked by resnet_fused.ops.check_inputs. `config` (a dict with BLOCK_M,
-    BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) bypasses autotuning and `flat_k` forces the
-    K-loop kind; both exist for tests."""
+    BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) bypasses tuning and `flat_k` forces the
+    K-loop kind; both exist for tests and the correctness sweep."""
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"triton conv_bn_act: expected float16, bfloat16 or float32 tensors, got "
                         f"{x.dtype}")
@@ -469,11 +471,10 @@ def conv_bn_act(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shif
     family = "interpreter" if interpret else _device_family(x.device.index)
     device_guard = torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
     with device_guard:
-        if config is not None:
-            meta = dict(config)
-            warps, stages = meta.pop("num_warps", 4), meta.pop("num_stages", 1)
-            jit_kernel(interpret)[grid(args)(meta)](**args, **tile_args(args, meta["BLOCK_N"]),
-                                                    **meta, num_warps=warps, num_stages=stages)
+        if config is None:
+            cfg = pick_config(args, family, x.dtype, x.device)
         else:
-            tuned_kernel(family, x.dtype == torch.float32)[grid(args)](**args)
+            cfg = tuple(config[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"))
+            cfg += (config.get("num_warps", 4), config.get("num_stages", 1))
+        launch(args, cfg, interpret)
     return out
