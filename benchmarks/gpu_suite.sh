@@ -10,16 +10,19 @@
 #   1. env       GPU, driver, versions                                         -> env.json
 #   2. build     the C++/CUDA extension for the visible GPU's arch only, in the background
 #                (nvcc runs while the sweep below compiles Triton kernels)     -> build.log
-#   3. check     every Triton config on every distinct conv of resnet18/50/resnext50_32x4d at
+#   3. warmup    `python -m resnet_fused warmup` for resnet50 fp16 batch 1 and 256 (+ a first call
+#                at an unseen batch size, 200) from empty caches, then again warm: cold- and
+#                warm-start times; the tuning it persists serves every later step -> warmup_*.json
+#   4. check     every Triton config on every distinct conv of resnet18/50/resnext50_32x4d at
 #                batch 1 and 256 vs float64 (fp16; bf16/fp32 on resnet50), parallel workers;
 #                fills Triton's disk cache for the steps after it               -> check.json
-#   4. tests     the CUDA tests only (extension kernels, graph capture, GPU model parity, GPU
+#   5. tests     the CUDA tests only (extension kernels, graph capture, GPU model parity, GPU
 #                conv cases; no interpreter or AOT tests), after the build      -> tests.xml
-#   5. headline  resnet50 fp16 batch 1 and 256: eager NCHW, eager channels_last, fused (auto),
+#   6. headline  resnet50 fp16 batch 1 and 256: eager NCHW, eager channels_last, fused (auto),
 #                fused + CUDA graphs, torch.compile (default)                   -> bench.json/.png
-#   6. profile   per-layer profile, resnet50 fp16, batch 1 and 256             -> profile_{1,2}.json
-#   7. extra     bf16/fp32 rows, then torch.compile max-autotune, in whatever time is left
-#   8. report    benchmarks/results/<date>-<gpu>.{json,md}; with $OUT set, the report, the log
+#   7. profile   per-layer profile, resnet50 fp16, batch 1 and 256             -> profile_{1,2}.json
+#   8. extra     bf16/fp32 rows, then torch.compile max-autotune, in whatever time is left
+#   9. report    benchmarks/results/<date>-<gpu>.{json,md}; with $OUT set, the report, the log
 #                and every raw file (raw.tar.gz) land under $OUT
 # Exit status: non-zero when a correctness step (build, check, tests) failed.
 # SUITE_SMOKE=1 runs the same plumbing on a CPU-only machine with tiny sizes (the sweep under
@@ -30,19 +33,22 @@ ROOT=$PWD
 PY=${PYTHON:-python3}
 DEADLINE=${SUITE_DEADLINE_S:-450}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-# Autotuning results on disk too, so that later steps reuse what earlier ones measured.
-export TRITON_CACHE_AUTOTUNING=${TRITON_CACHE_AUTOTUNING:-1}
 NCPU=$(nproc 2>/dev/null || echo 4)
 DEV=cuda ARCH=resnet50 SIZE=224 PB=(1 256) MT=0.2 PMT=0.05
 CHECK_ARGS=(--device cuda)
+WARMUP_ARGS=(--probe-batch 200)
 TEST_K="cuda or gpu"
 if [ "${SUITE_SMOKE:-0}" = 1 ]; then
   DEV=cpu ARCH=resnet18 SIZE=32 PB=(1 2) MT=0 PMT=0
   CHECK_ARGS=(--device cpu --arch resnet18 --batch 1 --size 32 --dtype fp32)
+  WARMUP_ARGS=(--target sm_90)  # no GPU: the parallel compile only
   TEST_K="test_cpu_falls_back or test_bench_cli"
 fi
 
 TMP=$(mktemp -d)
+# Tuning decisions from empty, in this run's folder (they come back in raw.tar.gz); every step
+# after the warm-up reuses them.
+export RESNET_FUSED_CACHE_DIR=$TMP/tuning
 LOG=$TMP/suite.log
 STEPS=$TMP/steps.tsv
 : >"$STEPS"
@@ -121,9 +127,17 @@ else
   BUILD_PID=$!
 fi
 
-# 3. check -----------------------------------------------------------------------------------
 # Leave a few cores to nvcc while the build runs.
 WORKERS=$((NCPU > 6 ? NCPU - 4 : NCPU))
+
+# 3. warmup (cold, then warm) -----------------------------------------------------------------
+for run in cold warm; do
+  run_step warmup_$run 120 "$PY" -m resnet_fused warmup --arch $ARCH --size $SIZE \
+    --batch "${PB[@]}" --dtype fp16 --workers "$WORKERS" "${WARMUP_ARGS[@]}" \
+    --json "$TMP/warmup_$run.json"
+done
+
+# 4. check -----------------------------------------------------------------------------------
 [ "${SUITE_SMOKE:-0}" = 1 ] && export TRITON_INTERPRET=1
 run_step check 150 "$PY" -m resnet_fused check "${CHECK_ARGS[@]}" --workers "$WORKERS" \
   --time-limit 120 --json "$TMP/check.json" || FAILED=1
@@ -137,26 +151,26 @@ if [ -n "$BUILD_PID" ]; then
   [ "$rc" = 0 ] || FAILED=1
 fi
 
-# 4. tests -----------------------------------------------------------------------------------
+# 5. tests -----------------------------------------------------------------------------------
 XDIST=()
 "$PY" -c "import xdist" 2>/dev/null && [ "$DEV" = cuda ] && XDIST=(-n 8)
 run_step tests 80 "$PY" -m pytest tests/test_ext.py tests/test_cuda_graphs.py \
   tests/test_models_triton.py tests/test_conv_triton.py tests/test_bench.py -k "$TEST_K" \
   -q -rfs -p no:cacheprovider "${XDIST[@]}" --junitxml="$TMP/tests.xml" || FAILED=1
 
-# 5. headline --------------------------------------------------------------------------------
+# 6. headline --------------------------------------------------------------------------------
 run_step headline 150 "$PY" -m resnet_fused bench --device $DEV --arch $ARCH --size $SIZE \
   --batch "${PB[@]}" --dtype fp16 --providers eager,eager_cl,fused:auto,fused+graphs,compile \
   --min-time $MT --json "$TMP/bench.json" --plot "$TMP/bench.png"
 
-# 6. profile ---------------------------------------------------------------------------------
+# 7. profile ---------------------------------------------------------------------------------
 run_step profile_b${PB[0]} 40 "$PY" -m resnet_fused profile --device $DEV --arch $ARCH \
   --size $SIZE --batch ${PB[0]} --dtype fp16 --min-time $PMT --json "$TMP/profile_1.json"
 run_step profile_b${PB[1]} 45 "$PY" -m resnet_fused profile --device $DEV --arch $ARCH \
   --size $SIZE --batch ${PB[1]} --dtype fp16 --min-time $PMT --no-peak \
   --json "$TMP/profile_2.json"
 
-# 7. extra (whatever time is left) -----------------------------------------------------------
+# 8. extra (whatever time is left) -----------------------------------------------------------
 if [ "${SUITE_SMOKE:-0}" != 1 ]; then
   run_step extra_dtypes 120 "$PY" -m resnet_fused bench --device $DEV --arch $ARCH --size $SIZE \
     --batch "${PB[@]}" --dtype bf16 fp32 --providers eager,eager_cl,fused:auto,fused+graphs \
@@ -166,13 +180,14 @@ if [ "${SUITE_SMOKE:-0}" != 1 ]; then
     --json "$TMP/compile.json"
 fi
 
-# 8. report ----------------------------------------------------------------------------------
+# 9. report ----------------------------------------------------------------------------------
 RESULTS=${SUITE_RESULTS_DIR:-benchmarks/results}
 mkdir -p "$RESULTS"
 OUTBASE="$RESULTS/$(date -u +%Y-%m-%d)-$GPU"
 [ -e "$OUTBASE.json" ] && OUTBASE="$OUTBASE-$(date -u +%H%M)"
 timeout 120 "$PY" benchmarks/suite_report.py --out "$OUTBASE" --env "$TMP/env.json" \
   --steps "$STEPS" --tests "$TMP/tests.xml" --check "$TMP/check.json" \
+  --warmup "cold=$TMP/warmup_cold.json" "warm=$TMP/warmup_warm.json" \
   --bench "$TMP/bench.json" "$TMP/bench_dtypes.json" "$TMP/compile.json" \
   --profile "$TMP/profile_1.json" "$TMP/profile_2.json" 2>&1 | tee -a "$LOG"
 [ -f "$TMP/bench.png" ] && cp "$TMP/bench.png" "$OUTBASE.png"

@@ -11,7 +11,7 @@ import argparse
 import json
 import os
 import xml.etree.ElementTree as ET
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 
 def _load(path: Optional[str]) -> Optional[Any]:
@@ -140,6 +140,29 @@ def _check_md(c: Dict[str, Any]) -> List[str]:
     return lines
 
 
+def _warmup_md(runs: List[Tuple[str, Dict[str, Any]]]) -> List[str]:
+    """Cold start: `python -m resnet_fused warmup` from empty caches, then again (warm)."""
+    def num(v, fmt="{:.1f}"):
+        return "-" if v is None else fmt.format(v)
+
+    lines = ["## Cold start: `python -m resnet_fused warmup` (parallel compile, tuning per bucket)",
+             "", "| run | problems | compile jobs | workers | compile s | tune s | command s | "
+             "first forward ms | unseen batch: first / steady ms |",
+             "|---|---:|---:|---:|---:|---:|---:|---|---|"]
+    for name, r in runs:
+        firsts = ", ".join(f"b{b}: {ms:.0f}" for b, ms in r.get("first_forward_ms", {}).items())
+        probe = r.get("probe")
+        probe_s = "-" if not probe else (f"b{probe['batch']}: {probe['first_ms']:.1f} / "
+                                         f"{probe['steady_ms']:.1f} ({probe['ratio']:.2f}x)")
+        lines.append(f"| {name} | {r.get('problems', '-')} | {r.get('jobs', '-')} | "
+                     f"{r.get('workers', '-')} | {num(r.get('compile_seconds'))} | "
+                     f"{num(r.get('tune_seconds'))} | {num(r.get('wall_seconds'))} | "
+                     f"{firsts or '-'} | {probe_s} |")
+        if r.get("errors"):
+            lines += [f"- {name} compile error: {e[:200]}" for e in r["errors"][:5]]
+    return lines + [""]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True, help="output path without extension")
@@ -149,6 +172,7 @@ def main() -> int:
     ap.add_argument("--bench", nargs="*", default=[])
     ap.add_argument("--profile", nargs="*", default=[])
     ap.add_argument("--check")
+    ap.add_argument("--warmup", nargs="*", default=[], help="NAME=PATH of warmup --json reports")
     args = ap.parse_args()
 
     env = _load(args.env) or {}
@@ -157,7 +181,10 @@ def main() -> int:
     benches = [b for b in (_load(p) for p in args.bench) if b]
     profiles = [p for p in (_load(p) for p in args.profile) if p]
     check = _load(args.check)
+    warmups = [(name, r) for name, r in ((a.split("=", 1)[0], _load(a.split("=", 1)[1]))
+                                         for a in args.warmup if "=" in a) if r]
     merged = {"env": env, "steps": steps, "tests": tests, "bench": benches,
+              "warmup": dict(warmups),
               "profiles": profiles,
               "check": None if check is None else {"meta": check["meta"],
                                                    "summary": check["summary"]}}
@@ -178,6 +205,8 @@ def main() -> int:
                f"{tests['errors']} errors, {tests['skipped']} skipped", ""]
         md += [f"- FAILED {t}" for t in tests["failed_tests"]]
         md.append("")
+    if warmups:
+        md += _warmup_md(warmups)
     if check:
         md += _check_md(check)
     for b in benches:

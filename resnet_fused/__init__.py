@@ -6,7 +6,8 @@ from .fold import clear_cache as clear_fold_cache
 from .fuse import fuse
 from .models import *  # noqa: F401,F403
 from .models import __all__ as _models
+from .warm_start import warmup
 
 __version__ = "0.1.0"
 __all__ = ["ops", "fuse", "backend", "set_backend", "get_backend", "BackendUnavailableError",
-           "clear_fold_cache", "cuda_graphs", *_models]
+           "clear_fold_cache", "cuda_graphs", "warmup", *_models]

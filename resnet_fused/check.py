@@ -1,9 +1,9 @@
 """`python -m resnet_fused check`: every Triton kernel config on every distinct conv, against float64.
 
-The autotuner only ever checks the config it picks, on the shapes it meets; a config that
-miscompiles (Triton has a known class of miscompiles for flattened K loops with 8 warps) would
-surface as a wrong answer in some user's model. This sweep runs every config of the candidate
-list that the autotuner could pick for each problem (the same pruning), on every distinct
+Tuning only ever checks the config it picks, on the shapes it meets; a config that miscompiles
+(Triton has a known class of miscompiles for flattened K loops with 8 warps) would surface as a
+wrong answer in some user's model. This sweep runs every config of the candidate list that tuning
+could pick for each problem (the same pruning), on every distinct
 conv -> BN (-> + residual) (-> ReLU) problem of the given ResNets and batch sizes, each against a
 float64 reference under the accuracy rule (resnet_fused/numerics.py), with a NaN planted in the
 input (its spread must match stock PyTorch's exactly).
@@ -11,7 +11,7 @@ input (its spread must match stock PyTorch's exactly).
 One job is one (dtype, config): its kernels compile once and run on every problem. Jobs run in
 worker processes (`--workers`, default one per core, capped by GPU memory): Triton compilation
 is CPU-bound, so a 16-core machine compiles the whole candidate set in parallel, and the compiled
-kernels land in Triton's on-disk cache, where the autotuner and the benchmarks find them later.
+kernels land in Triton's on-disk cache, where tuning and the benchmarks find them later.
 A worker that crashes (a CUDA error poisons its context) fails its own job only.
 
 On CPU, under TRITON_INTERPRET=1, the same sweep runs in Triton's interpreter (slow: use a small
@@ -97,7 +97,7 @@ def problems(archs: Sequence[str], batches: Sequence[int], size: int) -> List[Pr
 
 
 def candidate_configs(family: str, dtype: torch.dtype) -> List[Dict[str, int]]:
-    """The autotuner's candidate list for `family` and `dtype`, as launch dicts."""
+    """The full config list for `family` and `dtype`, as launch dicts."""
     from .backends.triton import conv
     return [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, num_warps=w, num_stages=s)
             for bm, bn, bk, gm, w, s in conv.config_tuples(family, dtype)]

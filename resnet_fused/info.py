@@ -32,6 +32,13 @@ def report() -> str:
     lines.append(f"extension    {extension.status()}")
     lines.append(f"selected     {backends.get_backend()}  (set_backend(), backend(), "
                  f"${backends.ENV_VAR})")
+    from . import tuning
+    try:
+        mode = tuning.mode()
+    except ValueError as e:
+        mode = f"invalid: {e}"
+    lines.append(f"tuning       {mode} (${tuning.MODE_ENV}); decisions on disk in "
+                 f"{tuning.cache_dir()} (${tuning.DIR_ENV})")
     for device in devices:
         lines.append(f"backends on {device.type}: auto -> {backends.auto_choice(device)}")
         for name in backends.NAMES[1:]:
