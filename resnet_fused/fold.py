@@ -4,9 +4,9 @@ fold(conv, bn, dtype, backend) -> (weight, scale, shift): the conv weight in `dt
 `backend`, and BN (eval statistics) as a per-output-channel fp32 scale/shift (fp64 for fp64).
 
 The cache is never stale: an entry remembers the exact tensors it was built from (it holds a
-detached alias, so their memory cannot be reused by another tensor) and their version counters;
-an optimizer step, load_state_dict, .to()/.half() or a training forward (num_batches_tracked)
-changes one of them.
+detached alias, so their memory cannot be reused by another tensor) and their version counters,
+and the plain numbers the fold reads (bn.eps); an optimizer step, load_state_dict, .to()/.half(),
+a training forward (num_batches_tracked), a module swap or `bn.eps = ...` changes one of them.
 The cache lives here, in a weak dict keyed by the conv module, so it is not in the state_dict,
 and deepcopy/pickle of a model never carry it.
 """
@@ -58,12 +58,21 @@ def fold_scale_shift(conv: nn.Conv2d, bn: nn.Module,
     return scale, shift
 
 
+def _numbers(bn: nn.Module) -> Tuple[float, ...]:
+    """The non-tensor inputs of the fold (compared by value)."""
+    return (bn.eps,)
+
+
 class _Entry(NamedTuple):
     sources: Tuple[Optional[torch.Tensor], ...]  # detached aliases: pin the memory
     versions: Tuple[int, ...]
+    numbers: Tuple[float, ...]
     folded: Folded
 
-    def fresh(self, current: Tuple[Optional[torch.Tensor], ...]) -> bool:
+    def fresh(self, current: Tuple[Optional[torch.Tensor], ...],
+              numbers: Tuple[float, ...]) -> bool:
+        if numbers != self.numbers:
+            return False
         for old, new, version in zip(self.sources, current, self.versions):
             if old is None or new is None:
                 if old is not new:
@@ -96,11 +105,12 @@ def fold(conv: nn.Conv2d, bn: nn.Module, dtype: torch.dtype, backend: str) -> Fo
     key = (conv.weight.device, dtype, backend, torch.is_inference_mode_enabled())
     entries = _cache.setdefault(conv, {})
     entry = entries.get(key)
-    if entry is None or not entry.fresh(sources):
+    numbers = _numbers(bn)
+    if entry is None or not entry.fresh(sources, numbers):
         with torch.no_grad():
             folded = _build(conv, bn, dtype, backend, pack=True)
         entry = _Entry(tuple(None if t is None else t.detach() for t in sources),
-                       tuple(0 if t is None else t._version for t in sources), folded)
+                       tuple(0 if t is None else t._version for t in sources), numbers, folded)
         entries[key] = entry
     return entry.folded
 

@@ -105,7 +105,7 @@ def compile_jobs(found, capability: int) -> List:
     for layer, dtype in found:
         args = _kernel_args(layer, dtype, _meta)
         for config in conv.candidates(family, dtype, args["M"], args["C_out"]):
-            jobs.append(aot.job(args, config, capability))
+            jobs += aot.jobs(args, config, capability)
     return jobs
 
 

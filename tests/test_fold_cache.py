@@ -121,3 +121,58 @@ def test_inference_mode_then_autograd(models):
     x = X.clone().requires_grad_()
     fused(x).sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+class _Recorder:
+    """Stands in for a module and records which attributes are read."""
+
+    def __init__(self, module):
+        object.__setattr__(self, "_module", module)
+        object.__setattr__(self, "read", set())
+
+    def __getattr__(self, name):
+        self.read.add(name)
+        return getattr(self._module, name)
+
+
+def _fold_inputs(conv, bn):
+    """Every attribute of conv and bn that building a fold reads (found by running the fold)."""
+    rc, rb = _Recorder(conv), _Recorder(bn)
+    with torch.no_grad():
+        fold_mod._build(rc, rb, torch.float32, "torch", pack=True)
+    return [(conv, name) for name in sorted(rc.read)] + [(bn, name) for name in sorted(rb.read)]
+
+
+def test_every_input_of_the_fold_is_tracked(models):
+    """Change each thing the fold reads, in place, after the cache is warm: the next call must
+    see it. The inputs are enumerated by running the fold, so a field a future fold reads cannot
+    be forgotten here (it would show up as a read this test changes)."""
+    fused, tv = models
+    conv, bn = fused.layer1[0].conv1, fused.layer1[0].bn1
+    bn.running_var.fill_(0.7)  # some eps changes must move the result visibly
+    inputs = _fold_inputs(conv, bn)
+    assert {name for _, name in inputs} >= {"weight", "running_mean", "running_var", "eps"}
+    for module, name in inputs:
+        check(fused, tv)
+        value = getattr(module, name)
+        if value is None:
+            continue
+        if isinstance(value, torch.Tensor):
+            with torch.no_grad():
+                value.mul_(1.5).add_(0.25)
+        elif isinstance(value, float):
+            setattr(module, name, value * 10 + 0.1)
+        else:
+            pytest.fail(f"the fold reads {type(module).__name__}.{name} = {value!r}: teach the "
+                        f"cache (fold._sources / fold._numbers) and this test about it")
+        check(fused, tv)  # tv shares the modules: fails if the cache served the old fold
+
+
+def test_bn_swapped_for_a_new_module(models):
+    fused, tv = models
+    check(fused, tv)
+    torch.manual_seed(3)
+    new = randomize_bn(torch.nn.Sequential(torch.nn.BatchNorm2d(64)), seed=7)[0].eval()
+    fused.layer1[0].bn1 = new
+    tv.layer1[0].bn1 = new
+    check(fused, tv)

@@ -1,14 +1,16 @@
 """The `onednn` backend: CPU fp32 conv_bn_act as ONE oneDNN convolution with fused post-ops.
 
-What is fused: oneDNN runs conv + bias, then (optionally) `+ residual` as a binary post-op, then
-(optionally) ReLU as an eltwise post-op, in one primitive over channels_last activations and a
-weight prepacked once into oneDNN's blocked layout (no per-call weight reorder).
+What is fused: oneDNN runs conv + bias, then (optionally) `+ residual` as a binary post-op, in one
+primitive over channels_last activations and a weight prepacked once into oneDNN's blocked layout
+(no per-call weight reorder). ReLU is an in-place torch.relu_ on the output, not oneDNN's eltwise
+post-op: every eltwise post-op tried (relu, leaky_relu(0), hardtanh(0, inf); torch 2.14) turns NaN
+into 0, where stock ReLU keeps it.
 
 How the contract maps onto it (numerics):
     relu?(conv(x, W) * scale[c] + shift[c] + residual)
   = relu?(conv(x, W') + b[c] + residual)   with W' = W * scale[c] (per output channel), b = shift.
 W' is computed once in fp32 (one rounding per weight element, relative error <= 2^-24), then
-prepacked; the accumulation, the bias, the residual add and the ReLU are fp32 inside oneDNN. This
+prepacked; the accumulation, the bias and the residual add are fp32 inside oneDNN. This
 is exact algebra; only the placement of one rounding differs from the reference composition, which
 is far below the conv's own accumulation error (tests/test_onednn.py checks it against the float64
 reference with randomised BatchNorm under DESIGN.md's rule).
@@ -92,10 +94,9 @@ def _probe_case(ops, g, cin, cout, k, stride, padding, groups, hw, residual, rel
         want = torch.nn.functional.conv2d(x, w, b, stride, padding, 1, groups)
         packed = reorder(w, *args, list(x.shape))
         if not residual:
-            return unary(x, packed, b, *args, "relu" if relu else "none", [], None), act(want)
+            return act(unary(x, packed, b, *args, "none", [], None)), act(want)
         r = torch.randn(want.shape, generator=g).contiguous(memory_format=torch.channels_last)
-        return (binary(x, r, packed, b, *args, "add", None, "relu" if relu else None, [], None),
-                act(want + r))
+        return act(binary(x, r, packed, b, *args, "add", None, None, [], None)), act(want + r)
 
 
 @functools.lru_cache(maxsize=None)
@@ -290,11 +291,15 @@ def conv_bn_act(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shif
         unary, binary, _ = _ops()
         with torch.no_grad():
             if residual is None:
-                return unary(x, blocked, bias, padding, stride, dilation, groups,
-                             "relu" if relu else "none", [], None)
-            residual = residual.contiguous(memory_format=torch.channels_last)  # the output's
-            return binary(x, residual, blocked, bias, padding, stride, dilation, groups, "add",
-                          None, "relu" if relu else None, [], None)
+                out = unary(x, blocked, bias, padding, stride, dilation, groups, "none", [],
+                            None)
+            else:
+                residual = residual.contiguous(memory_format=torch.channels_last)  # the output's
+                out = binary(x, residual, blocked, bias, padding, stride, dilation, groups,
+                             "add", None, None, [], None)
+            # Not oneDNN's relu post-op: it turns NaN into 0 (every eltwise post-op we tried
+            # does); torch.relu_ keeps NaN, as stock, for one more pass over the output.
+            return torch.relu_(out) if relu else out
     except RuntimeError as e:  # e.g. torch 2.11: "could not create a memory" for 1x1 outputs
         _forget_blocked(weight, x.shape, padding, stride, dilation, groups)
         _remember_failure(key, e)

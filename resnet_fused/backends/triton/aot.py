@@ -3,9 +3,10 @@
 `triton.compile(ASTSource(...), target=GPUTarget(...))` runs the whole compiler (TTIR -> PTX ->
 cubin) on the CPU. The source built here carries exactly the signature and specialisation that
 triton.jit derives at a launch with the same arguments (taken from the JIT's own binder; a
-derivation from public facts is the fallback; tests/test_triton_compile.py checks both), so a kernel compiled here lands in Triton's on-disk cache under the key the JIT looks up
-later: the launch then loads a cubin instead of compiling. Compilation is CPU-bound, so `compile_all`
-spreads jobs over worker processes (`spawn`: safe after CUDA was initialised).
+derivation from public facts is the fallback; tests/test_triton_compile.py checks both), so a
+kernel compiled here lands in Triton's on-disk cache under the key the JIT looks up later: the
+launch then loads a cubin instead of compiling. Compilation is CPU-bound, so `compile_all` spreads
+jobs over worker processes (`spawn`: safe after CUDA was initialised).
 """
 from __future__ import annotations
 
@@ -30,6 +31,15 @@ class Job(NamedTuple):
     capability: int      # 90 for sm_90
     num_warps: int
     num_stages: int
+
+
+def jobs(args: Dict, config: Sequence[int], capability: int) -> List[Job]:
+    """Every kernel a launch of `config` on `args` compiles: the main one, and the fix-up where
+    the problem needs it (conv.launch)."""
+    main = job(args, config, capability)
+    if not conv.tile_args(args, config[1])["EXACT_NONFINITE"]:
+        return [main]
+    return [main, job(dict(args, FIXUP=True), config, capability)]
 
 
 def job(args: Dict, config: Sequence[int], capability: int) -> Job:

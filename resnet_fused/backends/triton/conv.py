@@ -23,6 +23,12 @@ case the tile's K range spans those groups' input channels and B is masked block
 32x4d layer runs as dense MMA tiles (more MACs than needed, but grouped convs are memory bound and
 tensor cores are otherwise idle there).
 
+NaN/Inf exactly as stock: a multi-group tile would leak a NaN (0 * NaN) across groups, and 3xTF32
+turns Inf into NaN (Inf - Inf). Such problems (EXACT_NONFINITE) get a second, FIXUP launch: the
+first flags each tile whose accumulator is non-finite, the second recomputes only those tiles
+group by group in IEEE precision (other programs exit at once). A separate launch, because the
+recompute inside the main kernel raised its register pressure and spilled inside the K loop.
+
 Trade-offs
     - A is gathered with pointer arithmetic, not TMA descriptors: works for any stride/padding/
       dilation and any input strides (NCHW included, slower but correct) on Ampere and Hopper alike.
@@ -62,6 +68,7 @@ _INT32_MAX = 2**31 - 1
 def conv_bn_act_kernel(
     # tensors
     x_ptr, w_ptr, scale_ptr, shift_ptr, res_ptr, out_ptr,
+    flag_ptr,                    # EXACT_NONFINITE: one int32 per program, "this tile met NaN/Inf"
     # problem shape (M is not specialised: a new batch size reuses the compiled kernel)
     M, C_in, C_out, groups, CIN_G, COUT_G,
     H, W, OH, OW,
@@ -80,6 +87,8 @@ def conv_bn_act_kernel(
     HAS_RES: tl.constexpr, RELU: tl.constexpr,
     PRECISION: tl.constexpr,     # tl.dot input precision: "tf32x3" or "ieee" (fp32 operands only)
     UPCAST: tl.constexpr,        # interpreter only: bf16 operands to fp32 before tl.dot
+    EXACT_NONFINITE: tl.constexpr,  # flag tiles that met NaN/Inf, for the FIXUP launch
+    FIXUP: tl.constexpr,         # the second launch: recompute flagged tiles exactly
     # tile configuration (autotuned)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -124,75 +133,116 @@ def conv_bn_act_kernel(
 
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     rk = tl.arange(0, BLOCK_K)
-    if KH * KW == 1:
-        # 1x1: the input row of every pixel is fixed; loop over channel blocks only.
-        row_ok = m_mask & (ih0 >= 0) & (ih0 < H) & (iw0 >= 0) & (iw0 < W)
-        for c0 in range(0, KC, BLOCK_K):
-            kc = c0 + rk
-            a = tl.load(x_ptr + (x_row[:, None] + (kc * sx_c)[None, :]),
-                        mask=row_ok[:, None] & (kc < KC)[None, :], other=0.0)
-            b = tl.load(w_ptr + (w_col[None, :] + (kc * sw_i)[:, None]),
-                        mask=(kc[:, None] >= lo[None, :]) & (kc[:, None] < hi[None, :])
-                        & n_mask[None, :], other=0.0)
-            if UPCAST:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision=PRECISION)
-    elif FLAT_K:
-        # K index k = tap * KC + kc, decomposed per element: no channel padding (stem: K = 147).
-        K_total = KH * KW * KC
-        for k0 in range(0, K_total, BLOCK_K):
-            k = k0 + rk
-            tap = k // KC
-            kc = k - tap * KC
-            kh = tap // KW
-            kw = tap - kh * KW
-            dh = kh * dil_h
-            dw = kw * dil_w
-            ih = ih0[:, None] + dh[None, :]
-            iw = iw0[:, None] + dw[None, :]
-            a_mask = (m_mask[:, None] & (k < K_total)[None, :]
-                      & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))
-            a_off = x_row[:, None] + (dh.to(tl.int64) * sx_h + dw.to(tl.int64) * sx_w
-                                      + kc * sx_c)[None, :]
-            a = tl.load(x_ptr + a_off, mask=a_mask, other=0.0)
-            b_mask = ((k < K_total)[:, None] & (kc[:, None] >= lo[None, :])
-                      & (kc[:, None] < hi[None, :]) & n_mask[None, :])
-            b = tl.load(w_ptr + (w_col[None, :] + (kc * sw_i + kh * sw_h + kw * sw_w)[:, None]),
-                        mask=b_mask, other=0.0)
-            if UPCAST:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    store_rows = m_mask      # a fix-up program stores only a tile it recomputed
+    if FIXUP:
+        # EXACT_NONFINITE problems get a second launch. A tile spanning several groups multiplies
+        # every input channel of the tile with every column, other groups' columns through zero
+        # weights: 0 * NaN = NaN (and 0 * Inf) leaks across groups; 3xTF32 splits Inf into
+        # Inf - Inf = NaN. Either shows only where the accumulator is non-finite, so the first
+        # launch flags such tiles (NaN/Inf inputs: rare) and this one recomputes them, one group
+        # at a time over that group's channels only, in IEEE precision: NaN and Inf land
+        # exactly where stock's convolution puts them. Unflagged programs do nothing.
+        tile_bad = tl.load(flag_ptr + pid)
+        if tile_bad != 0:
+            nck_g = (CIN_G + BLOCK_K - 1) // BLOCK_K
+            col_group = col // COUT_G                  # group of each column within the tile
+            for j in range(0, GPT):
+                acc_j = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+                for it in range(0, KH * KW * nck_g):
+                    tap = it // nck_g
+                    kc = j * CIN_G + (it - tap * nck_g) * BLOCK_K + rk
+                    k_ok = (kc < (j + 1) * CIN_G) & (kc < KC)
+                    kh = tap // KW
+                    kw = tap - kh * KW
+                    ih = ih0 + kh * dil_h
+                    iw = iw0 + kw * dil_w
+                    row_ok = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                    tap_x = (kh * dil_h).to(tl.int64) * sx_h + (kw * dil_w).to(tl.int64) * sx_w
+                    a = tl.load(x_ptr + (x_row[:, None] + tap_x + (kc * sx_c)[None, :]),
+                                mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                    b = tl.load(w_ptr + (w_col[None, :] + (kh * sw_h + kw * sw_w)
+                                         + (kc * sw_i)[:, None]),
+                                mask=(kc[:, None] >= lo[None, :]) & (kc[:, None] < hi[None, :])
+                                & k_ok[:, None] & n_mask[None, :], other=0.0)
+                    if UPCAST:
+                        a = a.to(tl.float32)
+                        b = b.to(tl.float32)
+                    acc_j = tl.dot(a, b, acc_j, input_precision="ieee")
+                acc = tl.where((col_group == j)[None, :], acc_j, acc)
+        store_rows = m_mask & (tile_bad != 0)
     else:
-        # KxK: one flat loop over (tap, channel block) so the pipeliner sees a single loop.
-        nck = (KC + BLOCK_K - 1) // BLOCK_K
-        for it in range(0, KH * KW * nck):
-            tap = it // nck
-            c0 = (it - tap * nck) * BLOCK_K
-            kh = tap // KW
-            kw = tap - kh * KW
-            ih = ih0 + kh * dil_h
-            iw = iw0 + kw * dil_w
-            row_ok = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            tap_x = (kh * dil_h).to(tl.int64) * sx_h + (kw * dil_w).to(tl.int64) * sx_w
-            kc = c0 + rk
-            a = tl.load(x_ptr + (x_row[:, None] + tap_x + (kc * sx_c)[None, :]),
-                        mask=row_ok[:, None] & (kc < KC)[None, :], other=0.0)
-            b = tl.load(w_ptr + (w_col[None, :] + (kh * sw_h + kw * sw_w)
-                                 + (kc * sw_i)[:, None]),
-                        mask=(kc[:, None] >= lo[None, :]) & (kc[:, None] < hi[None, :])
-                        & n_mask[None, :], other=0.0)
-            if UPCAST:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        if KH * KW == 1:
+            # 1x1: the input row of every pixel is fixed; loop over channel blocks only.
+            row_ok = m_mask & (ih0 >= 0) & (ih0 < H) & (iw0 >= 0) & (iw0 < W)
+            for c0 in range(0, KC, BLOCK_K):
+                kc = c0 + rk
+                a = tl.load(x_ptr + (x_row[:, None] + (kc * sx_c)[None, :]),
+                            mask=row_ok[:, None] & (kc < KC)[None, :], other=0.0)
+                b = tl.load(w_ptr + (w_col[None, :] + (kc * sw_i)[:, None]),
+                            mask=(kc[:, None] >= lo[None, :]) & (kc[:, None] < hi[None, :])
+                            & n_mask[None, :], other=0.0)
+                if UPCAST:
+                    a = a.to(tl.float32)
+                    b = b.to(tl.float32)
+                acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        elif FLAT_K:
+            # K index k = tap * KC + kc, decomposed per element: no channel padding (stem: K = 147).
+            K_total = KH * KW * KC
+            for k0 in range(0, K_total, BLOCK_K):
+                k = k0 + rk
+                tap = k // KC
+                kc = k - tap * KC
+                kh = tap // KW
+                kw = tap - kh * KW
+                dh = kh * dil_h
+                dw = kw * dil_w
+                ih = ih0[:, None] + dh[None, :]
+                iw = iw0[:, None] + dw[None, :]
+                a_mask = (m_mask[:, None] & (k < K_total)[None, :]
+                          & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))
+                a_off = x_row[:, None] + (dh.to(tl.int64) * sx_h + dw.to(tl.int64) * sx_w
+                                          + kc * sx_c)[None, :]
+                a = tl.load(x_ptr + a_off, mask=a_mask, other=0.0)
+                b_mask = ((k < K_total)[:, None] & (kc[:, None] >= lo[None, :])
+                          & (kc[:, None] < hi[None, :]) & n_mask[None, :])
+                b = tl.load(w_ptr + (w_col[None, :] + (kc * sw_i + kh * sw_h + kw * sw_w)[:, None]),
+                            mask=b_mask, other=0.0)
+                if UPCAST:
+                    a = a.to(tl.float32)
+                    b = b.to(tl.float32)
+                acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        else:
+            # KxK: one flat loop over (tap, channel block) so the pipeliner sees a single loop.
+            nck = (KC + BLOCK_K - 1) // BLOCK_K
+            for it in range(0, KH * KW * nck):
+                tap = it // nck
+                c0 = (it - tap * nck) * BLOCK_K
+                kh = tap // KW
+                kw = tap - kh * KW
+                ih = ih0 + kh * dil_h
+                iw = iw0 + kw * dil_w
+                row_ok = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                tap_x = (kh * dil_h).to(tl.int64) * sx_h + (kw * dil_w).to(tl.int64) * sx_w
+                kc = c0 + rk
+                a = tl.load(x_ptr + (x_row[:, None] + tap_x + (kc * sx_c)[None, :]),
+                            mask=row_ok[:, None] & (kc < KC)[None, :], other=0.0)
+                b = tl.load(w_ptr + (w_col[None, :] + (kh * sw_h + kw * sw_w)
+                                     + (kc * sw_i)[:, None]),
+                            mask=(kc[:, None] >= lo[None, :]) & (kc[:, None] < hi[None, :])
+                            & n_mask[None, :], other=0.0)
+                if UPCAST:
+                    a = a.to(tl.float32)
+                    b = b.to(tl.float32)
+                acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        if EXACT_NONFINITE:
+            bad = ((acc != acc) | (acc == float("inf")) | (acc == -float("inf"))).to(tl.int32)
+            tl.store(flag_ptr + pid, tl.reduce(bad, None, _MAX_COMBINE))
 
     # ---- epilogue on the fp32 accumulator: scale, shift, (+ residual), (ReLU); one cast, one store
     scale = tl.load(scale_ptr + co, mask=n_mask, other=0.0)
     shift = tl.load(shift_ptr + co, mask=n_mask, other=0.0)
     y = acc * scale[None, :] + shift[None, :]
-    mask = m_mask[:, None] & n_mask[None, :]
+    mask = store_rows[:, None] & n_mask[None, :]
     if HAS_RES:
         r_row = (n.to(tl.int64) * sr_n + oh.to(tl.int64) * sr_h + ow.to(tl.int64) * sr_w)
         r = tl.load(res_ptr + (r_row[:, None] + co.to(tl.int64)[None, :] * sr_c), mask=mask,
@@ -202,6 +252,12 @@ def conv_bn_act_kernel(
         y = tl.where(y < 0.0, 0.0, y)   # keeps NaN, as torch.relu does
     out_off = offs_m.to(tl.int64)[:, None] * C_out + co[None, :]   # channels_last, contiguous
     tl.store(out_ptr + out_off, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# tl.max is a jit function, which a kernel interpreted in a process that imported Triton without
+# TRITON_INTERPRET cannot call; tl.reduce is a builtin, given here the combine function tl.max
+# itself passes (the interpreter runs that one as numpy's max; tests cover both modes).
+_MAX_COMBINE = tl.standard._elementwise_max
 
 
 # ----------------------------------------------------------------------------------------------
@@ -259,9 +315,12 @@ def config_tuples(family: str, dtype: torch.dtype) -> List[Tuple[int, ...]]:
 
 
 def tile_args(args: Dict, block_n: int) -> Dict[str, int]:
-    """GPT (whole groups per N tile, >= 1) and KC_TILE (input channels per tile and tap)."""
+    """GPT (whole groups per N tile, >= 1), KC_TILE (input channels per tile and tap), and
+    whether tiles that meet NaN/Inf need the exact fix-up launch (several groups per tile, or
+    3xTF32)."""
     gpt = max(block_n // args["COUT_G"], 1)
-    return {"GPT": gpt, "KC_TILE": gpt * args["CIN_G"]}
+    exact = (gpt > 1 and args["groups"] > 1) or args["PRECISION"] == "tf32x3"
+    return {"GPT": gpt, "KC_TILE": gpt * args["CIN_G"], "EXACT_NONFINITE": exact}
 
 
 def candidates(family: str, dtype: torch.dtype, m: int, c_out: int) -> List[Tuple[int, ...]]:
@@ -352,12 +411,20 @@ def jit_kernel(interpret: bool = False):
 
 
 def launch(args: Dict, config: Sequence[int], interpret: bool) -> None:
-    """One launch of the kernel with tile `config` (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps,
-    stages) on `args` (from kernel_args)."""
+    """The kernel with tile `config` (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages) on
+    `args` (from kernel_args): one launch, or two where NaN/Inf need the exact fix-up."""
     bm, bn, bk, gm, warps, stages = config
-    jit_kernel(interpret)[(programs(args, config),)](
-        **args, **tile_args(args, bn), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm,
-        num_warps=warps, num_stages=stages)
+    grid = (programs(args, config),)
+    meta = dict(**tile_args(args, bn), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm,
+                num_warps=warps, num_stages=stages)
+    kernel = jit_kernel(interpret)
+    if not meta["EXACT_NONFINITE"]:
+        kernel[grid](**args, **meta)
+        return
+    out = args["out_ptr"]
+    flags = torch.empty(grid[0], dtype=torch.int32, device=out.device)  # every program writes
+    kernel[grid](**dict(args, flag_ptr=flags), **meta)
+    kernel[grid](**dict(args, flag_ptr=flags, FIXUP=True), **meta)
 
 
 def time_config(args: Dict, config: Sequence[int]) -> float:
@@ -417,6 +484,7 @@ def kernel_args(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shif
     fp32 = x.dtype == torch.float32
     return dict(
         x_ptr=x, w_ptr=weight, scale_ptr=scale, shift_ptr=shift, res_ptr=res, out_ptr=out,
+        flag_ptr=out,   # launch() passes a flag buffer where the problem needs one
         M=n * oh * ow, C_in=c_in, C_out=c_out, groups=groups, CIN_G=cin_g, COUT_G=c_out // groups,
         H=h, W=w, OH=oh, OW=ow,
         stride_h=stride[0], stride_w=stride[1], pad_h=padding[0], pad_w=padding[1],
@@ -432,6 +500,7 @@ def kernel_args(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shif
         # cuDNN's 4e-7..1.4e-3). tf32x3 (three MMAs on the split operands) is fp32-accurate.
         PRECISION="tf32x3" if fp32 and torch.backends.cudnn.allow_tf32 else "ieee",
         UPCAST=interpret and x.dtype == torch.bfloat16,
+        FIXUP=False,
     )
 
 
