@@ -13,7 +13,7 @@ from torch import nn
 
 from . import backends, extension
 from .fold import fold, foldable
-from .ops import conv_bn_act
+from .ops import apply, conv_bn_act, out_hw
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -30,6 +30,31 @@ def fusable(conv: nn.Module, bn: nn.Module) -> bool:
             and not isinstance(conv.padding, str) and not bn.training and foldable(bn))
 
 
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+_GLOBAL_HOOK_DICTS = ("_global_forward_hooks", "_global_forward_pre_hooks",
+                      "_global_backward_hooks", "_global_backward_pre_hooks")
+
+
+def observed(*modules: Optional[nn.Module]) -> bool:
+    """True when calling the modules would do more than their math: hooks on any of them or
+    global module hooks, which a fused call would skip. (nn.Module keeps hooks in private dicts;
+    a torch without them counts as hooked: unfused but correct.)"""
+    registry = torch.nn.modules.module
+    if any(getattr(registry, name, True) for name in _GLOBAL_HOOK_DICTS):
+        return True
+    return any(m is not None and any(getattr(m, name, True) for name in _HOOK_DICTS)
+               for m in modules)
+
+
+def module_chain(conv: nn.Module, bn: nn.Module, x: torch.Tensor,
+                 residual: Optional[torch.Tensor], act: Optional[nn.Module]) -> torch.Tensor:
+    """Exactly torchvision's sequence of module calls (hooks fire, any activation module)."""
+    out = bn(conv(x))
+    if residual is not None:
+        out = out + residual
+    return act(out) if act is not None else out
+
+
 def train_chain(conv: nn.Module, bn: nn.Module, x: torch.Tensor,
                 residual: Optional[torch.Tensor], relu: bool) -> torch.Tensor:
     """torchvision's semantics: conv, bn, += residual, relu. With a plain nn.BatchNorm2d in
@@ -44,15 +69,43 @@ def train_chain(conv: nn.Module, bn: nn.Module, x: torch.Tensor,
     return torch.relu(out) if relu else out
 
 
-def conv_bn(conv: nn.Module, bn: nn.Module, x: torch.Tensor, *,
-            residual: Optional[torch.Tensor] = None, relu: bool = True) -> torch.Tensor:
+def conv_bn(conv: nn.Module, bn: nn.Module, x: torch.Tensor,
+            residual: Optional[torch.Tensor] = None,
+            act: Optional[nn.Module] = None) -> torch.Tensor:
+    """One chain of a torchvision ResNet: act?(bn(conv(x)) + residual), `act` the block's ReLU
+    module (None: no activation). One rule for train and eval: hooks on conv, bn or act (or
+    global module hooks), or an activation that is not nn.ReLU, run the module sequence as
+    torchvision does; otherwise eval with a foldable BN is one fused conv_bn_act call, and train
+    runs train_chain (fused BN+ReLU where the extension allows)."""
+    if observed(conv, bn, act) or (act is not None and type(act) is not nn.ReLU):
+        return module_chain(conv, bn, x, residual, act)
+    relu = act is not None
     if not fusable(conv, bn):
         return train_chain(conv, bn, x, residual, relu)
     dtype = compute_dtype(x)
     if x.dtype != conv.weight.dtype and not torch.is_autocast_enabled(x.device.type):
         raise TypeError(f"resnet_fused: expected input dtype {conv.weight.dtype} (the model's "
                         f"parameters), got {x.dtype}")
-    weight, scale, shift = fold(conv, bn, dtype, backends.resolve(x.device))
-    return conv_bn_act(x, weight, scale, shift, residual=residual, stride=conv.stride,
-                       padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
-                       relu=relu)
+    backend = backends.resolve(x.device)
+    weight, scale, shift = fold(conv, bn, dtype, backend)
+    if dtype != x.dtype or not _consistent(conv, x, residual):
+        # autocast casts, and odd inputs get the op's full checks and clear errors
+        return conv_bn_act(x, weight, scale, shift, residual=residual, stride=conv.stride,
+                           padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
+                           relu=relu)
+    return apply(x, weight, scale, shift, residual, list(conv.stride), list(conv.padding),
+                 list(conv.dilation), conv.groups, relu, backend)
+
+
+def _consistent(conv: nn.Conv2d, x: torch.Tensor, residual: Optional[torch.Tensor]) -> bool:
+    """The few facts the fold does not already guarantee (the weight, scale and shift are built
+    from conv/bn on conv's device): a 4-D x with conv's channels on its device, and a residual
+    of the output's shape, dtype and device."""
+    if x.dim() != 4 or x.shape[1] != conv.in_channels or x.device != conv.weight.device:
+        return False
+    if residual is None:
+        return True
+    if residual.dtype != x.dtype or residual.device != x.device:
+        return False
+    return tuple(residual.shape) == (x.shape[0], conv.out_channels, *out_hw(
+        x.shape[2], x.shape[3], conv.kernel_size, conv.stride, conv.padding, conv.dilation))

@@ -29,7 +29,8 @@ def _pair(v: IntOr2, what: str) -> List[int]:
     return v
 
 
-def _out_hw(h: int, w: int, k: Sequence[int], stride, padding, dilation) -> Tuple[int, int]:
+def out_hw(h: int, w: int, k: Sequence[int], stride, padding, dilation) -> Tuple[int, int]:
+    """Output height and width of a conv (the one formula for it)."""
     return tuple((size + 2 * p - d * (kk - 1) - 1) // s + 1
                  for size, kk, s, p, d in zip((h, w), k, stride, padding, dilation))
 
@@ -90,7 +91,7 @@ def check_inputs(x, weight, scale, shift, residual, stride, padding, dilation, g
             raise ValueError(f"conv_bn_act: {name} must be >= 1, got {v}")
     if min(padding) < 0:
         raise ValueError(f"conv_bn_act: padding must be >= 0, got {padding}")
-    oh, ow = _out_hw(x.shape[2], x.shape[3], weight.shape[2:], stride, padding, dilation)
+    oh, ow = out_hw(x.shape[2], x.shape[3], weight.shape[2:], stride, padding, dilation)
     if oh < 1 or ow < 1:
         raise ValueError(f"conv_bn_act: input {shape(x)} is too small for kernel "
                          f"{tuple(weight.shape[2:])} with padding {padding}, dilation {dilation}")
@@ -104,25 +105,64 @@ def check_inputs(x, weight, scale, shift, residual, stride, padding, dilation, g
                             f"{residual.dtype}")
 
 
-@torch.library.custom_op("resnet_fused::conv_bn_act", mutates_args=())
-def _conv_bn_act_op(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
-                    shift: torch.Tensor, residual: Optional[torch.Tensor], stride: List[int],
-                    padding: List[int], dilation: List[int], groups: int,
-                    relu: bool) -> torch.Tensor:
-    name = backends.resolve(x.device)
-    out = backends.load(name).conv_bn_act(x, weight, scale, shift, residual, stride, padding,
-                                          dilation, groups, relu)
-    # The contract's output: a fresh channels_last tensor (fake kernel and real agree on strides;
-    # DESIGN.md: never alias x/residual). Backends that allocate it so cost nothing here.
+def run(backend: str, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+        shift: torch.Tensor, residual: Optional[torch.Tensor], stride: List[int],
+        padding: List[int], dilation: List[int], groups: int, relu: bool) -> torch.Tensor:
+    """Backend `backend` on checked arguments, returning the contract's output: a fresh
+    channels_last tensor (the fake kernel and the real one agree on strides; it never aliases
+    x or the residual). Backends that allocate it so cost nothing here."""
+    out = backends.load(backend).conv_bn_act(x, weight, scale, shift, residual, stride, padding,
+                                             dilation, groups, relu)
     if out.stride() != channels_last_strides(out.shape) or out is x or out is residual:
         out = torch.empty(out.shape, dtype=out.dtype, device=out.device,
                           memory_format=torch.channels_last).copy_(out)
     return out
 
 
+@torch.library.custom_op("resnet_fused::conv_bn_act", mutates_args=())
+def _conv_bn_act_op(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                    shift: torch.Tensor, residual: Optional[torch.Tensor], stride: List[int],
+                    padding: List[int], dilation: List[int], groups: int,
+                    relu: bool) -> torch.Tensor:
+    return run(backends.resolve(x.device), x, weight, scale, shift, residual, stride, padding,
+               dilation, groups, relu)
+
+
+def _dispatch_modes_active() -> bool:
+    length = getattr(torch._C, "_len_torch_dispatch_stack", None)  # private: assume a mode
+    return length is None or length() > 0
+
+
+def plain_eager(*tensors: Optional[torch.Tensor]) -> bool:
+    """True when dispatching through the custom op adds nothing but host time: plain tensors, no
+    autograd to record, no tracing, compiling, __torch_function__ or dispatch mode."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return False
+    present = [t for t in tensors if t is not None]
+    if any(type(t) is not torch.Tensor for t in present):
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in present):
+        return False
+    return not torch.overrides.has_torch_function(present) and not _dispatch_modes_active()
+
+
+def apply(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+          residual: Optional[torch.Tensor], stride: List[int], padding: List[int],
+          dilation: List[int], groups: int, relu: bool,
+          backend: Optional[str] = None) -> torch.Tensor:
+    """The op on checked arguments: the backend directly in plain eager (`backend`, resolved by
+    the caller, saves resolving it again), else the registered custom op (autograd, compile,
+    export, tracing, modes)."""
+    if plain_eager(x, weight, scale, shift, residual):
+        return run(backend or backends.resolve(x.device), x, weight, scale, shift, residual,
+                   stride, padding, dilation, groups, relu)
+    return _conv_bn_act_op(x, weight, scale, shift, residual, stride, padding, dilation, groups,
+                           relu)
+
+
 @_conv_bn_act_op.register_fake
 def _(x, weight, scale, shift, residual, stride, padding, dilation, groups, relu):
-    oh, ow = _out_hw(x.shape[2], x.shape[3], weight.shape[2:], stride, padding, dilation)
+    oh, ow = out_hw(x.shape[2], x.shape[3], weight.shape[2:], stride, padding, dilation)
     return torch.empty((x.shape[0], weight.shape[0], oh, ow), dtype=x.dtype, device=x.device,
                        memory_format=torch.channels_last)
 
@@ -181,5 +221,4 @@ def conv_bn_act(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shif
             x, weight = x.to(dtype), weight.to(dtype)
             residual = None if residual is None else residual.to(dtype)
     check_inputs(x, weight, scale, shift, residual, stride, padding, dilation, groups)
-    return _conv_bn_act_op(x, weight, scale, shift, residual, stride, padding, dilation, groups,
-                           relu)
+    return apply(x, weight, scale, shift, residual, stride, padding, dilation, groups, relu)

@@ -23,6 +23,42 @@ def test_default_is_auto_and_context_manager_restores():
     assert resnet_fused.get_backend() == "auto"
 
 
+def test_backend_blocks_are_per_thread_and_set_backend_is_the_default():
+    """Two threads whose `with backend()` blocks interleave each see their own choice, and
+    neither leaves it behind; set_backend() sets the default every thread starts from."""
+    import threading
+    inside, done = threading.Barrier(2), threading.Barrier(2)
+    seen = {}
+
+    def worker(name):
+        with resnet_fused.backend(name):
+            inside.wait()   # both blocks entered
+            seen[name] = resnet_fused.get_backend()
+            done.wait()     # both read before either leaves
+        seen[name + " after"] = resnet_fused.get_backend()
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in ("torch", "auto")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen == {"torch": "torch", "auto": "auto", "torch after": "auto",
+                    "auto after": "auto"}
+    assert resnet_fused.get_backend() == "auto"
+    try:
+        resnet_fused.set_backend("torch")
+        other = []
+        t = threading.Thread(target=lambda: other.append(resnet_fused.get_backend()))
+        t.start()
+        t.join()
+        assert other == ["torch"]
+        with resnet_fused.backend("auto"):
+            assert resnet_fused.get_backend() == "auto"  # the block wins inside it
+        assert resnet_fused.get_backend() == "torch"
+    finally:
+        resnet_fused.set_backend("auto")
+
+
 def test_unknown_backend_name():
     with pytest.raises(ValueError, match=r"unknown resnet_fused backend 'cudnn'; expected one of "
                                          r"auto, triton, cuda, .*torch"):

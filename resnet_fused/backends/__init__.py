@@ -14,6 +14,7 @@ extension and never touches the GPU.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import importlib
 import os
 from types import ModuleType
@@ -37,9 +38,15 @@ def _check_name(name: str) -> str:
     return name
 
 
+_loaded: dict = {}
+
+
 def load(name: str) -> ModuleType:
-    """The backend module `name` (not 'auto')."""
-    return importlib.import_module(_MODULES[_check_name(name)])
+    """The backend module `name` (not 'auto'); imported on first use (hot path: a dict hit)."""
+    module = _loaded.get(name)
+    if module is None:
+        module = _loaded[name] = importlib.import_module(_MODULES[_check_name(name)])
+    return module
 
 
 def unavailable_reason(name: str, device: Optional[torch.device] = None) -> Optional[str]:
@@ -59,38 +66,48 @@ def _require(name: str, device: Optional[torch.device] = None) -> None:
         raise BackendUnavailableError(f"resnet_fused backend {name!r} is unavailable{where}: {reason}")
 
 
-_current: Optional[str] = None  # None: not chosen yet; read from the env var on first use
+# The process default (set_backend(), else $RESNET_FUSED_BACKEND, else 'auto'), and the selection
+# of `with backend(...)`, local to the thread / asyncio task that entered it (a context variable),
+# so concurrent blocks never see each other's choice.
+_default: Optional[str] = None
+_scoped: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("resnet_fused_backend",
+                                                                       default=None)
 
 
 def get_backend() -> str:
-    """The selected backend name: set_backend()/backend(), else $RESNET_FUSED_BACKEND, else 'auto'."""
-    global _current
-    if _current is None:
+    """The selected backend name: the innermost `with backend(...)` of this thread/context, else
+    set_backend()'s process default, else $RESNET_FUSED_BACKEND, else 'auto'."""
+    global _default
+    scoped = _scoped.get()
+    if scoped is not None:
+        return scoped
+    if _default is None:
         name = os.environ.get(ENV_VAR, "auto").strip() or "auto"
         try:
             _check_name(name)
         except ValueError as e:
             raise ValueError(f"${ENV_VAR}: {e}") from None
-        _current = name
-    return _current
+        _default = name
+    return _default
 
 
 def set_backend(name: str) -> None:
-    """Select the backend for every later conv_bn_act call. Raises if it cannot run here at all."""
-    global _current
+    """Set the process default for every later conv_bn_act call (all threads; a `with backend()`
+    block still wins inside it). Raises if the backend cannot run here at all."""
+    global _default
     _require(_check_name(name))
-    _current = name
+    _default = name
 
 
 @contextlib.contextmanager
 def backend(name: str) -> Iterator[None]:
-    """Context manager: `with resnet_fused.backend("torch"): ...`."""
-    previous = get_backend()
-    set_backend(name)
+    """`with resnet_fused.backend("torch"): ...`: the selection for this thread / context only."""
+    _require(_check_name(name))
+    token = _scoped.set(name)
     try:
         yield
     finally:
-        set_backend(previous)
+        _scoped.reset(token)
 
 
 def auto_choice(device: torch.device) -> str:

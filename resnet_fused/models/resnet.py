@@ -10,7 +10,7 @@ from typing import Any, Callable, List, Optional, Type, Union
 import torch
 from torch import Tensor, nn
 
-from ..layers import conv_bn
+from ..layers import conv_bn, observed
 from .weights import load_weights
 
 __all__ = ["ResNet", "BasicBlock", "Bottleneck", "resnet18", "resnet34", "resnet50", "resnet101",
@@ -32,9 +32,9 @@ def _shortcut(downsample: Optional[nn.Module], x: Tensor) -> Tensor:
     """The identity branch: x, or the downsample as one fused chain without ReLU."""
     if downsample is None:
         return x
-    if isinstance(downsample, nn.Sequential) and len(downsample) == 2:
-        return conv_bn(downsample[0], downsample[1], x, relu=False)
-    return downsample(x)
+    if type(downsample) is nn.Sequential and len(downsample) == 2 and not observed(downsample):
+        return conv_bn(downsample[0], downsample[1], x)
+    return downsample(x)  # hooked, or not torchvision's (conv, norm) pair: as torchvision
 
 
 class BasicBlock(nn.Module):
@@ -61,8 +61,9 @@ class BasicBlock(nn.Module):
         self.stride = stride
 
     def forward(self, x: Tensor) -> Tensor:
-        out = conv_bn(self.conv1, self.bn1, x)
-        return conv_bn(self.conv2, self.bn2, out, residual=_shortcut(self.downsample, x))
+        out = conv_bn(self.conv1, self.bn1, x, act=self.relu)
+        return conv_bn(self.conv2, self.bn2, out, residual=_shortcut(self.downsample, x),
+                       act=self.relu)
 
 
 class Bottleneck(nn.Module):
@@ -87,9 +88,10 @@ class Bottleneck(nn.Module):
         self.stride = stride
 
     def forward(self, x: Tensor) -> Tensor:
-        out = conv_bn(self.conv1, self.bn1, x)
-        out = conv_bn(self.conv2, self.bn2, out)
-        return conv_bn(self.conv3, self.bn3, out, residual=_shortcut(self.downsample, x))
+        out = conv_bn(self.conv1, self.bn1, x, act=self.relu)
+        out = conv_bn(self.conv2, self.bn2, out, act=self.relu)
+        return conv_bn(self.conv3, self.bn3, out, residual=_shortcut(self.downsample, x),
+                       act=self.relu)
 
 
 class ResNet(nn.Module):
@@ -181,7 +183,7 @@ class ResNet(nn.Module):
         self._check_input(x)
         if not self.training:  # the fused kernels want NHWC; convert once here
             x = x.contiguous(memory_format=torch.channels_last)
-        x = conv_bn(self.conv1, self.bn1, x)
+        x = conv_bn(self.conv1, self.bn1, x, act=self.relu)
         x = self.maxpool(x)
         x = self.layer1(x)
         x = self.layer2(x)
