@@ -21,8 +21,9 @@ $(BUILT): $(DEPS) setup.py pyproject.toml $(EXT_SOURCES)
 
 install: $(BUILT)
 
+# Writes the table, and (git-ignored) bench-out/bench.json and bench-out/bench.png; ARGS override.
 bench: $(BUILT)
-	$(PY) -m resnet_fused bench $(ARGS)
+	$(PY) -m resnet_fused bench --json bench-out/bench.json --plot bench-out/bench.png $(ARGS)
 
 test: $(BUILT)
 	$(PY) -m pytest tests benchmarks --benchmark-disable -q $(ARGS)

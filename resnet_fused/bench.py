@@ -35,7 +35,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from . import backends
+from . import backends, cli
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
           "fp64": torch.float64}
@@ -467,8 +467,8 @@ def plot(report: Dict[str, Any], path: str) -> None:
 
 # --------------------------------------------------------------------------------- CLI -----
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--arch", default="resnet50", help="torchvision ResNet builder (resnet50)")
-    p.add_argument("--batch", type=int, nargs="+", default=None,
+    cli.add_arch(p, default="resnet50")
+    p.add_argument("--batch", type=cli.positive_int, nargs="+", default=None,
                    help="batch sizes (default: 8 on cpu, 1 and 256 on cuda)")
     p.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=None,
                    help="dtypes (default: fp32 on cpu, fp16 on cuda)")
@@ -476,13 +476,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma list of: eager, eager_cl, compile, compile_max, jit_ofi, fused "
                         "(every available backend), fused:<backend>, fused+graphs, default, all. "
                         "Default: eager, eager_cl, fused:* (+ compile, fused+graphs on cuda)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default=None,
+    p.add_argument("--device", type=cli.device, default=None,
                    help="default: cuda if available, else cpu")
-    p.add_argument("--size", type=int, default=224, help="image height and width (224)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (torch default)")
+    p.add_argument("--size", type=cli.positive_int, default=224,
+                   help="image height and width (224)")
+    p.add_argument("--threads", type=cli.positive_int, default=None,
+                   help="CPU threads (torch default)")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls after the first (1)")
-    p.add_argument("--min-reps", type=int, default=5, help="timed calls at least (5)")
-    p.add_argument("--max-reps", type=int, default=100, help="timed calls at most (100)")
+    p.add_argument("--min-reps", type=cli.positive_int, default=5,
+                   help="timed calls at least (5)")
+    p.add_argument("--max-reps", type=cli.positive_int, default=100,
+                   help="timed calls at most (100)")
     p.add_argument("--min-time", type=float, default=None,
                    help="seconds of timed calls per provider at least (6 on cpu, 1 on cuda)")
     p.add_argument("--json", metavar="PATH", help="write all numbers as JSON")

@@ -32,6 +32,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from . import cli
 from .bench import DTYPES as _ALL_DTYPES
 
 DTYPES = {name: _ALL_DTYPES[name] for name in ("fp16", "bf16", "fp32")}  # the kernel's dtypes
@@ -307,18 +308,20 @@ def format_table(summary: List[Dict[str, Any]]) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", choices=("cpu", "cuda"), default=None,
+    p.add_argument("--device", type=cli.device, default=None,
                    help="cuda (default when present); cpu needs TRITON_INTERPRET=1")
-    p.add_argument("--arch", nargs="+", default=list(ARCHS), help=f"ResNets ({' '.join(ARCHS)})")
+    p.add_argument("--arch", nargs="+", choices=cli.BUILDERS, default=list(ARCHS),
+                   metavar="ARCH", help=f"ResNets ({' '.join(ARCHS)})")
     p.add_argument("--subset-arch", nargs="+", default=["resnet50"],
                    help="archs for the dtypes after the first (resnet50)")
-    p.add_argument("--batch", type=int, nargs="+", default=[1, 256], help="batch sizes (1 256)")
-    p.add_argument("--size", type=int, default=224, help="image size (224)")
+    p.add_argument("--batch", type=cli.positive_int, nargs="+", default=[1, 256],
+                   help="batch sizes (1 256)")
+    p.add_argument("--size", type=cli.positive_int, default=224, help="image size (224)")
     p.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=["fp16", "bf16", "fp32"],
                    help="dtypes; the first on every arch (fp16 bf16 fp32)")
     p.add_argument("--family", choices=FAMILIES, default=None,
                    help="candidate list (default: the GPU's; hopper under the interpreter)")
-    p.add_argument("--workers", type=int, default=None,
+    p.add_argument("--workers", type=cli.positive_int, default=None,
                    help="worker processes (default: one per core, capped by GPU memory)")
     p.add_argument("--time-limit", type=float, default=None,
                    help="seconds; jobs not started by then are reported as not run")

@@ -43,19 +43,29 @@ def _sources(conv: nn.Conv2d, bn: nn.Module) -> Tuple[Optional[torch.Tensor], ..
             getattr(bn, "num_batches_tracked", None))
 
 
+def scale_shift(conv_bias: Optional[torch.Tensor], bn_weight: Optional[torch.Tensor],
+                bn_bias: Optional[torch.Tensor], running_mean: torch.Tensor,
+                running_var: torch.Tensor, eps: float,
+                dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """BN (+ conv bias) as scale/shift, computed in the epilogue dtype of `dtype` (the one
+    formula: the fold cache and traced graphs both use it)."""
+    acc = epilogue_dtype(dtype)
+    inv_std = torch.rsqrt(running_var.to(acc) + eps)
+    scale = inv_std if bn_weight is None else bn_weight.to(acc) * inv_std
+    bias = -running_mean.to(acc)
+    if conv_bias is not None:
+        bias = bias + conv_bias.to(acc)
+    shift = bias * scale
+    if bn_bias is not None:
+        shift = shift + bn_bias.to(acc)
+    return scale, shift
+
+
 def fold_scale_shift(conv: nn.Conv2d, bn: nn.Module,
                      dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
-    """BN (+ conv bias) as scale/shift, computed in the epilogue dtype of `dtype`."""
-    acc = epilogue_dtype(dtype)
-    inv_std = torch.rsqrt(bn.running_var.to(acc) + bn.eps)
-    scale = inv_std if bn.weight is None else bn.weight.to(acc) * inv_std
-    bias = -bn.running_mean.to(acc)
-    if conv.bias is not None:
-        bias = bias + conv.bias.to(acc)
-    shift = bias * scale
-    if bn.bias is not None:
-        shift = shift + bn.bias.to(acc)
-    return scale, shift
+    """BN (+ conv bias) of these modules as scale/shift for activations of `dtype`."""
+    return scale_shift(conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps,
+                       dtype)
 
 
 def _numbers(bn: nn.Module) -> Tuple[float, ...]:

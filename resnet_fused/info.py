@@ -30,8 +30,11 @@ def report() -> str:
         lines.append("device       cpu only (no CUDA device visible)")
     from . import extension
     lines.append(f"extension    {extension.status()}")
-    lines.append(f"selected     {backends.get_backend()}  (set_backend(), backend(), "
-                 f"${backends.ENV_VAR})")
+    try:
+        selected = backends.get_backend()
+    except ValueError as e:  # a bad $RESNET_FUSED_BACKEND: report it, as everything else here
+        selected = f"invalid: {e}"
+    lines.append(f"selected     {selected}  (set_backend(), backend(), ${backends.ENV_VAR})")
     from . import tuning
     try:
         mode = tuning.mode()

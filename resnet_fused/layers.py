@@ -3,17 +3,22 @@
 In eval mode with a foldable norm layer it is ONE `conv_bn_act` call on folded weights. In train
 mode (or with a norm layer that cannot be folded) it keeps torchvision's exact semantics; the
 training path is `train_chain`, the seam where fused training kernels plug in.
+
+Captured graphs get what they can hold: torch.jit.trace and torch.fx record `graph_chain` (the
+fold computed from the parameters, then the fused op), so they follow later weight changes and
+never bake a fold; ONNX export, meta tensors, hooks and swapped activations run torchvision's
+module sequence (`module_chain`).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 import torch
 from torch import nn
 
 from . import backends, extension
-from .fold import fold, foldable
-from .ops import apply, conv_bn_act, out_hw
+from .fold import fold, foldable, scale_shift
+from .ops import apply, check_inputs, conv_bn_act, out_hw
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -69,6 +74,36 @@ def train_chain(conv: nn.Module, bn: nn.Module, x: torch.Tensor,
     return torch.relu(out) if relu else out
 
 
+@torch.fx.wrap  # one call_function node in an FX graph; runs (fused) when the graph runs
+def graph_chain(x: torch.Tensor, weight: torch.Tensor, conv_bias: Optional[torch.Tensor],
+                bn_weight: Optional[torch.Tensor], bn_bias: Optional[torch.Tensor],
+                running_mean: torch.Tensor, running_var: torch.Tensor, eps: float,
+                residual: Optional[torch.Tensor], stride: List[int], padding: List[int],
+                dilation: List[int], groups: int, relu: bool) -> torch.Tensor:
+    """The eval chain as a traced graph records it: the fold computed from the tensors on every
+    call (a cache would be baked into the graph), then the fused op."""
+    dtype = compute_dtype(x)
+    scale, shift = scale_shift(conv_bias, bn_weight, bn_bias, running_mean, running_var, eps,
+                               dtype)
+    x, weight = x.to(dtype), weight.to(dtype)
+    residual = None if residual is None else residual.to(dtype)
+    if not torch.jit.is_tracing():  # (jit.trace: shapes are the example's, checks are noise)
+        check_inputs(x, weight, scale, shift, residual, stride, padding, dilation, groups)
+    return apply(x, weight, scale, shift, residual, stride, padding, dilation, groups, relu)
+
+
+def _capturing(x) -> bool:
+    """torch.fx symbolic tracing (x is a Proxy) or torch.jit.trace."""
+    return isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing()
+
+
+def _stock_only(x) -> bool:
+    """ONNX export (standard ONNX ops, not our custom op) or meta tensors (shapes only)."""
+    if torch.onnx.is_in_onnx_export():
+        return True
+    return isinstance(x, torch.Tensor) and x.device.type == "meta"
+
+
 def conv_bn(conv: nn.Module, bn: nn.Module, x: torch.Tensor,
             residual: Optional[torch.Tensor] = None,
             act: Optional[nn.Module] = None) -> torch.Tensor:
@@ -77,9 +112,16 @@ def conv_bn(conv: nn.Module, bn: nn.Module, x: torch.Tensor,
     global module hooks), or an activation that is not nn.ReLU, run the module sequence as
     torchvision does; otherwise eval with a foldable BN is one fused conv_bn_act call, and train
     runs train_chain (fused BN+ReLU where the extension allows)."""
-    if observed(conv, bn, act) or (act is not None and type(act) is not nn.ReLU):
+    if (observed(conv, bn, act) or (act is not None and type(act) is not nn.ReLU)
+            or _stock_only(x)):
         return module_chain(conv, bn, x, residual, act)
     relu = act is not None
+    if _capturing(x):
+        if not fusable(conv, bn):
+            return module_chain(conv, bn, x, residual, act)
+        return graph_chain(x, conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean,
+                           bn.running_var, bn.eps, residual, list(conv.stride),
+                           list(conv.padding), list(conv.dilation), conv.groups, relu)
     if not fusable(conv, bn):
         return train_chain(conv, bn, x, residual, relu)
     dtype = compute_dtype(x)

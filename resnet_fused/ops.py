@@ -20,13 +20,20 @@ from . import backends
 IntOr2 = Union[int, Sequence[int]]
 
 
-def _pair(v: IntOr2, what: str) -> List[int]:
-    if isinstance(v, int):
-        return [v, v]
-    v = [int(i) for i in v]
-    if len(v) != 2:
-        raise ValueError(f"conv_bn_act: {what} must be an int or a pair of ints, got {v}")
+def _int(v, what: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"conv_bn_act: {what} must be an int, got {type(v).__name__} {v!r}")
     return v
+
+
+def _pair(v: IntOr2, what: str) -> List[int]:
+    if isinstance(v, (list, tuple)):
+        if len(v) != 2:
+            raise ValueError(f"conv_bn_act: {what} must be an int or a pair of ints, got {v!r}")
+        return [_int(i, what) for i in v]
+    if isinstance(v, torch.Size):
+        return _pair(tuple(v), what)
+    return [_int(v, what)] * 2
 
 
 def out_hw(h: int, w: int, k: Sequence[int], stride, padding, dilation) -> Tuple[int, int]:
@@ -215,7 +222,9 @@ def conv_bn_act(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shif
     """
     stride, padding, dilation = (_pair(stride, "stride"), _pair(padding, "padding"),
                                  _pair(dilation, "dilation"))
-    if isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type):
+    groups = _int(groups, "groups")
+    if (isinstance(x, torch.Tensor) and x.device.type != "meta"
+            and torch.is_autocast_enabled(x.device.type)):
         dtype = torch.get_autocast_dtype(x.device.type)
         if x.dtype.is_floating_point and dtype != torch.float64:
             x, weight = x.to(dtype), weight.to(dtype)

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import backends
+from . import backends, cli
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
           "fp64": torch.float64}
@@ -341,16 +341,16 @@ def format_table(report: Dict[str, Any]) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--arch", default="resnet50")
-    p.add_argument("--batch", type=int, default=1)
+    cli.add_arch(p, default="resnet50")
+    p.add_argument("--batch", type=cli.positive_int, default=1)
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="default: fp16 on cuda, fp32 on cpu")
-    p.add_argument("--device", choices=("cpu", "cuda"), default=None)
-    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--device", type=cli.device, default=None)
+    p.add_argument("--size", type=cli.positive_int, default=224)
     p.add_argument("--backend", default="auto", choices=backends.NAMES)
     p.add_argument("--min-time", type=float, default=None,
                    help="seconds per layer and side (0.1 on cuda, 0.2 on cpu)")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=cli.positive_int, default=None)
     p.add_argument("--no-peak", action="store_true", help="skip the peak matmul measurement")
     p.add_argument("--json", metavar="PATH")
     p.add_argument("--quiet", action="store_true")

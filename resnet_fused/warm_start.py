@@ -199,17 +199,18 @@ def _target_arg(text: str) -> int:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from .check import ARCHS
-    p.add_argument("--arch", default="resnet50",
-                   help=f"a resnet_fused builder, e.g. {', '.join(ARCHS)} (default resnet50)")
+    from . import cli
+    cli.add_arch(p, default="resnet50")
     p.add_argument("--batch", nargs="+", type=_batch_arg, default=[1],
                    help="batch sizes and ranges (1 256, or 1-64)")
-    p.add_argument("--size", type=int, default=224, help="image height and width (default 224)")
+    p.add_argument("--size", type=cli.positive_int, default=224,
+                   help="image height and width (default 224)")
     p.add_argument("--dtype", nargs="+", choices=list(_DTYPES), default=["fp16"])
-    p.add_argument("--workers", type=int, default=None, help="compile processes (default: cores)")
+    p.add_argument("--workers", type=cli.positive_int, default=None,
+                   help="compile processes (default: cores)")
     p.add_argument("--target", type=_target_arg, default=None,
                    help="without a GPU: compile for this arch (sm_90) and stop")
-    p.add_argument("--probe-batch", type=int, default=None,
+    p.add_argument("--probe-batch", type=cli.positive_int, default=None,
                    help="after warming, time the first call at this (unseen) batch size against "
                         "its steady state")
     p.add_argument("--json", default=None, help="write the report here")
@@ -230,11 +231,7 @@ def _first_and_steady_ms(model, x, reps: int = 10) -> Tuple[float, float]:
 def main(args: argparse.Namespace) -> int:
     import resnet_fused
     start = time.perf_counter()
-    builder = getattr(resnet_fused, args.arch, None)
-    if builder is None or not callable(builder):
-        print(f"warmup: unknown --arch {args.arch!r}; expected a resnet_fused builder such as "
-              f"resnet50")
-        return 2
+    builder = getattr(resnet_fused, args.arch)
     on_gpu = torch.cuda.is_available() and args.target is None
     if not on_gpu and args.target is None:
         print("warmup: no CUDA device here; pass --target sm_90 to compile for a GPU without one")

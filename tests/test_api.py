@@ -211,9 +211,80 @@ def _op_args():
     (dict(x=torch.randn(2, 8, 1, 1)), ValueError, r"too small for kernel"),
     (dict(groups=3), ValueError, r"groups must be >= 1 and divide C_out=4, got 3"),
     (dict(stride=0), ValueError, r"stride must be >= 1"),
+    (dict(stride=1.5), TypeError, r"stride must be an int, got float 1.5"),
+    (dict(stride=True), TypeError, r"stride must be an int, got bool True"),
+    (dict(padding=(1, "1")), TypeError, r"padding must be an int, got str '1'"),
+    (dict(dilation=(1, 1, 1)), ValueError, r"dilation must be an int or a pair of ints"),
+    (dict(groups=2.0), TypeError, r"groups must be an int, got float 2.0"),
 ])
 def test_op_bad_input(change, exc, match):
     args = {**_op_args(), **change}
     with pytest.raises(exc, match=match):
         conv_bn_act(args.pop("x"), args.pop("weight"), args.pop("scale"), args.pop("shift"),
                     **args)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["bench", "--arch", "resnet9000"], "invalid choice: 'resnet9000' (choose from 'resnet18'"),
+    (["bench", "--batch", "-2"], "argument --batch: expected a whole number >= 1, got -2"),
+    (["bench", "--batch", "0"], "argument --batch: expected a whole number >= 1, got 0"),
+    (["profile", "--batch", "0"], "argument --batch: expected a whole number >= 1, got 0"),
+    (["profile", "--arch", "vgg16"], "invalid choice: 'vgg16'"),
+    (["check", "--workers", "0"], "argument --workers: expected a whole number >= 1"),
+    (["warmup", "--size", "x", "--target", "sm_90"], "argument --size: expected a whole number"),
+] + ([(["profile", "--device", "cuda"], "no CUDA device is visible")]
+     if not torch.cuda.is_available() else []))
+def test_cli_refuses_bad_arguments_in_one_line(argv, message):
+    """Exit status 2 and one argparse line naming the argument, no traceback."""
+    proc = subprocess.run([sys.executable, "-m", "resnet_fused", *argv], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_info_reports_a_bad_backend_variable():
+    proc = subprocess.run([sys.executable, "-m", "resnet_fused", "info"], capture_output=True,
+                          text=True, timeout=120,
+                          env={**os.environ, "RESNET_FUSED_BACKEND": "bogus"})
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr
+    assert "selected     invalid: $RESNET_FUSED_BACKEND: unknown resnet_fused backend 'bogus'" \
+        in proc.stdout
+
+
+def test_nothing_is_lost_after_bad_input():
+    """A battery of bad calls (model, blocks, the op, backends, warmup), each a clear error; the
+    model and the op give the right answer afterwards, eval and train, and no state leaked
+    (backend selection, fold cache, tuning mode)."""
+    from numerics import assert_within_rule, randomize_bn, stock_outputs
+    import copy
+    torch.manual_seed(0)
+    tv = randomize_bn(torchvision.models.resnet18(num_classes=4)).eval()
+    ours = resnet_fused.resnet18(num_classes=4).eval()
+    ours.load_state_dict(tv.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    untouched = copy.deepcopy(ours)
+    bad_calls = [
+        (lambda: ours(torch.randn(2, 4, 32, 32)), ValueError),
+        (lambda: ours(torch.randn(2, 3, 32, 32, dtype=torch.float16)), TypeError),
+        (lambda: ours(x.long()), TypeError),
+        (lambda: ours.layer1(torch.randn(2, 32, 8, 8)), ValueError),          # wrong channels
+        (lambda: ours.layer1[0](torch.randn(2, 64, 8, 8).double()), TypeError),
+        (lambda: conv_bn_act(x, torch.randn(4, 3, 3, 3), torch.ones(4), torch.zeros(4),
+                             stride=1.5), TypeError),
+        (lambda: resnet_fused.set_backend("fastest"), ValueError),
+        (lambda: resnet_fused.backend("nope").__enter__(), ValueError),
+        (lambda: resnet_fused.warmup(ours, [(0, 3, 32, 32)], target=90), ValueError),
+    ]
+    for call, exc in bad_calls:
+        with pytest.raises(exc):
+            with torch.no_grad():
+                call()
+    assert resnet_fused.get_backend() == "auto"
+    with torch.no_grad():
+        ref = copy.deepcopy(tv).double()(x.double())
+        assert_within_rule(ours(x), stock_outputs(tv, x), ref, torch.float32)
+    # train mode: exactly what a model that never saw the bad calls computes, stats included
+    out, want = ours.train()(x), untouched.train()(x)
+    assert torch.equal(out, want)
+    for (name, a), (_, b) in zip(ours.named_buffers(), untouched.named_buffers()):
+        assert torch.equal(a, b), name

@@ -153,7 +153,9 @@ def test_cli(capsys):
     if not torch.cuda.is_available():
         assert main(["warmup", "--arch", "resnet18"]) == 2
         assert "--target" in capsys.readouterr().out
-    assert main(["warmup", "--arch", "resnet_nope", "--target", "sm_90"]) == 2
+    with pytest.raises(SystemExit):
+        main(["warmup", "--arch", "resnet_nope", "--target", "sm_90"])
+    assert "invalid choice" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -61,9 +61,24 @@ class BasicBlock(nn.Module):
         self.stride = stride
 
     def forward(self, x: Tensor) -> Tensor:
+        if torch.jit.is_scripting():
+            return self._forward_modules(x)
+        return self._forward_fused(x)
+
+    @torch.jit.unused
+    def _forward_fused(self, x: Tensor) -> Tensor:
         out = conv_bn(self.conv1, self.bn1, x, act=self.relu)
         return conv_bn(self.conv2, self.bn2, out, residual=_shortcut(self.downsample, x),
                        act=self.relu)
+
+    def _forward_modules(self, x: Tensor) -> Tensor:
+        """torchvision's forward, for TorchScript (which cannot call the fused path)."""
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        return self.relu(out + identity)
 
 
 class Bottleneck(nn.Module):
@@ -88,10 +103,26 @@ class Bottleneck(nn.Module):
         self.stride = stride
 
     def forward(self, x: Tensor) -> Tensor:
+        if torch.jit.is_scripting():
+            return self._forward_modules(x)
+        return self._forward_fused(x)
+
+    @torch.jit.unused
+    def _forward_fused(self, x: Tensor) -> Tensor:
         out = conv_bn(self.conv1, self.bn1, x, act=self.relu)
         out = conv_bn(self.conv2, self.bn2, out, act=self.relu)
         return conv_bn(self.conv3, self.bn3, out, residual=_shortcut(self.downsample, x),
                        act=self.relu)
+
+    def _forward_modules(self, x: Tensor) -> Tensor:
+        """torchvision's forward, for TorchScript (which cannot call the fused path)."""
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        return self.relu(out + identity)
 
 
 class ResNet(nn.Module):
@@ -172,7 +203,8 @@ class ResNet(nn.Module):
         if not x.dtype.is_floating_point:
             raise TypeError(f"ResNet: expected a floating-point input of dtype {w.dtype}, got "
                             f"{x.dtype}")
-        if x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type):
+        if x.dtype != w.dtype and not (x.device.type != "meta"
+                                       and torch.is_autocast_enabled(x.device.type)):
             raise TypeError(f"ResNet: expected input dtype {w.dtype} (the model's parameters), "
                             f"got {x.dtype}")
         if x.device != w.device:
@@ -180,7 +212,20 @@ class ResNet(nn.Module):
                              f"{x.device}")
 
     def forward(self, x: Tensor) -> Tensor:
-        self._check_input(x)
+        if torch.jit.is_scripting():
+            return self._forward_modules(x)
+        return self._forward_fused(x)
+
+    def _forward_modules(self, x: Tensor) -> Tensor:
+        """torchvision's forward, for TorchScript (which cannot call the fused path)."""
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+    @torch.jit.unused
+    def _forward_fused(self, x: Tensor) -> Tensor:
+        if not isinstance(x, torch.fx.Proxy) and not torch.jit.is_tracing():
+            self._check_input(x)  # (captured graphs: checking the example input is moot)
         if not self.training:  # the fused kernels want NHWC; convert once here
             x = x.contiguous(memory_format=torch.channels_last)
         x = conv_bn(self.conv1, self.bn1, x, act=self.relu)

@@ -1,0 +1,34 @@
+"""Argument types shared by the command-line tools: a bad value is one clear argparse error
+(exit status 2), never a traceback."""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from .models import __all__ as _models
+
+BUILDERS = tuple(name for name in _models if name[0].islower())  # resnet18 ... wide_resnet101_2
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
+
+
+def device(text: str) -> str:
+    if text not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"expected cpu or cuda, got {text!r}")
+    if text == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError("cuda: no CUDA device is visible on this machine")
+    return text
+
+
+def add_arch(p: argparse.ArgumentParser, **kwargs) -> None:
+    p.add_argument("--arch", choices=BUILDERS, metavar="ARCH",
+                   help=f"a ResNet builder: {', '.join(BUILDERS)}", **kwargs)

@@ -1,0 +1,178 @@
+"""Works wherever a torchvision ResNet works: TorchScript, torch.fx (and feature extraction),
+torch.jit.trace, ONNX export (both exporters, run by onnxruntime), meta tensors.
+
+The first tests re-create torchvision's own model tests for the ResNet family (its
+test/test_models.py: `test_classification_model`'s same-seed output and scriptability check,
+`test_resnet_dilation`, and the FX-compatibility check `_check_fx_compatible`) with our builders
+in place of torchvision's. Semantics are compared in float64, where the fused path is exact (the
+`torch` backend's folding agrees with torchvision to ~1e-15), so any difference is a real one.
+"""
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+import torchvision
+from torchvision.models.feature_extraction import create_feature_extractor
+
+import resnet_fused
+from numerics import assert_within_rule, randomize_bn, stock_outputs
+
+BUILDERS = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
+            "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2"]
+X = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+def _pair(name, dtype=torch.float64, **kwargs):
+    """(ours, torchvision's), built under one seed as torchvision's test does, BN randomised."""
+    torch.manual_seed(0)
+    ours = getattr(resnet_fused, name)(num_classes=10, **kwargs)
+    torch.manual_seed(0)
+    tv = getattr(torchvision.models, name)(num_classes=10, **kwargs)
+    randomize_bn(tv, seed=1)
+    ours.load_state_dict(tv.state_dict())
+    return ours.to(dtype).eval(), tv.to(dtype).eval()
+
+
+def _same(out, want):
+    """float64: the fused path and torchvision agree to rounding (relative 1e-10)."""
+    scale = max(want.abs().max().item(), 1.0)
+    assert (out - want).abs().max().item() <= 1e-10 * scale
+
+
+@pytest.mark.parametrize("name", BUILDERS)
+def test_classification_model_as_torchvision_tests_it(name):
+    """Same-seed construction gives torchvision's output; torch.jit.script works and gives the
+    same output (the scripted forward is torchvision's module sequence: TorchScript cannot call
+    the fused path), also after save/load; symbolic tracing gives the same output."""
+    torch.manual_seed(0)
+    ours = getattr(resnet_fused, name)(num_classes=10).double().eval()
+    torch.manual_seed(0)
+    tv = getattr(torchvision.models, name)(num_classes=10).double().eval()
+    x = X.double()
+    with torch.no_grad():
+        want = tv(x)
+        _same(ours(x), want)
+        scripted = torch.jit.script(ours)
+        _same(scripted(x), want)
+        buf = io.BytesIO()
+        torch.jit.save(scripted, buf)
+        buf.seek(0)
+        _same(torch.jit.load(buf)(x), want)
+        _same(torch.fx.symbolic_trace(ours)(x), want)
+
+
+@pytest.mark.parametrize("dilate", [[False, False, False], [False, False, True],
+                                    [False, True, True]])
+def test_resnet_dilation(dilate):
+    ours, tv = _pair("resnet50", replace_stride_with_dilation=dilate)
+    with torch.no_grad():
+        _same(ours(X.double()), tv(X.double()))
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_fx_graph_runs_fused_and_follows_weights(training):
+    """In eval the traced graph holds one graph_chain call per chain (fold computed from the
+    parameters, then the fused op), so a later weight change is seen; in train it records
+    torchvision's module calls."""
+    from resnet_fused.layers import graph_chain
+    ours, tv = _pair("resnet18")
+    ours.train(training)
+    tv.train(training)
+    gm = torch.fx.symbolic_trace(ours)
+    chains = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is graph_chain]
+    assert len(chains) == (0 if training else 20)
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)).double()
+    with torch.no_grad():
+        before = copy.deepcopy(gm)(x)
+        _bump(ours, tv)
+        if training:  # BN in train mode updates running stats: compare on copies
+            got, want = copy.deepcopy(gm)(x), copy.deepcopy(tv)(x)
+        else:
+            got, want = gm(x), tv(x)
+    _same(got, want)
+    assert (got - before).abs().max() > 1e-3  # the change was seen
+
+
+def _bump(*models):
+    """The same in-place weight and statistics change in each model."""
+    for m in models:
+        m.conv1.weight.mul_(1.5)
+        m.layer2[0].bn2.running_var.mul_(3.0)
+        m.layer4[1].bn1.running_mean.add_(0.5)
+        m.layer4[1].bn2.weight.mul_(2.0)  # (train mode normalises the others away)
+
+
+def test_feature_extractor_matches_torchvision():
+    ours, tv = _pair("resnet50")
+    nodes = {"layer1": "c2", "layer3": "c4", "avgpool": "pool"}
+    fe_ours = create_feature_extractor(ours, nodes)
+    fe_tv = create_feature_extractor(tv, nodes)
+    with torch.no_grad():
+        got, want = fe_ours(X.double()), fe_tv(X.double())
+    assert got.keys() == want.keys()
+    for key in want:
+        _same(got[key], want[key])
+
+
+def test_jit_trace_fresh_model_records_the_op_and_never_bakes_a_fold():
+    ours, tv = _pair("resnet18")
+    x = X.double()
+    with torch.no_grad():
+        traced = torch.jit.trace(ours, x)  # never run before
+        assert "resnet_fused::conv_bn_act" in str(traced.inlined_graph)
+        before = traced(x)
+        _same(before, tv(x))
+        _bump(ours, tv)
+        after = traced(x)
+        _same(after, tv(x))
+    assert (after - before).abs().max() > 1e-3  # the change was seen
+
+
+def test_meta_tensors_as_stock():
+    ours, tv = _pair("resnext50_32x4d", dtype=torch.float32)
+    ours, tv = ours.to("meta"), tv.to("meta")
+    x = torch.empty(2, 3, 64, 64, device="meta")
+    got, want = ours(x), tv(x)
+    assert got.device.type == "meta" and got.shape == want.shape and got.dtype == want.dtype
+    w = torch.empty(8, 4, 3, 3, device="meta")
+    s = torch.empty(8, device="meta")
+    out = resnet_fused.ops.conv_bn_act(torch.empty(2, 4, 9, 9, device="meta"), w, s, s,
+                                       stride=2, padding=1)
+    assert out.device.type == "meta" and out.shape == (2, 8, 5, 5)
+    ours.to_empty(device="cpu")  # the to_empty workflow: materialise, then load weights
+    ours.load_state_dict(_pair("resnext50_32x4d", dtype=torch.float32)[1].state_dict())
+    with torch.no_grad():
+        assert torch.isfinite(ours.eval()(torch.randn(1, 3, 32, 32))).all()
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript-exporter", "dynamo-exporter"])
+def test_onnx_export_runs_in_onnxruntime(name, dynamo):
+    onnx = pytest.importorskip("onnx", reason="onnx is an optional test dependency")
+    ort = pytest.importorskip("onnxruntime", reason="onnxruntime is an optional test dependency")
+    if dynamo:
+        pytest.importorskip("onnxscript", reason="the dynamo exporter needs onnxscript")
+    import warnings
+    ours, tv = _pair(name, dtype=torch.float32)
+    x = X.repeat(2, 1, 1, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # exporter deprecation and tracer chatter
+        if dynamo:
+            proto = torch.onnx.export(ours, (x,), dynamo=True, verbose=False).model_proto
+        else:
+            buf = io.BytesIO()
+            torch.onnx.export(ours, (x,), buf, dynamo=False)
+            proto = onnx.load_from_string(buf.getvalue())
+    onnx.checker.check_model(proto)
+    ops = {(n.domain or "ai.onnx", n.op_type) for n in proto.graph.node}
+    assert all(domain == "ai.onnx" for domain, _ in ops), ops  # standard ops only
+    assert {"Conv", "Relu", "Add"} <= {op for _, op in ops}
+    assert "BatchNormalization" not in {op for _, op in ops}  # folded into Conv, as for torchvision
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    out = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+    with torch.no_grad():
+        ref = copy.deepcopy(tv).double()(x.double())
+        assert_within_rule(out, stock_outputs(tv, x), ref, torch.float32)
