@@ -167,7 +167,8 @@ def warmup(model: nn.Module, input_shapes: Iterable[Shape],
     from .backends.triton import aot
     compiled = aot.compile_all(jobs, workers)
     report.update(jobs=compiled["jobs"], workers=compiled["workers"],
-                  compile_seconds=compiled["seconds"], errors=compiled["errors"])
+                  in_process=compiled["in_process"], compile_seconds=compiled["seconds"],
+                  errors=compiled["errors"])
     if device.type == "cuda":
         start = time.perf_counter()
         was_training = model.training

@@ -124,17 +124,33 @@ def _key(j: Job) -> str:
                  sorted(j.attrs.items()), j.capability, j.num_warps, j.num_stages))
 
 
+# A job that takes less than this in-process was a cache hit: a warm cache needs no workers.
+_HIT_SECONDS = 0.2
+
+
 def compile_all(jobs: Sequence[Job], workers: Optional[int] = None) -> Dict[str, Any]:
     """Compile every distinct job, `workers` processes at a time (default: one per core).
-    Returns {"jobs": distinct jobs, "workers", "seconds", "errors": [messages]}."""
+    Jobs run in this process while they are cache hits (a warm start spawns nothing); from the
+    first miss on, the rest go to the worker pool. Returns {"jobs": distinct jobs, "workers",
+    "in_process": jobs done here, "seconds", "errors": [messages]}."""
     distinct = list({_key(j): j for j in jobs}.values())
     workers = max(1, min(workers or os.cpu_count() or 1, len(distinct) or 1))
     start = time.perf_counter()
-    if workers == 1:
-        errors = [_compile_in_worker(j) for j in distinct]
-    else:
+    errors: List[Optional[str]] = []
+    done = 0
+    for j in distinct:
+        t0 = time.perf_counter()
+        errors.append(_compile_in_worker(j))
+        done += 1
+        # (the first job also pays for setting up Triton's compiler: judge from the second)
+        if workers > 1 and done > 1 and time.perf_counter() - t0 > _HIT_SECONDS:
+            break  # a miss: the cache is cold, compile the rest in parallel
+    rest = distinct[done:]
+    if rest and workers == 1:
+        errors += [_compile_in_worker(j) for j in rest]
+    elif rest:
         ctx = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-            errors = list(pool.map(_compile_in_worker, distinct))
-    return {"jobs": len(distinct), "workers": workers,
+            errors += list(pool.map(_compile_in_worker, rest))
+    return {"jobs": len(distinct), "workers": workers, "in_process": done,
             "seconds": time.perf_counter() - start, "errors": [e for e in errors if e]}
