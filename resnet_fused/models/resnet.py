@@ -37,7 +37,17 @@ def _shortcut(downsample: Optional[nn.Module], x: Tensor) -> Tensor:
     return downsample(x)  # hooked, or not torchvision's (conv, norm) pair: as torchvision
 
 
-class BasicBlock(nn.Module):
+class _Scriptable(nn.Module):
+    """forward: the fused path, or under TorchScript (which cannot call it) torchvision's module
+    sequence, `_forward_modules`."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.jit.is_scripting():
+            return self._forward_modules(x)
+        return self._forward_fused(x)
+
+
+class BasicBlock(_Scriptable):
     expansion: int = 1
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1,
@@ -60,11 +70,6 @@ class BasicBlock(nn.Module):
         self.downsample = downsample
         self.stride = stride
 
-    def forward(self, x: Tensor) -> Tensor:
-        if torch.jit.is_scripting():
-            return self._forward_modules(x)
-        return self._forward_fused(x)
-
     @torch.jit.unused
     def _forward_fused(self, x: Tensor) -> Tensor:
         out = conv_bn(self.conv1, self.bn1, x, act=self.relu)
@@ -81,7 +86,7 @@ class BasicBlock(nn.Module):
         return self.relu(out + identity)
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(_Scriptable):
     # The stride is on the 3x3 conv (ResNet V1.5), as in torchvision.
     expansion: int = 4
 
@@ -102,11 +107,6 @@ class Bottleneck(nn.Module):
         self.downsample = downsample
         self.stride = stride
 
-    def forward(self, x: Tensor) -> Tensor:
-        if torch.jit.is_scripting():
-            return self._forward_modules(x)
-        return self._forward_fused(x)
-
     @torch.jit.unused
     def _forward_fused(self, x: Tensor) -> Tensor:
         out = conv_bn(self.conv1, self.bn1, x, act=self.relu)
@@ -125,7 +125,7 @@ class Bottleneck(nn.Module):
         return self.relu(out + identity)
 
 
-class ResNet(nn.Module):
+class ResNet(_Scriptable):
     def __init__(self, block: Type[Union[BasicBlock, Bottleneck]], layers: List[int],
                  num_classes: int = 1000, zero_init_residual: bool = False, groups: int = 1,
                  width_per_group: int = 64,
@@ -210,11 +210,6 @@ class ResNet(nn.Module):
         if x.device != w.device:
             raise ValueError(f"ResNet: expected input on the model's device {w.device}, got "
                              f"{x.device}")
-
-    def forward(self, x: Tensor) -> Tensor:
-        if torch.jit.is_scripting():
-            return self._forward_modules(x)
-        return self._forward_fused(x)
 
     def _forward_modules(self, x: Tensor) -> Tensor:
         """torchvision's forward, for TorchScript (which cannot call the fused path)."""
