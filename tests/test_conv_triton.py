@@ -1,12 +1,12 @@
-"""Numerics of the `triton` backend (issue 3, item 4a).
+"""Numerics of the `triton` backend.
 
 On CPU the real kernel runs under Triton's interpreter (TRITON_INTERPRET=1, set per test with
 monkeypatch: the backend builds its interpreted kernel on demand, so import order does not matter).
 Where a CUDA GPU is present, the same cases also run compiled on it.
 
 Every distinct conv class of ResNet-18/50 and ResNeXt-50, scaled down, plus odd cases, with and
-without residual and ReLU, in fp32/fp16/bf16, against a float64 reference, bound by DESIGN.md's
-rule: err(triton) <= 2 * err(stock same dtype) + atol (tests/numerics.py).
+without residual and ReLU, in fp32/fp16/bf16, against a float64 reference, bound by the numerics
+rule (docs/design.md): err(triton) <= 2 * err(stock same dtype) + atol (tests/numerics.py).
 """
 from __future__ import annotations
 

@@ -62,7 +62,7 @@ def _input(size, dtype, channels_last, seed=0):
 
 @pytest.mark.parametrize("size", SIZES)
 def test_eval_parity(pair, size):
-    """fp64 within 1e-10 relative of torchvision; fp32 within DESIGN.md's rule (vs fp64 ref)."""
+    """fp64 within 1e-10 relative of torchvision; fp32 within the numerics rule (docs/design.md) (vs fp64 ref)."""
     _, ours, theirs = pair
     ours64, theirs64 = copy.deepcopy(ours).double().eval(), copy.deepcopy(theirs).double().eval()
     ours.eval(), theirs.eval()

@@ -1,6 +1,6 @@
-"""Model level (issue 3, item 4c): resnet18 and resnext50_32x4d in eval mode with backend
-`triton` match torchvision by DESIGN.md's rule. On CPU the kernels run under Triton's interpreter
-(tiny input); on a CUDA machine the same test runs the compiled kernels."""
+"""Model level: resnet18 and resnext50_32x4d in eval mode with backend `triton` match
+torchvision by the numerics rule (docs/design.md). On CPU the kernels run under Triton's
+interpreter (tiny input); on a CUDA machine the same test runs the compiled kernels."""
 from __future__ import annotations
 
 import copy

@@ -1,6 +1,6 @@
 """Train mode through the extension: BN(+residual)(+ReLU) runs as resnet_fused::bn_act_train and
 several optimizer steps match torchvision -- outputs, losses, every gradient, running stats
-(momentum and momentum=None) and num_batches_tracked. fp64 within 1e-10; fp32 by DESIGN.md's rule.
+(momentum and momentum=None) and num_batches_tracked. fp64 within 1e-10; fp32 by the numerics rule (docs/design.md).
 """
 from __future__ import annotations
 
@@ -159,7 +159,7 @@ def with_stock_op_batch_norm(model):
 def train_and_compare(name, monkeypatch, steps=3, channels_last=False, **kwargs):
     """SGD (momentum, weight decay) steps for ours and torchvision in fp64 and fp32, each step
     compared with torchvision fp64: outputs, losses, every gradient, the stepped parameters and
-    all buffers. fp64 within 1e-10 relative. fp32 by DESIGN.md's rule, err <= 2 * err(stock) +
+    all buffers. fp64 within 1e-10 relative. fp32 by the numerics rule (docs/design.md), err <= 2 * err(stock) +
     atol, with the stock error the worst of four stock fp32 runs -- torchvision, and torchvision
     with BN composed of stock ops, each in NCHW and in channels_last -- and gradients measured
     on each run's own ReLU branch (see on_branch). Gradients must meet the bound for the median
@@ -217,7 +217,7 @@ def train_and_compare(name, monkeypatch, steps=3, channels_last=False, **kwargs)
             opt.step()
 
         def check32(fused_t, stock_ts, ref_t, what, stock_refs=None, slack=1.0):
-            """DESIGN.md's bound 2 * err(stock) + atol (times `slack`); returns err / bound."""
+            """the numerics rule's bound 2 * err(stock) + atol (times `slack`); returns err / bound."""
             stock_refs = stock_refs or [ref_t] * len(stock_ts)
             worst = max(max_err(t, r) for t, r in zip(stock_ts, stock_refs))
             bound = 2 * worst + ATOL[torch.float32] * max(1.0, ref_t.abs().max().item())

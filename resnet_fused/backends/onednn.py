@@ -13,10 +13,10 @@ W' is computed once in fp32 (one rounding per weight element, relative error <= 
 prepacked; the accumulation, the bias and the residual add are fp32 inside oneDNN. This
 is exact algebra; only the placement of one rounding differs from the reference composition, which
 is far below the conv's own accumulation error (tests/test_onednn.py checks it against the float64
-reference with randomised BatchNorm under DESIGN.md's rule).
+reference with randomised BatchNorm under the numerics rule, docs/design.md).
 
 Scope: CPU, float32. Other dtypes (fp64, bf16, fp16) are delegated to the stock `torch` backend, so
-that scale is never folded into a low-precision weight and fp64 stays fp64 (DESIGN.md).
+that scale is never folded into a low-precision weight and fp64 stays fp64 (docs/design.md).
 
 The trade-off: the ops used are PyTorch's own oneDNN ops, which live in the private namespace
 `torch.ops.mkldnn` (`_convolution_pointwise`, `_reorder_convolution_weight`; present with these
