@@ -7,7 +7,7 @@ DEPS := $(VENV)/.deps-installed
 BUILT := $(VENV)/.package-built
 EXT_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h csrc/*/*.cuh)
 
-.PHONY: bench test test-compat install
+.PHONY: bench test test-compat install compile-report
 
 $(DEPS): requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,11 @@ bench: $(BUILT)
 
 test: $(BUILT)
 	$(PY) -m pytest tests benchmarks --benchmark-disable -q $(ARGS)
+
+# Regenerate the committed static report of the Triton kernel (registers, spills, MMA kind).
+compile-report: $(BUILT)
+	RESNET_FUSED_COMPILE_REPORT=$(abspath benchmarks/results/triton_compile_report.md) \
+		$(PY) -m pytest tests/test_triton_compile.py -q -k every_config
 
 # The GPU machine's stack (requirements-compat.txt) in a second venv, Python 3.12 where pyenv or
 # PATH has it: the package built there with its CUDA kernels (sm_90), and the tests whose result
