@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import List, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import backends, extension
@@ -130,6 +131,15 @@ def conv_bn(conv: nn.Module, bn: nn.Module, x: torch.Tensor,
                         f"parameters), got {x.dtype}")
     backend = backends.resolve(x.device)
     weight, scale, shift = fold(conv, bn, dtype, backend)
+    if not torch.compiler.is_compiling() and backends.auto_declines(backend, x.device, dtype):
+        # auto: stock's ops are faster here; run them on the cached channels_last weight (the
+        # model's own NCHW weight would be reordered by every conv). Compiled and exported graphs
+        # keep the op, which resolves its backend when it runs.
+        out = bn(F.conv2d(x, weight, conv.bias, conv.stride, conv.padding, conv.dilation,
+                          conv.groups))
+        if residual is not None:
+            out += residual  # in place, as torchvision: `out` is bn's fresh output
+        return torch.relu_(out) if relu else out
     if dtype != x.dtype or not _consistent(conv, x, residual):
         # autocast casts, and odd inputs get the op's full checks and clear errors
         return conv_bn_act(x, weight, scale, shift, residual=residual, stride=conv.stride,

@@ -233,3 +233,33 @@ def test_eval_runs_one_fused_op_per_chain(name, blocks, convs_per_block, downsam
     assert len(calls) == 1 + blocks * convs_per_block + downsamples  # 20 / 53 / 53
     assert sum(a[4] is not None for a in calls) == blocks  # last conv of a block adds the residual
     assert sum(not a[-1] for a in calls) == downsamples    # downsample: relu=False
+
+
+def test_auto_runs_stock_ops_where_the_backend_does_not_win(monkeypatch):
+    """CPU bf16: the onednn backend would hand the chain to the stock composition (slower than
+    stock's own modules), so `auto` runs stock's conv -> BN -> ReLU on the cached channels_last
+    weight: torchvision's exact numbers in bf16. fp32 stays fused; an explicit backend is
+    honoured."""
+    from resnet_fused import backends, ops
+    if backends.auto_choice(torch.device("cpu")) != "onednn":
+        pytest.skip("auto does not pick onednn here")
+    calls = []
+    real = ops.run
+    monkeypatch.setattr(ops, "run", lambda *a: calls.append(a[0]) or real(*a))
+    torch.manual_seed(0)
+    tv = randomize_bn(torchvision.models.resnet18(num_classes=10)).eval()
+    ours = resnet_fused.resnet18(num_classes=10).eval()
+    ours.load_state_dict(tv.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        out = ours.bfloat16()(x.bfloat16())
+        assert calls == []
+        want = tv.bfloat16().to(memory_format=torch.channels_last)(
+            x.bfloat16().contiguous(memory_format=torch.channels_last))
+        assert torch.equal(out, want)
+        with resnet_fused.backend("onednn"):
+            ours(x.bfloat16())
+        assert calls == ["onednn"] * 20
+        calls.clear()
+        ours.float()(x)
+        assert calls == ["onednn"] * 20

@@ -7,6 +7,7 @@ A backend is a module in this package with two functions:
   conv_bn_act(x, weight, scale, shift, residual, stride, padding, dilation, groups, relu) -> Tensor
 and optionally
   pack_weight(weight) -> Tensor   (same logical shape, layout the kernel likes; default channels_last)
+  accelerates(device, dtype) -> bool   (where it beats stock's module sequence; default: always)
 
 Modules are imported lazily, so importing resnet_fused never imports triton or the
 extension and never touches the GPU.
@@ -120,6 +121,16 @@ def auto_choice(device: torch.device) -> str:
         if unavailable_reason(name, device) is None:
             return name
     return "torch"
+
+
+def auto_declines(name: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """True when the selection is `auto` and backend `name` (what auto resolved to) does not beat
+    stock's module sequence for this device and dtype: auto then runs stock's path. A backend
+    says where it wins with an optional `accelerates(device, dtype)` (measured; default: all)."""
+    if get_backend() != "auto":
+        return False  # an explicit choice is honoured
+    accelerates = getattr(load(name), "accelerates", None)
+    return accelerates is not None and not accelerates(device, dtype)
 
 
 @torch.compiler.assume_constant_result  # traced graphs bake the choice made at trace time

@@ -273,6 +273,13 @@ def _remember_failure(key, error: RuntimeError) -> None:
                    "backend (same results, unfused).", torch.__version__, _describe(key), text)
 
 
+def accelerates(device: torch.device, dtype: torch.dtype) -> bool:
+    """fp32 on CPU only: other dtypes go to the stock composition, which is slower than stock's
+    own module sequence (bf16 resnet50 batch 8: 0.49x eager channels_last, benchmarks/RESULTS.md),
+    so under `auto` those run stock's path."""
+    return device.type == "cpu" and dtype == torch.float32
+
+
 def conv_bn_act(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
                 residual: Optional[torch.Tensor], stride: Sequence[int], padding: Sequence[int],
                 dilation: Sequence[int], groups: int, relu: bool) -> torch.Tensor:
