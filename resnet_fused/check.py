@@ -62,8 +62,9 @@ class Problem:
 
     @property
     def out_shape(self) -> Tuple[int, int, int, int]:
-        from .backends.triton.conv import out_hw
-        oh, ow = out_hw(self.h, self.w, self.kh, self.kw, self.stride, self.padding, self.dilation)
+        from .ops import out_hw
+        oh, ow = out_hw(self.h, self.w, (self.kh, self.kw), self.stride, self.padding,
+                        self.dilation)
         return (self.n, self.c_out, oh, ow)
 
     @property

@@ -69,10 +69,17 @@ def train_chain(conv: nn.Module, bn: nn.Module, x: torch.Tensor,
     y = conv(x)
     if extension.bn_act_supported(bn, y, residual):
         return extension.batch_norm_act(bn, y, residual, relu)
+    return bn_tail(bn, y, residual, relu)
+
+
+def bn_tail(bn: nn.Module, y: torch.Tensor, residual: Optional[torch.Tensor],
+            relu: bool) -> torch.Tensor:
+    """bn(y) (+ residual) (-> ReLU) with stock ops, in place as torchvision does (`out` is bn's
+    fresh output)."""
     out = bn(y)
     if residual is not None:
-        out = out + residual
-    return torch.relu(out) if relu else out
+        out += residual
+    return torch.relu_(out) if relu else out
 
 
 @torch.fx.wrap  # one call_function node in an FX graph; runs (fused) when the graph runs
@@ -135,11 +142,8 @@ def conv_bn(conv: nn.Module, bn: nn.Module, x: torch.Tensor,
         # auto: stock's ops are faster here; run them on the cached channels_last weight (the
         # model's own NCHW weight would be reordered by every conv). Compiled and exported graphs
         # keep the op, which resolves its backend when it runs.
-        out = bn(F.conv2d(x, weight, conv.bias, conv.stride, conv.padding, conv.dilation,
-                          conv.groups))
-        if residual is not None:
-            out += residual  # in place, as torchvision: `out` is bn's fresh output
-        return torch.relu_(out) if relu else out
+        y = F.conv2d(x, weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+        return bn_tail(bn, y, residual, relu)
     if dtype != x.dtype or not _consistent(conv, x, residual):
         # autocast casts, and odd inputs get the op's full checks and clear errors
         return conv_bn_act(x, weight, scale, shift, residual=residual, stride=conv.stride,

@@ -31,8 +31,6 @@ def _pair(v: IntOr2, what: str) -> List[int]:
         if len(v) != 2:
             raise ValueError(f"conv_bn_act: {what} must be an int or a pair of ints, got {v!r}")
         return [_int(i, what) for i in v]
-    if isinstance(v, torch.Size):
-        return _pair(tuple(v), what)
     return [_int(v, what)] * 2
 
 

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import backends, cli
+from .ops import out_hw
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
           "fp64": torch.float64}
@@ -70,11 +71,8 @@ def _pair(v) -> Tuple[int, int]:
 
 def _conv_out(shape, conv: nn.Conv2d) -> Tuple[int, ...]:
     n, _, h, w = shape
-    (kh, kw), (sh, sw) = _pair(conv.kernel_size), _pair(conv.stride)
-    (ph, pw), (dh, dw) = _pair(conv.padding), _pair(conv.dilation)
-    oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-    return (n, conv.out_channels, oh, ow)
+    return (n, conv.out_channels, *out_hw(h, w, _pair(conv.kernel_size), _pair(conv.stride),
+                                          _pair(conv.padding), _pair(conv.dilation)))
 
 
 def _conv_layer(name, conv: nn.Conv2d, bn: nn.Module, shape, relu: bool,

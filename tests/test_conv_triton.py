@@ -72,7 +72,7 @@ def make_problem(n, c_in, h, w, c_out, k, stride, pad, dil, groups, dtype, devic
     weight = backends.pack_weight("triton", conv.weight.detach().to(dtype))
     res = None
     if residual:
-        oh, ow = tconv.out_hw(h, w, kh, kw, _pair(stride), _pair(pad), _pair(dil))
+        oh, ow = tconv.out_hw(h, w, (kh, kw), _pair(stride), _pair(pad), _pair(dil))
         res = torch.randn(n, c_out, oh, ow, generator=g).to(dtype).contiguous(
             memory_format=torch.channels_last)
     to = lambda t: None if t is None else t.to(device)  # noqa: E731

@@ -75,7 +75,7 @@ def problem_args(variant: str, dtype: torch.dtype, precision: str) -> dict:
     """conv.kernel_args for the variant (meta tensors), with the precision forced."""
     x, weight, res, s, p, d, groups, relu = _problem(variant, dtype)
     c_out, _, kh, kw = weight.shape
-    oh, ow = tconv.out_hw(x.shape[2], x.shape[3], kh, kw, (s, s), (p, p), (d, d))
+    oh, ow = tconv.out_hw(x.shape[2], x.shape[3], (kh, kw), (s, s), (p, p), (d, d))
     out = _cl((x.shape[0], c_out, oh, ow), dtype)
     scale = torch.empty(c_out, device="meta")
     args = tconv.kernel_args(x, weight, scale, scale, res, out, (s, s), (p, p), (d, d), groups,

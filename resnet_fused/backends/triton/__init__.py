@@ -20,6 +20,7 @@ from typing import Optional, Sequence
 import torch
 
 from ... import tuning
+from ...ops import out_hw
 
 _PER_LAYER_ENV = "RESNET_FUSED_PER_LAYER_AUTO"
 
@@ -107,7 +108,7 @@ def _per_layer_choice(x, weight, scale, shift, residual, stride, padding, dilati
         return "triton"
     from . import conv
     n, _, h, w = x.shape
-    oh, ow = conv.out_hw(h, w, weight.shape[2], weight.shape[3], stride, padding, dilation)
+    oh, ow = out_hw(h, w, weight.shape[2:], stride, padding, dilation)
     layout = "cl" if x.stride(1) == 1 else "other"
     key = (f"backend|{str(x.dtype)[6:]}|tf32{int(torch.backends.cudnn.allow_tf32)}|"
            f"M{tuning.bucket(n * oh * ow)}|w{tuple(weight.shape)}|g{groups}|s{tuple(stride)}|"

@@ -57,6 +57,7 @@ import triton
 import triton.language as tl
 
 from ... import tuning
+from ...ops import out_hw
 
 _INT32_MAX = 2**31 - 1
 
@@ -455,12 +456,6 @@ def pick_config(args: Dict, family: str, dtype: torch.dtype,
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def out_hw(h, w, kh, kw, stride, padding, dilation) -> Tuple[int, int]:
-    oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    ow = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    return oh, ow
-
-
 def use_flat_k(cin_g: int, kh: int, kw: int, groups: int) -> bool:
     """Per-element K gather when a tap has too few channels to fill a K block (the stem)."""
     return kh * kw > 1 and groups == 1 and cin_g < 16
@@ -518,7 +513,7 @@ def conv_bn_act(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shif
                         f"{x.dtype}")
     n, _, h, w = x.shape
     c_out, _, kh, kw = weight.shape
-    oh, ow = out_hw(h, w, kh, kw, stride, padding, dilation)
+    oh, ow = out_hw(h, w, (kh, kw), stride, padding, dilation)
     out = torch.empty((n, c_out, oh, ow), device=x.device, dtype=x.dtype,
                       memory_format=torch.channels_last)
     m = n * oh * ow
