@@ -14,8 +14,10 @@ import torch
 import torchvision
 
 from resnet_fused import backends
-from resnet_fused import bench as rf_bench
-from resnet_fused.profile import _meta_model, layers
+from resnet_fused.backends import autoselect
+from resnet_fused.tools import bench as rf_bench
+from resnet_fused.tools.cli import DTYPES
+from resnet_fused.walk import layers, meta_model
 
 from harness import device_or_skip, record, run_pedantic
 
@@ -54,9 +56,7 @@ def _skip_reason(arch, provider, device, is_smoke, bench_compile):
         name = provider[6:]
         if name == "triton" and device.type == "cpu":
             return "the Triton interpreter on CPU is for correctness, not timing"
-        reason = backends.unavailable_reason(name, device)
-        if reason is not None:
-            return f"backend {name} unavailable: {reason}"
+        components.backend(name, device)  # skips, or fails where the backend should run
     return None
 
 
@@ -69,7 +69,7 @@ def test_e2e(benchmark, arch, case, provider, is_smoke, bench_compile):
     reason = _skip_reason(arch, provider, device, is_smoke, bench_compile)
     if reason:
         pytest.skip(reason)
-    dtype = rf_bench.DTYPES[dtype_name]
+    dtype = DTYPES[dtype_name]
     size = 32 if is_smoke else 224
     if is_smoke:
         batch = 1
@@ -86,8 +86,8 @@ def test_e2e(benchmark, arch, case, provider, is_smoke, bench_compile):
         rounds = 1 if is_smoke else ROUNDS["cpu" if device.type == "cpu" else batch]
         timed = run_pedantic(benchmark, run, device, rounds=rounds,
                              warmup_rounds=0 if is_smoke else 2)
-    specs = layers(_meta_model(arch), (batch, 3, size, size))
+    specs = layers(meta_model(arch), (batch, 3, size, size))
     record(benchmark, device, dtype, timed, images=batch, macs=sum(s.macs for s in specs),
            min_bytes=sum(s.min_bytes(x.element_size()) for s in specs), arch=arch, batch=batch,
-           image_size=size, provider=provider, auto_backend=backends.auto_choice(device),
+           image_size=size, provider=provider, auto_backend=autoselect.device_choice(device),
            backend=name or "", max_rel_diff_vs_eager=rel)

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 import resnet_fused
-from resnet_fused import backends
 from resnet_fused.layers import conv_bn
 
+import components
 from harness import device_or_skip
 
 PROVIDERS = ["stock", "fused:torch", "fused:onednn", "fused:triton", "fused:cuda"]
@@ -26,8 +26,8 @@ PROVIDERS = ["stock", "fused:torch", "fused:onednn", "fused:triton", "fused:cuda
 def test_chain_host_overhead(benchmark, device_name, provider):
     device = device_or_skip(device_name)
     backend = provider[6:] if provider.startswith("fused:") else None
-    if backend is not None and backends.unavailable_reason(backend, device) is not None:
-        pytest.skip(f"{backend}: {backends.unavailable_reason(backend, device)}")
+    if backend is not None:
+        components.backend(backend, device)
     conv = torch.nn.Conv2d(8, 8, 3, padding=1, bias=False).to(device).eval()
     bn = torch.nn.BatchNorm2d(8).to(device).eval()
     x = torch.randn(1, 8, 4, 4, device=device).contiguous(memory_format=torch.channels_last)

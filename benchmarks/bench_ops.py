@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 
 from resnet_fused import backends
-from resnet_fused import bench as rf_bench
 from resnet_fused.fold import fold
 from resnet_fused.ops import conv_bn_act
-from resnet_fused.profile import _meta_model, layers
+from resnet_fused.tools.cli import DTYPES
+from resnet_fused.walk import layers, meta_model
 
 from harness import device_or_skip, record, run_pedantic
 
@@ -25,7 +25,7 @@ from harness import device_or_skip, record, run_pedantic
 def _distinct(size: int, batch: int = 1):
     """{first layer name: Layer} for each distinct conv problem of ResNet-50."""
     seen, out = set(), {}
-    for layer in layers(_meta_model("resnet50"), (batch, 3, size, size)):
+    for layer in layers(meta_model("resnet50"), (batch, 3, size, size)):
         if layer.kind != "conv_bn_act":
             continue
         key = (layer.in_shape[1:], layer.weight_shape, layer.stride, layer.padding, layer.relu,
@@ -59,10 +59,8 @@ def test_conv_bn_act(benchmark, name, case, provider, is_smoke):
     if backend == "triton" and device.type == "cpu":
         pytest.skip("the Triton interpreter on CPU is for correctness, not timing")
     if backend is not None:
-        reason = backends.unavailable_reason(backend, device)
-        if reason is not None:
-            pytest.skip(f"backend {backend} unavailable: {reason}")
-    dtype = rf_bench.DTYPES[dtype_name]
+        components.backend(backend, device)
+    dtype = DTYPES[dtype_name]
     if is_smoke:
         batch = 1
     layer = _distinct(32 if is_smoke else 224, batch)[name]

@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, List, Optional
 import pytest
 import torch
 
-from resnet_fused import bench as rf_bench
+from resnet_fused.tools import timing
 
 
 def device_or_skip(name: str) -> torch.device:
@@ -33,7 +33,7 @@ class Timed:
         self.times_ms: List[float] = []
 
     def setup(self) -> None:
-        rf_bench.synchronize(self.device)
+        timing.synchronize(self.device)
 
     def __call__(self) -> None:
         if self.device.type == "cuda":
@@ -67,8 +67,8 @@ def record(benchmark, device: torch.device, dtype: torch.dtype, timed: Timed, *,
            min_bytes: Optional[int] = None, **more: Any) -> Dict[str, Any]:
     """Fill benchmark.extra_info: device, dtype, versions, and rates from the median call."""
     median = statistics.median(timed.times_ms) if timed.times_ms else float("nan")
-    v = rf_bench.versions()
-    info: Dict[str, Any] = {"device": rf_bench.device_name(device), "dtype": str(dtype)[6:],
+    v = timing.versions()
+    info: Dict[str, Any] = {"device": timing.device_name(device), "dtype": str(dtype)[6:],
                             "torch": v["torch"], "triton": v["triton"],
                             "device_median_ms": median, "timing": (
                                 "CUDA events" if device.type == "cuda" else "perf_counter")}

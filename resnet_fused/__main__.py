@@ -1,4 +1,5 @@
-"""Command line: python -m resnet_fused {info,bench,profile,check,warmup} ..."""
+"""Command line: python -m resnet_fused {info,bench,profile,check,warmup} ...; the tools live in
+resnet_fused/tools/ (this is the one module outside it that imports them)."""
 from __future__ import annotations
 
 import argparse
@@ -9,21 +10,21 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m resnet_fused")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, device and available backends")
-    from . import bench, check, profile, warm_start
+    from .tools import bench, check, profile, warmup
     bench.add_arguments(sub.add_parser("bench", help="fused vs stock PyTorch, side by side"))
     profile.add_arguments(sub.add_parser("profile", help="per-layer time, stock vs fused"))
     check.add_arguments(sub.add_parser("check", help="every Triton config on every conv, vs float64"))
-    warm_start.add_arguments(sub.add_parser(
+    warmup.add_arguments(sub.add_parser(
         "warmup", help="compile (in parallel) and tune ahead of time; the next start is warm"))
     args = parser.parse_args(argv)
     if args.command == "info":
-        from .info import report
+        from .tools.info import report
         print(report())
         return 0
     if args.command == "check":
         return check.main(args)
     if args.command == "warmup":
-        return warm_start.main(args)
+        return warmup.main(args)
     if args.command == "profile":
         return profile.main(args)
     return bench.main(args)

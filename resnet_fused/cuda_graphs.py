@@ -157,7 +157,7 @@ class CUDAGraphs(nn.Module):
     def _pin_fold_cache(self) -> None:
         pinned = []
         for m in self.model.modules():
-            entries = fold._cache.get(m)
+            entries = fold.entries_for(m)
             if entries:
                 pinned.append(dict(entries))
         self._pinned = pinned

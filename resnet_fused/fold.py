@@ -1,19 +1,23 @@
-"""BatchNorm folding and the one fold cache.
+"""BatchNorm folding and the one weight cache.
 
-fold(conv, bn, dtype, backend) -> (weight, scale, shift): the conv weight in `dtype`, packed for
-`backend`, and BN (eval statistics) as a per-output-channel fp32 scale/shift (fp64 for fp64).
+fold(conv, bn, dtype, backend) -> the backend's prepared form (backends.Prepared or its own,
+exposing .weight/.scale/.shift) of: the conv weight in `dtype`, and BN (eval statistics) with
+the conv bias as a per-output-channel scale/shift in the epilogue dtype (fp32; fp64 for fp64).
+`cached(...)` is the same from the raw tensors, for graphs that hold tensors, not modules
+(layers.conv_bn_eval: torch.compile, fx, jit.trace).
 
-The cache is never stale: an entry remembers the exact tensors it was built from (it holds a
-detached alias, so their memory cannot be reused by another tensor) and their version counters,
-and the plain numbers the fold reads (bn.eps); an optimizer step, load_state_dict, .to()/.half(),
-a training forward (num_batches_tracked), a module swap or `bn.eps = ...` changes one of them.
-The cache lives here, in a weak dict keyed by the conv module, so it is not in the state_dict,
-and deepcopy/pickle of a model never carry it.
+The cache is never stale. An entry is keyed by the conv weight tensor (its id; removed when that
+tensor is freed) and remembers, for each tensor the fold reads, its id, data pointer and version
+counter, plus the plain numbers (bn.eps): an optimizer step, load_state_dict, .to()/.half(), a
+training forward (num_batches_tracked), a swapped parameter or `bn.eps = ...` changes one of
+them. It holds detached aliases of those tensors, so their memory cannot be reused by another
+tensor while the entry lives. The cache is not in the state_dict, and deepcopy/pickle of a model
+never carry it.
 """
 from __future__ import annotations
 
 import weakref
-from typing import Dict, NamedTuple, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -21,26 +25,34 @@ from torch import nn
 from . import backends
 from .ops import epilogue_dtype
 
-
-class Folded(NamedTuple):
-    weight: torch.Tensor
-    scale: torch.Tensor
-    shift: torch.Tensor
+Sources = Tuple[Optional[torch.Tensor], ...]
 
 
 def foldable(bn: nn.Module) -> bool:
     """A norm layer that is an affine per-channel map in eval: BatchNorm with running stats
     (incl. SyncBatchNorm) or torchvision's FrozenBatchNorm2d."""
-    return (getattr(bn, "running_mean", None) is not None
-            and getattr(bn, "running_var", None) is not None
+    return (_tensor(bn, "running_mean") is not None and _tensor(bn, "running_var") is not None
             and isinstance(getattr(bn, "eps", None), float))
 
 
-def _sources(conv: nn.Conv2d, bn: nn.Module) -> Tuple[Optional[torch.Tensor], ...]:
-    # num_batches_tracked: stock BatchNorm's kernels update running_mean/var in place without
-    # bumping their version counters, but every training forward increments this counter.
-    return (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var,
-            getattr(bn, "num_batches_tracked", None))
+def _tensor(module: nn.Module, name: str) -> Optional[torch.Tensor]:
+    """module.<name> for a parameter or buffer, without nn.Module.__getattr__'s cost."""
+    params = module._parameters
+    if name in params:
+        return params[name]
+    buffers = module._buffers
+    if name in buffers:
+        return buffers[name]
+    return getattr(module, name, None)
+
+
+def sources(conv: nn.Conv2d, bn: nn.Module) -> Sources:
+    """The tensors a fold reads, in `cached`'s order. num_batches_tracked: stock BatchNorm's
+    kernels update running_mean/var in place without bumping their version counters, but every
+    training forward increments this counter."""
+    return (_tensor(conv, "weight"), _tensor(conv, "bias"), _tensor(bn, "weight"),
+            _tensor(bn, "bias"), _tensor(bn, "running_mean"), _tensor(bn, "running_var"),
+            _tensor(bn, "num_batches_tracked"))
 
 
 def scale_shift(conv_bias: Optional[torch.Tensor], bn_weight: Optional[torch.Tensor],
@@ -48,7 +60,7 @@ def scale_shift(conv_bias: Optional[torch.Tensor], bn_weight: Optional[torch.Ten
                 running_var: torch.Tensor, eps: float,
                 dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
     """BN (+ conv bias) as scale/shift, computed in the epilogue dtype of `dtype` (the one
-    formula: the fold cache and traced graphs both use it)."""
+    formula: the cache and graphs that need gradients both use it)."""
     acc = epilogue_dtype(dtype)
     inv_std = torch.rsqrt(running_var.to(acc) + eps)
     scale = inv_std if bn_weight is None else bn_weight.to(acc) * inv_std
@@ -68,62 +80,85 @@ def fold_scale_shift(conv: nn.Conv2d, bn: nn.Module,
                        dtype)
 
 
-def _numbers(bn: nn.Module) -> Tuple[float, ...]:
-    """The non-tensor inputs of the fold (compared by value)."""
-    return (bn.eps,)
+def needs_grad(tensors: Sources) -> bool:
+    """Whether autograd records a fold of these tensors now."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-class _Entry(NamedTuple):
-    sources: Tuple[Optional[torch.Tensor], ...]  # detached aliases: pin the memory
-    versions: Tuple[int, ...]
-    numbers: Tuple[float, ...]
-    folded: Folded
-
-    def fresh(self, current: Tuple[Optional[torch.Tensor], ...],
-              numbers: Tuple[float, ...]) -> bool:
-        if numbers != self.numbers:
-            return False
-        for old, new, version in zip(self.sources, current, self.versions):
-            if old is None or new is None:
-                if old is not new:
-                    return False
-            elif new.data_ptr() != old.data_ptr() or new._version != version or \
-                    new.dtype != old.dtype or new.shape != old.shape:
-                return False
-        return True
+def _stamp(tensors: Sources) -> Tuple:
+    return tuple([None if t is None else (id(t), t.data_ptr(), t._version) for t in tensors])
 
 
-_cache: "weakref.WeakKeyDictionary[nn.Module, Dict[tuple, _Entry]]" = weakref.WeakKeyDictionary()
+class _Entry:
+    __slots__ = ("pins", "stamp", "eps", "prepared")
+
+    def __init__(self, tensors: Sources, eps: float, prepared: Any):
+        self.pins = tuple(None if t is None else t.detach() for t in tensors)  # pin the memory
+        self.stamp = _stamp(tensors)
+        self.eps = eps
+        self.prepared = prepared
 
 
-def _build(conv, bn, dtype, backend, pack: bool) -> Folded:
-    scale, shift = fold_scale_shift(conv, bn, dtype)
-    weight = conv.weight.to(dtype)
-    if pack:  # packing may detach (a backend's private layout); backends read any strides
-        weight = backends.pack_weight(backend, weight)
-    return Folded(weight, scale, shift)
+# id(conv weight) -> {(device, dtype, backend, inference mode): _Entry}; an entry goes when its
+# weight tensor is freed (weakref callback), so an id is never reused while it is here.
+_cache: Dict[int, Dict[tuple, _Entry]] = {}
 
 
-def fold(conv: nn.Conv2d, bn: nn.Module, dtype: torch.dtype, backend: str) -> Folded:
-    """Folded conv+BN for activations of `dtype` on the conv's device, cached when possible."""
-    sources = _sources(conv, bn)
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                                 for t in sources)
-    if needs_grad or torch.compiler.is_compiling():
-        return _build(conv, bn, dtype, backend, pack=False)  # part of the autograd/traced graph
+def _entries(weight: torch.Tensor) -> Dict[tuple, _Entry]:
+    key = id(weight)
+    entries = _cache.get(key)
+    if entries is None:
+        entries = _cache[key] = {}
+        weakref.finalize(weight, _cache.pop, key, None)
+    return entries
+
+
+def build(dtype: torch.dtype, tensors: Sources, eps: float) -> backends.Prepared:
+    """(weight in `dtype`, scale, shift), uncached and unprepared: differentiable when the
+    tensors require grad (the op prepares per call then)."""
+    weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, _ = tensors
+    scale, shift = scale_shift(conv_bias, bn_weight, bn_bias, running_mean, running_var, eps,
+                               dtype)
+    return backends.Prepared(weight.to(dtype), scale, shift)
+
+
+def cached(backend: str, dtype: torch.dtype, tensors: Sources, eps: float) -> Any:
+    """The prepared form for activations of `dtype` on the weight's device: from the cache when
+    fresh, else built (without autograd) and remembered."""
+    weight = tensors[0]
     # Tensors made under inference_mode cannot be saved for backward later: keep them apart.
-    key = (conv.weight.device, dtype, backend, torch.is_inference_mode_enabled())
-    entries = _cache.setdefault(conv, {})
+    key = (weight.device, dtype, backend, torch.is_inference_mode_enabled())
+    entries = _entries(weight)
     entry = entries.get(key)
-    numbers = _numbers(bn)
-    if entry is None or not entry.fresh(sources, numbers):
+    if entry is None or entry.eps != eps or entry.stamp != _stamp(tensors):
         with torch.no_grad():
-            folded = _build(conv, bn, dtype, backend, pack=True)
-        entry = _Entry(tuple(None if t is None else t.detach() for t in sources),
-                       tuple(0 if t is None else t._version for t in sources), numbers, folded)
-        entries[key] = entry
-    return entry.folded
+            weight, scale, shift = build(dtype, tensors, eps)
+            # detach: .to()/.contiguous() may return the Parameter itself (a 1x1 conv's weight
+            # is already channels_last), which the plain-eager fast path does not take
+            prepared = backends.prepare(backend, weight.detach(), scale, shift)
+        entry = entries[key] = _Entry(tensors, eps, prepared)
+        backends.logger.debug("fold cache: built %s weight %s for %s", backend,
+                              tuple(weight.shape), dtype)
+    return entry.prepared
+
+
+def fold(conv: nn.Conv2d, bn: nn.Module, dtype: torch.dtype, backend: str) -> Any:
+    """Folded conv+BN for activations of `dtype`, prepared for `backend`: cached, unless
+    autograd must record the fold (then built in the graph, unprepared)."""
+    tensors = sources(conv, bn)
+    if needs_grad(tensors):
+        return build(dtype, tensors, bn.eps)
+    return cached(backend, dtype, tensors, bn.eps)
+
+
+def entries_for(module: nn.Module) -> Dict[tuple, Any]:
+    """The cache's prepared forms for `module`'s weight (what a captured CUDA graph reads)."""
+    weight = _tensor(module, "weight")
+    if not isinstance(weight, torch.Tensor):
+        return {}
+    return {k: e.prepared for k, e in _cache.get(id(weight), {}).items()}
 
 
 def clear_cache() -> None:
-    _cache.clear()
+    for entries in list(_cache.values()):
+        entries.clear()

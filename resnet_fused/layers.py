@@ -1,13 +1,13 @@
 """One conv -> BN (-> + residual) (-> ReLU) chain, the unit every ResNet block is made of.
 
-In eval mode with a foldable norm layer it is ONE `conv_bn_act` call on folded weights. In train
-mode (or with a norm layer that cannot be folded) it keeps torchvision's exact semantics; the
-training path is `train_chain`, the seam where fused training kernels plug in.
-
-Captured graphs get what they can hold: torch.jit.trace and torch.fx record `graph_chain` (the
-fold computed from the parameters, then the fused op), so they follow later weight changes and
-never bake a fold; ONNX export, meta tensors, hooks and swapped activations run torchvision's
-module sequence (`module_chain`).
+`conv_bn` is the one place that decides how a chain runs, for train and eval alike:
+- hooks (on conv, bn, the activation, or global), an activation that is not nn.ReLU, ONNX export
+  or meta tensors: torchvision's module sequence (`module_chain`);
+- train mode, or a norm layer that cannot be folded: `training.train_chain`;
+- eval, captured (torch.compile, torch.fx, torch.jit.trace): `graph_chain`, one recorded call
+  that folds from the parameters when it runs (never a baked fold);
+- eval, eager: the cached fold (fold.py) and the backend resolved once, straight to the kernel.
+Under `auto`, where the resolved backend does not beat stock's modules, stock's modules run.
 """
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import backends, extension
-from .fold import fold, foldable, scale_shift
-from .ops import apply, check_inputs, conv_bn_act, out_hw
+from . import backends, fold as folding
+from .ops import apply, check_inputs, empty_output, out_hw, run
+from .training import bn_tail, train_chain
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -33,23 +33,25 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 def fusable(conv: nn.Module, bn: nn.Module) -> bool:
     """True when conv -> bn can run as one folded conv_bn_act call right now."""
     return (type(conv) is nn.Conv2d and conv.padding_mode == "zeros"
-            and not isinstance(conv.padding, str) and not bn.training and foldable(bn))
-
-
-_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-_GLOBAL_HOOK_DICTS = ("_global_forward_hooks", "_global_forward_pre_hooks",
-                      "_global_backward_hooks", "_global_backward_pre_hooks")
+            and not isinstance(conv.padding, str) and not bn.training and folding.foldable(bn))
 
 
 def observed(*modules: Optional[nn.Module]) -> bool:
     """True when calling the modules would do more than their math: hooks on any of them or
     global module hooks, which a fused call would skip. (nn.Module keeps hooks in private dicts;
     a torch without them counts as hooked: unfused but correct.)"""
-    registry = torch.nn.modules.module
-    if any(getattr(registry, name, True) for name in _GLOBAL_HOOK_DICTS):
+    try:
+        registry = torch.nn.modules.module
+        if (registry._global_forward_hooks or registry._global_forward_pre_hooks
+                or registry._global_backward_hooks or registry._global_backward_pre_hooks):
+            return True
+        for m in modules:  # (every call of every chain asks: plain attribute reads)
+            if m is not None and (m._forward_hooks or m._forward_pre_hooks
+                                  or m._backward_hooks or m._backward_pre_hooks):
+                return True
+    except AttributeError:
         return True
-    return any(m is not None and any(getattr(m, name, True) for name in _HOOK_DICTS)
-               for m in modules)
+    return False
 
 
 def module_chain(conv: nn.Module, bn: nn.Module, x: torch.Tensor,
@@ -61,96 +63,114 @@ def module_chain(conv: nn.Module, bn: nn.Module, x: torch.Tensor,
     return act(out) if act is not None else out
 
 
-def train_chain(conv: nn.Module, bn: nn.Module, x: torch.Tensor,
-                residual: Optional[torch.Tensor], relu: bool) -> torch.Tensor:
-    """torchvision's semantics: conv, bn, += residual, relu. With a plain nn.BatchNorm2d in
-    training mode and the extension built, BN(+residual)(+ReLU) is one fused bn_act_train
-    (same statistics, running-stat updates and gradients); otherwise the stock op sequence."""
-    y = conv(x)
-    if extension.bn_act_supported(bn, y, residual):
-        return extension.batch_norm_act(bn, y, residual, relu)
-    return bn_tail(bn, y, residual, relu)
+@torch.library.custom_op("resnet_fused::conv_bn_eval", mutates_args=())
+def conv_bn_eval(x: torch.Tensor, weight: torch.Tensor, conv_bias: Optional[torch.Tensor],
+                 bn_weight: Optional[torch.Tensor], bn_bias: Optional[torch.Tensor],
+                 running_mean: torch.Tensor, running_var: torch.Tensor,
+                 num_batches_tracked: Optional[torch.Tensor], eps: float,
+                 residual: Optional[torch.Tensor], stride: List[int], padding: List[int],
+                 dilation: List[int], groups: int, relu: bool,
+                 backend: Optional[str]) -> torch.Tensor:
+    """The eval chain from the module's own tensors, folded through the one cache when it runs:
+    what a compiled or traced graph calls (no autograd: used only where none records).
+    `backend` None: resolve the selection when it runs."""
+    if backend is None:
+        backend = backends.resolve(x.device)
+    tensors = (weight, conv_bias, bn_weight, bn_bias, running_mean, running_var,
+               num_batches_tracked)
+    prepared = folding.cached(backend, x.dtype, tensors, eps)
+    return run(backend, prepared, x, residual, stride, padding, dilation, groups, relu)
 
 
-def bn_tail(bn: nn.Module, y: torch.Tensor, residual: Optional[torch.Tensor],
-            relu: bool) -> torch.Tensor:
-    """bn(y) (+ residual) (-> ReLU) with stock ops, in place as torchvision does (`out` is bn's
-    fresh output)."""
-    out = bn(y)
-    if residual is not None:
-        out += residual
-    return torch.relu_(out) if relu else out
+@conv_bn_eval.register_fake
+def _(x, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,
+      eps, residual, stride, padding, dilation, groups, relu, backend):
+    return empty_output(x, weight, stride, padding, dilation)
 
 
 @torch.fx.wrap  # one call_function node in an FX graph; runs (fused) when the graph runs
 def graph_chain(x: torch.Tensor, weight: torch.Tensor, conv_bias: Optional[torch.Tensor],
                 bn_weight: Optional[torch.Tensor], bn_bias: Optional[torch.Tensor],
-                running_mean: torch.Tensor, running_var: torch.Tensor, eps: float,
+                running_mean: torch.Tensor, running_var: torch.Tensor,
+                num_batches_tracked: Optional[torch.Tensor], eps: float,
                 residual: Optional[torch.Tensor], stride: List[int], padding: List[int],
                 dilation: List[int], groups: int, relu: bool) -> torch.Tensor:
-    """The eval chain as a traced graph records it: the fold computed from the tensors on every
-    call (a cache would be baked into the graph), then the fused op."""
+    """The eval chain as a captured graph records it (torch.compile, fx, jit.trace, export).
+    An exported program resolves the backend where it runs (export traces with oneDNN off)."""
     dtype = compute_dtype(x)
-    scale, shift = scale_shift(conv_bias, bn_weight, bn_bias, running_mean, running_var, eps,
-                               dtype)
-    x, weight = x.to(dtype), weight.to(dtype)
+    backend = None if torch.compiler.is_exporting() else backends.resolve(x.device, dtype=dtype)
+    if backend == backends.MODULES:  # stock's functional ops, as its modules call them
+        out = F.batch_norm(F.conv2d(x, weight, conv_bias, stride, padding, dilation, groups),
+                           running_mean, running_var, bn_weight, bn_bias, False, 0.0, eps)
+        if residual is not None:
+            out = out + residual
+        return torch.relu(out) if relu else out
+    x = x.to(dtype)
     residual = None if residual is None else residual.to(dtype)
+    tensors = (weight, conv_bias, bn_weight, bn_bias, running_mean, running_var,
+               num_batches_tracked)
+    if not folding.needs_grad(tensors):
+        return conv_bn_eval(x, *tensors, eps, residual, stride, padding, dilation, groups, relu,
+                            backend)
+    prepared = folding.build(dtype, tensors, eps)  # recorded by autograd
     if not torch.jit.is_tracing():  # (jit.trace: shapes are the example's, checks are noise)
-        check_inputs(x, weight, scale, shift, residual, stride, padding, dilation, groups)
-    return apply(x, weight, scale, shift, residual, stride, padding, dilation, groups, relu)
+        check_inputs(x, *prepared, residual, stride, padding, dilation, groups)
+    return apply(backend, prepared, x, residual, stride, padding, dilation, groups, relu)
 
 
 def _capturing(x) -> bool:
-    """torch.fx symbolic tracing (x is a Proxy) or torch.jit.trace."""
-    return isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing()
+    """torch.compile, torch.fx symbolic tracing (x is a Proxy) or torch.jit.trace."""
+    return (torch.compiler.is_compiling() or isinstance(x, torch.fx.Proxy)
+            or torch.jit.is_tracing())
 
 
 def _stock_only(x) -> bool:
     """ONNX export (standard ONNX ops, not our custom op) or meta tensors (shapes only)."""
-    if torch.onnx.is_in_onnx_export():
+    if isinstance(x, torch.Tensor) and x.is_meta:
         return True
-    return isinstance(x, torch.Tensor) and x.device.type == "meta"
+    # both ONNX exporters trace (jit.trace or torch.export): ask the slower question only then
+    capturing = (torch.jit.is_tracing() or torch.compiler.is_compiling()
+                 or torch.compiler.is_exporting())
+    return capturing and torch.onnx.is_in_onnx_export()
 
 
 def conv_bn(conv: nn.Module, bn: nn.Module, x: torch.Tensor,
             residual: Optional[torch.Tensor] = None,
             act: Optional[nn.Module] = None) -> torch.Tensor:
     """One chain of a torchvision ResNet: act?(bn(conv(x)) + residual), `act` the block's ReLU
-    module (None: no activation). One rule for train and eval: hooks on conv, bn or act (or
-    global module hooks), or an activation that is not nn.ReLU, run the module sequence as
-    torchvision does; otherwise eval with a foldable BN is one fused conv_bn_act call, and train
-    runs train_chain (fused BN+ReLU where the extension allows)."""
+    module (None: no activation); how it runs is in the module docstring."""
     if (observed(conv, bn, act) or (act is not None and type(act) is not nn.ReLU)
             or _stock_only(x)):
         return module_chain(conv, bn, x, residual, act)
     relu = act is not None
-    if _capturing(x):
-        if not fusable(conv, bn):
-            return module_chain(conv, bn, x, residual, act)
-        return graph_chain(x, conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean,
-                           bn.running_var, bn.eps, residual, list(conv.stride),
-                           list(conv.padding), list(conv.dilation), conv.groups, relu)
     if not fusable(conv, bn):
-        return train_chain(conv, bn, x, residual, relu)
+        if isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing():
+            return module_chain(conv, bn, x, residual, act)
+        return train_chain(conv, bn, x, residual, relu)  # (compiled too: its ops are custom ops)
+    if _capturing(x):
+        tensors = folding.sources(conv, bn)
+        return graph_chain(x, *tensors, bn.eps, residual, list(conv.stride), list(conv.padding),
+                           list(conv.dilation), conv.groups, relu)
     dtype = compute_dtype(x)
     if x.dtype != conv.weight.dtype and not torch.is_autocast_enabled(x.device.type):
         raise TypeError(f"resnet_fused: expected input dtype {conv.weight.dtype} (the model's "
                         f"parameters), got {x.dtype}")
-    backend = backends.resolve(x.device)
-    weight, scale, shift = fold(conv, bn, dtype, backend)
-    if not torch.compiler.is_compiling() and backends.auto_declines(backend, x.device, dtype):
-        # auto: stock's ops are faster here; run them on the cached channels_last weight (the
-        # model's own NCHW weight would be reordered by every conv). Compiled and exported graphs
-        # keep the op, which resolves its backend when it runs.
+    backend = backends.resolve(x.device, dtype=dtype)
+    if backend == backends.MODULES:
+        # stock's ops are faster here; run them on the cached channels_last weight (the model's
+        # own NCHW weight would be reordered by every conv)
+        weight = folding.fold(conv, bn, dtype, "torch").weight
         y = F.conv2d(x, weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
         return bn_tail(bn, y, residual, relu)
-    if dtype != x.dtype or not _consistent(conv, x, residual):
-        # autocast casts, and odd inputs get the op's full checks and clear errors
-        return conv_bn_act(x, weight, scale, shift, residual=residual, stride=conv.stride,
-                           padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
-                           relu=relu)
-    return apply(x, weight, scale, shift, residual, list(conv.stride), list(conv.padding),
-                 list(conv.dilation), conv.groups, relu, backend)
+    prepared = folding.fold(conv, bn, dtype, backend)
+    if dtype != x.dtype:  # autocast casts, as stock conv does
+        x = x.to(dtype)
+        residual = None if residual is None else residual.to(dtype)
+    if not _consistent(conv, x, residual):  # odd inputs get the full checks and clear errors
+        check_inputs(x, *prepared, residual, conv.stride, conv.padding, conv.dilation,
+                     conv.groups)
+    return apply(backend, prepared, x, residual, conv.stride, conv.padding, conv.dilation,
+                 conv.groups, relu)
 
 
 def _consistent(conv: nn.Conv2d, x: torch.Tensor, residual: Optional[torch.Tensor]) -> bool:

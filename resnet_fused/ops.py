@@ -5,8 +5,9 @@
       = relu?(conv2d(x, weight) * scale[c] + shift[c] + residual)
 
 `scale`/`shift` are BatchNorm folded per output channel, fp32 (fp64 for fp64 inputs); the
-output has x's dtype. The custom op dispatches to the selected backend (see backends/), has a
-fake kernel (torch.compile, torch.export) and an autograd formula built from stock ops.
+output has x's dtype. The custom op runs the backend its caller resolved (backends/), has a
+fake kernel (torch.compile, torch.export) and an autograd formula built from stock ops. Input is
+checked once per call: here for the public function, by layers.conv_bn for a model's chains.
 """
 from __future__ import annotations
 
@@ -110,15 +111,16 @@ def check_inputs(x, weight, scale, shift, residual, stride, padding, dilation, g
                             f"{residual.dtype}")
 
 
-def run(backend: str, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
-        shift: torch.Tensor, residual: Optional[torch.Tensor], stride: List[int],
-        padding: List[int], dilation: List[int], groups: int, relu: bool) -> torch.Tensor:
-    """Backend `backend` on checked arguments, returning the contract's output: a fresh
-    channels_last tensor (the fake kernel and the real one agree on strides; it never aliases
-    x or the residual). Backends that allocate it so cost nothing here."""
-    out = backends.load(backend).conv_bn_act(x, weight, scale, shift, residual, stride, padding,
-                                             dilation, groups, relu)
-    if out.stride() != channels_last_strides(out.shape) or out is x or out is residual:
+def run(backend: str, prepared: backends.Prepared, x: torch.Tensor,
+        residual: Optional[torch.Tensor], stride: Sequence[int], padding: Sequence[int],
+        dilation: Sequence[int], groups: int, relu: bool) -> torch.Tensor:
+    """Backend `backend` on checked arguments and its prepared weight, returning the contract's
+    output: a fresh channels_last tensor (the fake kernel and the real one agree on strides; it
+    never aliases x or the residual). Backends that allocate it so cost nothing here."""
+    out = backends.load(backend).run(prepared, x, residual, stride, padding, dilation, groups,
+                                     relu)
+    n, c, h, w = out.shape
+    if out.stride() != (h * w * c, 1, w * c, c) or out is x or out is residual:
         out = torch.empty(out.shape, dtype=out.dtype, device=out.device,
                           memory_format=torch.channels_last).copy_(out)
     return out
@@ -127,10 +129,13 @@ def run(backend: str, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
 @torch.library.custom_op("resnet_fused::conv_bn_act", mutates_args=())
 def _conv_bn_act_op(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                     shift: torch.Tensor, residual: Optional[torch.Tensor], stride: List[int],
-                    padding: List[int], dilation: List[int], groups: int,
-                    relu: bool) -> torch.Tensor:
-    return run(backends.resolve(x.device), x, weight, scale, shift, residual, stride, padding,
-               dilation, groups, relu)
+                    padding: List[int], dilation: List[int], groups: int, relu: bool,
+                    backend: Optional[str] = None) -> torch.Tensor:
+    """`backend`: the concrete backend the caller resolved (None: resolve the selection now)."""
+    if backend is None:
+        backend = backends.resolve(x.device)
+    return run(backend, backends.prepare(backend, weight, scale, shift), x, residual, stride,
+               padding, dilation, groups, relu)
 
 
 def _dispatch_modes_active() -> bool:
@@ -138,42 +143,47 @@ def _dispatch_modes_active() -> bool:
     return length is None or length() > 0
 
 
-def plain_eager(*tensors: Optional[torch.Tensor]) -> bool:
+def plain_eager(x: torch.Tensor, *tensors: Optional[torch.Tensor]) -> bool:
     """True when dispatching through the custom op adds nothing but host time: plain tensors, no
-    autograd to record, no tracing, compiling, __torch_function__ or dispatch mode."""
+    autograd to record, no tracing, compiling, __torch_function__ or dispatch mode. (Every chain
+    of every call asks: plain checks, cheapest first.)"""
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False
-    present = [t for t in tensors if t is not None]
-    if any(type(t) is not torch.Tensor for t in present):
-        return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in present):
-        return False
-    return not torch.overrides.has_torch_function(present) and not _dispatch_modes_active()
+    grad = torch.is_grad_enabled()
+    for t in (x, *tensors):
+        if t is not None and (type(t) is not torch.Tensor or (grad and t.requires_grad)):
+            return False
+    # plain tensors: only a torch-function mode could intercept (x stands for all of them)
+    return not torch.overrides.has_torch_function((x,)) and not _dispatch_modes_active()
 
 
-def apply(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
-          residual: Optional[torch.Tensor], stride: List[int], padding: List[int],
-          dilation: List[int], groups: int, relu: bool,
-          backend: Optional[str] = None) -> torch.Tensor:
-    """The op on checked arguments: the backend directly in plain eager (`backend`, resolved by
-    the caller, saves resolving it again), else the registered custom op (autograd, compile,
-    export, tracing, modes)."""
+def apply(backend: str, prepared: backends.Prepared, x: torch.Tensor,
+          residual: Optional[torch.Tensor], stride: Sequence[int], padding: Sequence[int],
+          dilation: Sequence[int], groups: int, relu: bool) -> torch.Tensor:
+    """The op on checked arguments: in plain eager the backend directly on its prepared form,
+    else the registered custom op (autograd, compile, export, tracing, modes)."""
+    weight, scale, shift = prepared
     if plain_eager(x, weight, scale, shift, residual):
-        return run(backend or backends.resolve(x.device), x, weight, scale, shift, residual,
-                   stride, padding, dilation, groups, relu)
-    return _conv_bn_act_op(x, weight, scale, shift, residual, stride, padding, dilation, groups,
-                           relu)
+        return run(backend, prepared, x, residual, stride, padding, dilation, groups, relu)
+    return _conv_bn_act_op(x, weight, scale, shift, residual, list(stride), list(padding),
+                           list(dilation), groups, relu, backend)
 
 
-@_conv_bn_act_op.register_fake
-def _(x, weight, scale, shift, residual, stride, padding, dilation, groups, relu):
+def empty_output(x: torch.Tensor, weight: torch.Tensor, stride, padding,
+                 dilation) -> torch.Tensor:
+    """The contract's output, uninitialised (fake kernels)."""
     oh, ow = out_hw(x.shape[2], x.shape[3], weight.shape[2:], stride, padding, dilation)
     return torch.empty((x.shape[0], weight.shape[0], oh, ow), dtype=x.dtype, device=x.device,
                        memory_format=torch.channels_last)
 
 
+@_conv_bn_act_op.register_fake
+def _(x, weight, scale, shift, residual, stride, padding, dilation, groups, relu, backend=None):
+    return empty_output(x, weight, stride, padding, dilation)
+
+
 def _setup_context(ctx, inputs, output):
-    x, weight, scale, shift, residual, stride, padding, dilation, groups, relu = inputs
+    x, weight, scale, shift, residual, stride, padding, dilation, groups, relu, _ = inputs
     ctx.conv_args = (stride, padding, dilation, groups)
     ctx.relu = relu
     ctx.has_residual = residual is not None
@@ -203,7 +213,7 @@ def _backward(ctx, grad):
         if need_w:
             grad_w = torch.nn.grad.conv2d_weight(x, weight.shape, gy, stride, padding, dilation,
                                                  groups)
-    return grad_x, grad_w, grad_scale, grad_shift, grad_res, None, None, None, None, None
+    return grad_x, grad_w, grad_scale, grad_shift, grad_res, None, None, None, None, None, None
 
 
 _conv_bn_act_op.register_autograd(_backward, setup_context=_setup_context)
@@ -228,4 +238,9 @@ def conv_bn_act(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shif
             x, weight = x.to(dtype), weight.to(dtype)
             residual = None if residual is None else residual.to(dtype)
     check_inputs(x, weight, scale, shift, residual, stride, padding, dilation, groups)
-    return apply(x, weight, scale, shift, residual, stride, padding, dilation, groups, relu)
+    backend = backends.resolve(x.device)
+    if plain_eager(x, weight, scale, shift, residual):
+        return run(backend, backends.prepare(backend, weight, scale, shift), x, residual, stride,
+                   padding, dilation, groups, relu)
+    return _conv_bn_act_op(x, weight, scale, shift, residual, stride, padding, dilation, groups,
+                           relu, backend)

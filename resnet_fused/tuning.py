@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import threading
 import warnings
@@ -30,6 +31,8 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Hashable, Optional, Sequence, TypeVar
 
 import torch
+
+logger = logging.getLogger("resnet_fused")
 
 T = TypeVar("T", bound=Hashable)
 MODE_ENV = "RESNET_FUSED_TUNING"
@@ -188,6 +191,8 @@ def decide(device: torch.device, key: str, candidates: Sequence[T],
         times = {c: measure(c) for c in candidates}
         best = min(candidates, key=lambda c: times[c])
         s.put(key, best)
+        logger.info("tuned %s: %s (%s)", key, best,
+                    ", ".join(f"{c}: {t:.3f} ms" for c, t in times.items()))
     return best
 
 

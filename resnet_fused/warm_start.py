@@ -1,5 +1,6 @@
-"""A cold start done ahead of time: `resnet_fused.warmup(model, input_shapes, dtypes)` and
-`python -m resnet_fused warmup --arch resnet50 --batch 1 256 --dtype fp16`.
+"""A cold start done ahead of time: `resnet_fused.warmup(model, input_shapes, dtypes)` (its
+command line, `python -m resnet_fused warmup --arch resnet50 --batch 1 256 --dtype fp16`, is
+tools/warmup.py).
 
 1. The conv problems of the model's fused forward for those input shapes, found by walking the
    model (no forward runs).
@@ -17,8 +18,6 @@ does steps 1-2 only, for that architecture.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import time
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -26,9 +25,10 @@ import torch
 from torch import nn
 
 from . import backends
+from .walk import layers
 
 Shape = Tuple[Union[int, range], int, int, int]
-_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what the Triton kernel runs
 
 
 def covering_batches(lo: int, hi: int) -> List[int]:
@@ -41,7 +41,8 @@ def covering_batches(lo: int, hi: int) -> List[int]:
     return sorted(powers | {lo, hi})
 
 
-def _batches(first: Union[int, range]) -> List[int]:
+def batch_sizes(first: Union[int, range]) -> List[int]:
+    """The batch sizes to warm for one batch entry: itself, or a range's covering batches."""
     if isinstance(first, range):
         if len(first) == 0 or first.step != 1:
             raise ValueError(f"warmup: expected a non-empty range of batch sizes with step 1, got "
@@ -68,14 +69,13 @@ def _meta(shape, dtype) -> torch.Tensor:
 
 def problems(model: nn.Module, input_shapes: Iterable[Shape],
              dtypes: Sequence[torch.dtype]) -> List[Tuple[Any, torch.dtype]]:
-    """(profile.Layer, dtype) for every distinct conv_bn_act problem of the fused forward."""
-    from .profile import layers
+    """(walk.Layer, dtype) for every distinct conv_bn_act problem of the fused forward."""
     seen: Dict[Tuple, Tuple[Any, torch.dtype]] = {}
     for shape in input_shapes:
         shape = tuple(shape)
         if len(shape) != 4:
             raise ValueError(f"warmup: expected input shapes (N, C, H, W), got {shape}")
-        for n in _batches(shape[0]):
+        for n in batch_sizes(shape[0]):
             for layer in layers(model, (n, *shape[1:])):
                 if layer.kind != "conv_bn_act":
                     continue
@@ -114,18 +114,18 @@ def _random(shape, dtype, device) -> torch.Tensor:
         memory_format=torch.channels_last)
 
 
-def _tune(found, device: torch.device) -> None:
-    """Run each problem once through the triton backend: tile and per-layer decisions get made
-    (measured per bucket) and persisted."""
-    triton_backend = backends.load("triton")
+def _tune(found, device: torch.device, backend: str) -> None:
+    """Run each problem once through `backend` (triton, or auto's per-layer triton-or-cuda):
+    tile and per-layer decisions get made (measured per bucket) and persisted."""
+    runner = backends.load(backend)
     for layer, dtype in found:
         x, weight = _random(layer.in_shape, dtype, device), _random(layer.weight_shape, dtype,
                                                                     device)
         scale = torch.rand(layer.out_shape[1], device=device) + 0.5
         shift = torch.randn(layer.out_shape[1], device=device)
         res = _random(layer.out_shape, dtype, device) if layer.residual else None
-        triton_backend.conv_bn_act(x, weight, scale, shift, res, layer.stride, layer.padding,
-                                   layer.dilation, layer.groups, layer.relu)
+        runner.run(runner.prepare(weight, scale, shift), x, res, layer.stride, layer.padding,
+                   layer.dilation, layer.groups, layer.relu)
         del x, weight, res
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -143,14 +143,14 @@ def warmup(model: nn.Module, input_shapes: Iterable[Shape],
     param = model.conv1.weight
     dtypes = list(dtypes) if dtypes is not None else [param.dtype]
     for dtype in dtypes:
-        if dtype not in _DTYPES.values():
+        if dtype not in KERNEL_DTYPES:
             raise ValueError(f"warmup: expected dtypes among float16, bfloat16, float32 (the "
                              f"Triton kernel's), got {dtype}")
     device = param.device
     report: Dict[str, Any] = {"device": str(device), "dtypes": [str(d)[6:] for d in dtypes]}
     if device.type == "cuda":
         backend = backends.resolve(device)
-        if backend != "triton":
+        if backend not in ("triton", backends.PER_LAYER):
             report["skipped"] = f"the backend that runs on {device} is {backend!r}, not triton"
             return report
         major, minor = torch.cuda.get_device_capability(device)
@@ -173,97 +173,7 @@ def warmup(model: nn.Module, input_shapes: Iterable[Shape],
         start = time.perf_counter()
         was_training = model.training
         with torch.no_grad(), torch.cuda.device(device):
-            _tune(found, device)
+            _tune(found, device, backend)
         model.train(was_training)
         report["tune_seconds"] = time.perf_counter() - start
     return report
-
-
-# ------------------------------------------------------------------------------------ CLI -----
-def _batch_arg(text: str) -> Union[int, range]:
-    try:
-        if "-" in text:
-            lo, hi = (int(v) for v in text.split("-", 1))
-            return range(lo, hi + 1)
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a batch size (8) or a range (1-64), got "
-                                         f"{text!r}") from None
-
-
-def _target_arg(text: str) -> int:
-    digits = text.lower().removeprefix("sm_").removeprefix("sm")
-    if not digits.isdigit() or int(digits) < 80:
-        raise argparse.ArgumentTypeError(f"expected a CUDA architecture such as sm_90 or sm_80 "
-                                         f"(the kernels need 8.0+), got {text!r}")
-    return int(digits)
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    from . import cli
-    cli.add_arch(p, default="resnet50")
-    p.add_argument("--batch", nargs="+", type=_batch_arg, default=[1],
-                   help="batch sizes and ranges (1 256, or 1-64)")
-    p.add_argument("--size", type=cli.positive_int, default=224,
-                   help="image height and width (default 224)")
-    p.add_argument("--dtype", nargs="+", choices=list(_DTYPES), default=["fp16"])
-    p.add_argument("--workers", type=cli.positive_int, default=None,
-                   help="compile processes (default: cores)")
-    p.add_argument("--target", type=_target_arg, default=None,
-                   help="without a GPU: compile for this arch (sm_90) and stop")
-    p.add_argument("--probe-batch", type=cli.positive_int, default=None,
-                   help="after warming, time the first call at this (unseen) batch size against "
-                        "its steady state")
-    p.add_argument("--json", default=None, help="write the report here")
-
-
-def _first_and_steady_ms(model, x, reps: int = 10) -> Tuple[float, float]:
-    def once() -> float:
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        model(x)
-        torch.cuda.synchronize()
-        return (time.perf_counter() - start) * 1e3
-    first = once()
-    steady = sorted(once() for _ in range(reps))[reps // 2]
-    return first, steady
-
-
-def main(args: argparse.Namespace) -> int:
-    import resnet_fused
-    start = time.perf_counter()
-    builder = getattr(resnet_fused, args.arch)
-    on_gpu = torch.cuda.is_available() and args.target is None
-    if not on_gpu and args.target is None:
-        print("warmup: no CUDA device here; pass --target sm_90 to compile for a GPU without one")
-        return 2
-    model = builder().eval()
-    dtypes = [_DTYPES[d] for d in args.dtype]
-    if on_gpu:
-        model = model.cuda().to(dtypes[0])
-    else:
-        model = model.to("meta")
-    shapes = [(b, 3, args.size, args.size) for b in args.batch]
-    report = warmup(model, shapes, dtypes, workers=args.workers, target=args.target)
-    if on_gpu and "skipped" not in report:
-        firsts = {}
-        with torch.no_grad():
-            for b in args.batch:
-                for n in _batches(b):
-                    x = torch.randn(n, 3, args.size, args.size, device="cuda", dtype=dtypes[0])
-                    firsts[n] = _first_and_steady_ms(model, x)[0]
-        report["first_forward_ms"] = firsts
-        if args.probe_batch:
-            x = torch.randn(args.probe_batch, 3, args.size, args.size, device="cuda",
-                            dtype=dtypes[0])
-            with torch.no_grad():
-                first, steady = _first_and_steady_ms(model, x)
-            report["probe"] = {"batch": args.probe_batch, "first_ms": first, "steady_ms": steady,
-                               "ratio": first / steady}
-    report["wall_seconds"] = time.perf_counter() - start
-    for key, value in report.items():
-        print(f"{key:18s} {value}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1, default=str)
-    return 1 if report.get("errors") else 0

@@ -1,6 +1,14 @@
-"""Shared fixtures."""
+"""Shared fixtures, and the strict rule for missing components (components.py)."""
 import pytest
 import torch
+
+import components
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """`requires` marks (components.needs / needs_gpu): skip, or fail under strict mode."""
+    components.run_marks(item)
 
 
 @pytest.fixture

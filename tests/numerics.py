@@ -2,13 +2,23 @@
 resnet_fused/numerics.py)."""
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from resnet_fused.numerics import ATOL, max_err, rule_violation  # noqa: F401 (re-exported)
+
+BUILDERS = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
+            "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2"]
+# The default run keeps one builder per block design and depth class (resnet101: the deep one);
+# these repeat the same blocks at more depth or width (`make test-all` runs them).
+SLOW_BUILDERS = {"resnet152", "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2",
+                 "wide_resnet101_2"}
+BUILDER_PARAMS = [pytest.param(b, marks=pytest.mark.slow) if b in SLOW_BUILDERS else b
+                  for b in BUILDERS]
 
 
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:

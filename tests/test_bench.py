@@ -6,8 +6,9 @@ import json
 import pytest
 import torch
 
-from resnet_fused import backends, bench
+from resnet_fused.backends import autoselect
 from resnet_fused.__main__ import main
+from resnet_fused.tools import bench, timing
 
 CPU = torch.device("cpu")
 
@@ -16,18 +17,18 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def test_quantiles():
-    assert bench.quantile([3.0, 1.0, 2.0], 0.5) == 2.0
-    assert bench.quantile([0.0, 10.0], 0.2) == pytest.approx(2.0)
-    s = bench.summarize([5.0, 1.0, 2.0, 3.0, 4.0])
+    assert timing.quantile([3.0, 1.0, 2.0], 0.5) == 2.0
+    assert timing.quantile([0.0, 10.0], 0.2) == pytest.approx(2.0)
+    s = timing.summarize([5.0, 1.0, 2.0, 3.0, 4.0])
     assert (s["median_ms"], s["p20_ms"], s["p80_ms"], s["reps"]) == (3.0, 1.8, 4.2, 5)
 
 
 def test_measure_cpu_respects_rep_limits():
     calls = []
-    times = bench.measure(lambda: calls.append(1), CPU, warmup=2, min_reps=4, max_reps=6,
+    times = timing.measure(lambda: calls.append(1), CPU, warmup=2, min_reps=4, max_reps=6,
                           min_time_s=0.0)
     assert len(times) == 4 and len(calls) == 6
-    times = bench.measure(lambda: None, CPU, warmup=0, min_reps=1, max_reps=7, min_time_s=60.0)
+    times = timing.measure(lambda: None, CPU, warmup=0, min_reps=1, max_reps=7, min_time_s=60.0)
     assert len(times) == 7
 
 
@@ -53,7 +54,7 @@ def test_bench_cli_json_and_plot(tmp_path, capsys):
     report = json.loads(js.read_text())
     meta, rows = report["meta"], report["results"]
     assert meta["device"] == "cpu" and meta["versions"]["torch"] == torch.__version__
-    assert meta["auto_backend"] == backends.auto_choice(CPU)
+    assert meta["auto_backend"] == autoselect.device_choice(CPU)
     n_fused = len(bench.available_fused_backends(CPU))
     assert len(rows) == 2 * (4 + n_fused)
     for r in rows:

@@ -16,10 +16,11 @@ from torch import nn
 
 from numerics import assert_within_rule, conv_bn_act_ref, randomize_bn
 from resnet_fused import backends, ops
-from resnet_fused.backends import stock
+from resnet_fused.backends import autoselect, stock
 from resnet_fused.fold import fold_scale_shift
 
-pytest.importorskip("triton")
+import components
+components.importorskip("triton", "triton")  # pinned: a failure under strict mode (CI)
 from resnet_fused.backends.triton import conv as tconv  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -69,7 +70,7 @@ def make_problem(n, c_in, h, w, c_out, k, stride, pad, dil, groups, dtype, devic
         scale, shift = fold_scale_shift(conv, bn, dtype)
     x = torch.randn(n, c_in, h, w, generator=g).to(dtype).contiguous(
         memory_format=torch.channels_last)
-    weight = backends.pack_weight("triton", conv.weight.detach().to(dtype))
+    weight = backends.prepare("triton", conv.weight.detach().to(dtype), scale, shift).weight
     res = None
     if residual:
         oh, ow = tconv.out_hw(h, w, (kh, kw), _pair(stride), _pair(pad), _pair(dil))
@@ -261,32 +262,35 @@ def test_tuned_path_under_interpreter(monkeypatch):
 
 
 def test_per_layer_auto_choice(monkeypatch):
-    """Under `auto`, each problem shape is timed once on triton and cuda, the faster one is kept.
-    (Selection logic only: the CUDA timer and both backends are stand-ins here.)"""
+    """Under `auto` on CUDA, each problem bucket is timed once on triton and cuda, the faster one
+    is kept. (Selection logic only: the CUDA timer and both backends are stand-ins here.)"""
     import types
 
     from resnet_fused import tuning
-    from resnet_fused.backends import triton as tb
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.setattr(backends, "get_backend", lambda: "auto")
-    monkeypatch.setattr(backends, "unavailable_reason", lambda name, device=None: None)
-    monkeypatch.setattr(backends, "load", lambda name: types.SimpleNamespace(conv_bn_act=None))
+    monkeypatch.setattr(autoselect, "load", lambda name: types.SimpleNamespace(run=None))
     timings = iter([2.0, 1.0, 1.0, 3.0])  # (triton, cuda) per measured bucket
-    monkeypatch.setattr(tb, "_time_ms", lambda fn, reps=10: next(timings))
+    monkeypatch.setattr(autoselect, "_time_ms", lambda fn, reps=10: next(timings))
     w = torch.zeros(8, 4, 3, 3)
     s = torch.zeros(8)
-    args = (w, s, s, None, (1, 1), (1, 1), (1, 1), 1, True)
+    prepared = backends.Prepared(w, s, s)
+    args = (None, (1, 1), (1, 1), (1, 1), 1, True)
     a, b = torch.zeros(1, 4, 8, 8), torch.zeros(2, 4, 8, 8)  # M = 64 and 128
-    assert tb._per_layer_choice(a, *args) == "cuda"
-    assert tb._per_layer_choice(b, *args) == "triton"
-    assert tb._per_layer_choice(a, *args) == "cuda"  # remembered: not timed again
-    assert tb._per_layer_choice(torch.zeros(1, 4, 7, 8), *args) == "cuda"  # M = 56: same bucket
+    assert autoselect.choose(prepared, a, *args) == "cuda"
+    assert autoselect.choose(prepared, b, *args) == "triton"
+    assert autoselect.choose(prepared, a, *args) == "cuda"  # remembered: not timed again
+    assert autoselect.choose(prepared, torch.zeros(1, 4, 7, 8), *args) == "cuda"  # same bucket
     assert len(tuning.decisions(torch.device("cpu"))) == 2
-    monkeypatch.setenv("RESNET_FUSED_PER_LAYER_AUTO", "0")
-    assert tb._per_layer_choice(a, *args) == "triton"
-    monkeypatch.delenv("RESNET_FUSED_PER_LAYER_AUTO")
-    monkeypatch.setattr(backends, "get_backend", lambda: "triton")  # explicit choice: no auto
-    assert tb._per_layer_choice(a, *args) == "triton"
+
+
+def test_auto_on_cuda_is_per_layer_unless_switched_off(monkeypatch):
+    monkeypatch.setattr(autoselect, "backend_reason", lambda name, device=None: None)
+    cuda = torch.device("cuda", 0)
+    assert autoselect.device_choice(cuda) == backends.PER_LAYER
+    monkeypatch.setenv(autoselect.PER_LAYER_ENV, "0")
+    assert autoselect.device_choice(cuda) == "triton"
+    monkeypatch.setattr(autoselect, "backend_reason",
+                        lambda name, device=None: "missing" if name == "triton" else None)
+    assert autoselect.device_choice(cuda) == "cuda"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -368,7 +372,7 @@ def test_availability(monkeypatch):
             with backends.backend("triton"):
                 pass
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # the interpreter is for tests, never auto's pick
-    assert backends.auto_choice(torch.device("cpu")) != "triton"
+    assert autoselect.device_choice(torch.device("cpu")) != "triton"
 
 
 def test_fp64_delegates_to_stock(monkeypatch):
@@ -381,12 +385,14 @@ def test_fp64_delegates_to_stock(monkeypatch):
     assert (out - ref).abs().max().item() <= 1e-12 * max(1.0, ref.abs().max().item())
 
 
-def test_pack_weight_matches_default_layout():
-    """Same logical shape/dtype as the default (the `cuda` backend's) packing: the fold cache
-    entry can serve both under per-layer auto."""
+def test_prepared_weight_matches_default_layout():
+    """Same logical shape/dtype as the default (the `cuda` backend's) prepared form: one fold
+    cache entry serves both under per-layer auto."""
     from resnet_fused.backends import triton as tb
     w = torch.randn(8, 4, 3, 3, dtype=torch.float16)
-    packed = tb.pack_weight(w)
+    s = torch.ones(8)
+    packed = tb.prepare(w, s, s).weight
+    assert torch.equal(packed, backends.prepare_default(w, s, s).weight)
     assert packed.shape == w.shape and packed.dtype == w.dtype
     assert packed.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(packed, w)

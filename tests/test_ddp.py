@@ -9,8 +9,9 @@ import os
 import subprocess
 import sys
 
-import pytest
 import torch
+
+import components
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -25,18 +26,18 @@ def worker(rank: int, world: int, store: str, out: str) -> None:
 
     sys.path.insert(0, HERE)
     import resnet_fused
-    from resnet_fused import extension
+    from resnet_fused import extension_ops
     from numerics import randomize_bn
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     calls = [0]
-    original = extension.bn_act_train
+    original = extension_ops.bn_act_train
 
     def counted(*args, **kwargs):
         calls[0] += 1
         return original(*args, **kwargs)
-    extension.bn_act_train = counted
+    extension_ops.bn_act_train = counted
 
     models = []
     for build in (resnet_fused.resnet18, torchvision.models.resnet18):
@@ -85,10 +86,10 @@ def worker(rank: int, world: int, store: str, out: str) -> None:
 def test_ddp_training_matches_torchvision(tmp_path):
     from resnet_fused import extension
     if not extension.available("cpu"):
-        pytest.skip(f"extension not available: {extension.unavailable_reason()}")
+        components.require("extension", extension.unavailable_reason("cpu"))
     import torch.distributed as dist
     if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
+        components.require("gloo", "torch.distributed with gloo is not available")
     world = 2
     store = str(tmp_path / "store")
     outs = [str(tmp_path / f"rank{r}.pt") for r in range(world)]

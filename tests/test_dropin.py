@@ -17,11 +17,11 @@ import torch
 import torchvision
 from torchvision.models.feature_extraction import create_feature_extractor
 
+import components
 import resnet_fused
-from numerics import assert_within_rule, randomize_bn, stock_outputs
+from numerics import (BUILDER_PARAMS, assert_within_rule, randomize_bn,
+                      stock_outputs)
 
-BUILDERS = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
-            "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2"]
 X = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
 
@@ -42,7 +42,7 @@ def _same(out, want):
     assert (out - want).abs().max().item() <= 1e-10 * scale
 
 
-@pytest.mark.parametrize("name", BUILDERS)
+@pytest.mark.parametrize("name", BUILDER_PARAMS)
 def test_classification_model_as_torchvision_tests_it(name):
     """Same-seed construction gives torchvision's output; torch.jit.script works and gives the
     same output (the scripted forward is torchvision's module sequence: TorchScript cannot call
@@ -151,10 +151,10 @@ def test_meta_tensors_as_stock():
 @pytest.mark.parametrize("name", ["resnet18", "resnet50"])
 @pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript-exporter", "dynamo-exporter"])
 def test_onnx_export_runs_in_onnxruntime(name, dynamo):
-    onnx = pytest.importorskip("onnx", reason="onnx is an optional test dependency")
-    ort = pytest.importorskip("onnxruntime", reason="onnxruntime is an optional test dependency")
+    onnx = components.importorskip("onnx", "onnx")  # pinned: strict mode fails unless opted out
+    ort = components.importorskip("onnxruntime", "onnx")
     if dynamo:
-        pytest.importorskip("onnxscript", reason="the dynamo exporter needs onnxscript")
+        components.importorskip("onnxscript", "onnx")  # the dynamo exporter needs it
     import warnings
     ours, tv = _pair(name, dtype=torch.float32)
     x = X.repeat(2, 1, 1, 1)

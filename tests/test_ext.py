@@ -16,17 +16,20 @@ import torch.nn.functional as F
 
 import resnet_fused
 from resnet_fused import extension
+import components
 from numerics import assert_within_rule, max_err
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SKIP_BUILD = os.environ.get("RESNET_FUSED_NO_EXT", "").strip().lower() in ("1", "true", "yes", "on")
-pytestmark = pytest.mark.skipif(
-    SKIP_BUILD or not extension.available(),
-    reason=f"extension not available: {extension.unavailable_reason()}")
+# Missing or stale: skipped locally, a failure under strict mode (CI) unless opted out.
+_EXT_OFF = components.opted_out("extension")
+pytestmark = components.needs("extension", f"${_EXT_OFF} is set" if _EXT_OFF
+                              else extension.unavailable_reason())
+# No GPU: a skip; a GPU but no CUDA kernels in the extension: components' rule.
+CUDA_KERNELS = components.needs_gpu("cuda-kernels", lambda: extension.unavailable_reason("cuda"))
 
 ops = torch.ops.resnet_fused
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and extension.available("cuda") else [])
+DEVICES = ["cpu"] + ([pytest.param("cuda", marks=CUDA_KERNELS)] if torch.cuda.is_available() else [])
 # (N, C, H, W): C not a multiple of the vector width (8 fp32 / 4 fp64 lanes), batch 1, 1x1 maps,
 # one channel, and some full vectors.
 SHAPES = [(1, 3, 5, 7), (2, 13, 1, 1), (1, 1, 3, 3), (3, 17, 4, 5), (2, 9, 3, 1), (2, 16, 3, 3)]
@@ -72,22 +75,25 @@ def _fmt(t, fmt):
 
 
 # ---- build ------------------------------------------------------------------------------------
-def _cuda_toolchain_matches() -> bool:
-    """Whether setup.py must have built CUDA kernels here (torch with CUDA + matching nvcc)."""
-    if not torch.version.cuda or os.environ.get("RESNET_FUSED_NO_CUDA"):
-        return False
+def _cuda_toolchain_missing():
+    """None when setup.py must have built CUDA kernels here (torch with CUDA + matching nvcc),
+    else why it could not."""
+    if components.opted_out("cuda-kernels"):
+        return f"${components.opted_out('cuda-kernels')} is set"
     home = os.environ.get("CUDA_HOME") or "/usr/local/cuda"
     nvcc = os.path.join(home, "bin", "nvcc")
     if not os.path.isfile(nvcc):
         nvcc = shutil.which("nvcc")
     if not nvcc:
-        return False
+        return f"no nvcc in {home}/bin or on PATH"
     try:
         out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60).stdout
-    except OSError:
-        return False
+    except OSError as e:
+        return f"{nvcc} --version failed: {e}"
     m = re.search(r"release (\d+)\.", out)
-    return bool(m) and m.group(1) == torch.version.cuda.split(".")[0]
+    if not m or m.group(1) != torch.version.cuda.split(".")[0]:
+        return f"{nvcc} is CUDA {m.group(1) if m else '?'}, torch is CUDA {torch.version.cuda}"
+    return None
 
 
 def test_library_is_in_the_package_and_reports_itself():
@@ -98,7 +104,8 @@ def test_library_is_in_the_package_and_reports_itself():
     assert status.startswith("built: ") and module.__file__ in status
 
 
-@pytest.mark.skipif(not _cuda_toolchain_matches(), reason="no CUDA toolkit matching torch here")
+@pytest.mark.skipif(not torch.version.cuda, reason="a CPU-only torch: no CUDA kernels to build")
+@components.needs("cuda-kernels", torch.version.cuda and _cuda_toolchain_missing())
 def test_cuda_objects_built_for_sm80_and_sm90():
     """CI compiles the .cu sources: a CUDA toolchain present means CUDA kernels in the build,
     with SASS for sm_80 and sm_90 (unless TORCH_CUDA_ARCH_LIST asked for something else)."""
@@ -166,9 +173,12 @@ def test_bn_act_train_matches_float64(device, shape, fmt, dtype, residual, relu)
                 assert_within_rule(fused, stock_t, ref_t, rule_dtype)
             except AssertionError as e:
                 raise AssertionError(f"{name}: {e}") from None
-    grad_res_index = 3 if residual else None
-    if grad_res_index is not None:  # the residual's grad is the masked grad, exactly
-        assert got[grad_res_index].dtype == dtype
+    if residual:  # the residual's grad is the masked grad, exactly
+        assert leaves[3] is res
+        masked = torch.where(out.detach() > 0, grad, torch.zeros_like(grad)) if relu else grad
+        assert got[3].dtype == res.dtype == dtype
+        assert torch.equal(got[3], masked.to(res.dtype)), \
+            f"grad residual differs from the masked grad in {(got[3] != masked).sum()} places"
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -263,7 +273,7 @@ def test_scale_shift_act_matches_float64(device, shape, fmt, dtype, residual, re
         assert_within_rule(out, stock, ref, dtype)
 
 
-@pytest.mark.skipif("cuda" not in DEVICES, reason="needs a GPU and CUDA kernels")
+@CUDA_KERNELS
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("fmt", LAYOUTS, ids=["nchw", "nhwc"])
 def test_cuda_vectorised_and_misaligned_paths_agree(dtype, fmt):
@@ -437,7 +447,7 @@ def test_backward_and_epilogue_bad_input():
         ssa(x, w, torch.zeros(8)[::2], None, True)
 
 
-@pytest.mark.skipif("cuda" not in DEVICES, reason="needs a GPU and CUDA kernels")
+@CUDA_KERNELS
 def test_device_mismatch_raises():
     x, w, b, res, rm, rv = _bn_inputs((2, 4, 3, 3), torch.float32, torch.float32, True, "cuda")
     with pytest.raises(RuntimeError, match=r"expected weight on device cuda:0 .* got cpu"):

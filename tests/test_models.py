@@ -8,11 +8,12 @@ import torch
 import torchvision
 from torch import nn
 
+import components
 import resnet_fused
-from numerics import assert_within_rule, max_err, randomize_bn, stock_outputs
+from resnet_fused.backends import autoselect
+from numerics import (BUILDER_PARAMS, assert_within_rule, max_err,
+                      randomize_bn, stock_outputs)
 
-BUILDERS = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
-            "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2"]
 SIZES = [(64, 64), (45, 37)]  # square, and non-square odd
 
 
@@ -24,7 +25,7 @@ def build_pair(name: str, seed: int = 0, **kwargs):
     return ours, theirs
 
 
-@pytest.fixture(scope="module", params=BUILDERS)
+@pytest.fixture(scope="module", params=BUILDER_PARAMS)
 def pair(request):
     """(ours, torchvision) built under one seed, BN randomised identically, small fc."""
     ours, theirs = build_pair(request.param, num_classes=10)
@@ -241,8 +242,9 @@ def test_auto_runs_stock_ops_where_the_backend_does_not_win(monkeypatch):
     weight: torchvision's exact numbers in bf16. fp32 stays fused; an explicit backend is
     honoured."""
     from resnet_fused import backends, ops
-    if backends.auto_choice(torch.device("cpu")) != "onednn":
-        pytest.skip("auto does not pick onednn here")
+    if autoselect.device_choice(torch.device("cpu")) != "onednn":
+        components.require("onednn", backends.unavailable_reason("onednn", torch.device("cpu"))
+                           or "auto does not pick onednn here")
     calls = []
     real = ops.run
     monkeypatch.setattr(ops, "run", lambda *a: calls.append(a[0]) or real(*a))

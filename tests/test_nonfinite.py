@@ -16,6 +16,7 @@ import torchvision
 import resnet_fused
 from resnet_fused import backends
 from resnet_fused.ops import conv_bn_act
+import components
 from numerics import assert_within_rule, conv_bn_act_ref, randomize_bn
 
 CASES = {  # (C_in, C_out, k, stride, padding, groups, H, W)
@@ -78,7 +79,7 @@ def test_nonfinite_as_stock(monkeypatch, one_thread, name, where, case, plant, r
         monkeypatch.setenv("TRITON_INTERPRET", "1")
     reason = backends.unavailable_reason(name, device)
     if reason is not None:
-        pytest.skip(f"{name} unavailable here: {reason}")
+        components.require(components.BACKEND_COMPONENT[name], f"{name} unavailable here: {reason}")
     dtype = torch.float32
     x, weight, scale, shift, res, conv = _problem(case, plant, device, dtype)
     with resnet_fused.backend(name):

@@ -7,9 +7,8 @@ import pytest
 import torch
 import torchvision
 
-import resnet_fused
 from resnet_fused.__main__ import main
-from resnet_fused.profile import count_macs, layers
+from resnet_fused.walk import count_macs, layers, meta_model
 
 # torchvision's published multiply-adds per 224x224 image (the "GFLOPS" column of its model
 # table counts convs + fc multiply-adds; BN, ReLU, adds and pooling are not counted).
@@ -31,7 +30,7 @@ def test_total_macs_match_torchvision_published(arch):
 
 
 def test_layer_list_of_resnet50():
-    model = resnet_fused.profile._meta_model("resnet50")
+    model = meta_model("resnet50")
     ls = layers(model, (2, 3, 224, 224))
     convs = [l for l in ls if l.kind == "conv_bn_act"]
     assert len(convs) == 53 and [l.kind for l in ls].count("linear") == 1
@@ -91,16 +90,29 @@ def test_profile_cli_json(tmp_path, capsys):
     assert "layer1.0.conv1" in out and "total" in out
 
 
-def test_profile_fused_layers_are_correct():
-    """The fused callables the profiler times compute what the stock ones do."""
-    from resnet_fused.profile import _layer_fns
+@pytest.mark.parametrize("selection", ["torch", "onednn", "auto"])
+def test_profile_fused_layers_are_correct(selection, monkeypatch):
+    """The fused callables the profiler times compute what the stock ones do, on exactly the
+    backend selected (the `torch` selection runs the torch backend, not oneDNN)."""
+    from resnet_fused import backends
+    from resnet_fused.tools.profile import _layer_fns
+    if backends.unavailable_reason(selection, torch.device("cpu")) is not None:
+        pytest.skip(backends.unavailable_reason(selection, torch.device("cpu")))
+    ran = []
+    for name in ("torch", "onednn"):
+        module = backends.load(name)
+        monkeypatch.setattr(module, "run", lambda *a, _run=module.run, _n=name, **k:
+                            ran.append(_n) or _run(*a, **k))
     torch.manual_seed(0)
     model = torchvision.models.resnet18().eval()
-    for l in layers(model, (1, 3, 32, 32)):
-        if l.kind != "conv_bn_act":
-            continue
-        x = torch.randn(l.in_shape).contiguous(memory_format=torch.channels_last)
-        res = torch.randn(l.out_shape) if l.residual else None
-        stock, fused = _layer_fns(l, x, res, "torch")
-        with torch.no_grad():
-            torch.testing.assert_close(fused(), stock(), rtol=1e-4, atol=1e-4)
+    with backends.backend(selection):
+        for l in layers(model, (1, 3, 32, 32)):
+            if l.kind != "conv_bn_act":
+                continue
+            x = torch.randn(l.in_shape).contiguous(memory_format=torch.channels_last)
+            res = torch.randn(l.out_shape) if l.residual else None
+            stock, fused = _layer_fns(l, x, res)
+            with torch.no_grad():
+                torch.testing.assert_close(fused(), stock(), rtol=1e-4, atol=1e-4)
+    want = backends.resolve(torch.device("cpu"), selection, torch.float32)
+    assert set(ran) == ({want} if want != backends.MODULES else set()), (selection, set(ran))

@@ -1,36 +1,71 @@
-"""Backend registry and selection for `conv_bn_act`.
+"""The backends of `conv_bn_act`: one protocol, a registry, the user's selection.
 
-A backend is a module in this package with two functions:
+A backend is a module of this package that provides
   unavailable_reason(device: torch.device | None) -> str | None
-      None when usable (for that device, or in general when device is None),
-      else a sentence naming what is missing.
-  conv_bn_act(x, weight, scale, shift, residual, stride, padding, dilation, groups, relu) -> Tensor
-and optionally
-  pack_weight(weight) -> Tensor   (same logical shape, layout the kernel likes; default channels_last)
-  accelerates(device, dtype) -> bool   (where it beats stock's module sequence; default: always)
+      None when usable (for that device, or in general when device is None), else a sentence
+      naming what is missing.
+  prepare(weight, scale, shift) -> Prepared
+      What the kernel reads, made once per fold-cache entry (fold.py, the one weight cache):
+      a packed or scale-folded weight, a blocked layout, ... `weight` is already in the run
+      dtype; the result exposes .weight/.scale/.shift (the contract's tensors) for graph paths.
+  run(prepared, x, residual, stride, padding, dilation, groups, relu) -> Tensor
+      The contract's output on checked arguments (ops.py owns the contract and the checks).
+  accelerates(device, dtype) -> bool
+      Where it beats stock's own conv -> BN -> ReLU modules (measured); `auto` runs stock's
+      modules elsewhere (autoselect.py).
 
-Modules are imported lazily, so importing resnet_fused never imports triton or the
-extension and never touches the GPU.
+Names a user selects: NAMES. 'auto' resolves per device (and on CUDA per layer) in
+autoselect.py. The selection is read ONCE per chain call, by `resolve`, and the concrete name is
+passed down (to the fold cache's key and to the op), never re-read from a global.
+
+Modules are imported lazily, so importing resnet_fused never imports triton or the extension and
+never touches the GPU.
 """
 from __future__ import annotations
 
 import contextlib
 import contextvars
 import importlib
+import logging
 import os
 from types import ModuleType
 from typing import Iterator, Optional
 
 import torch
 
+logger = logging.getLogger("resnet_fused")
+
 NAMES = ("auto", "triton", "cuda", "onednn", "torch")
+# What 'auto' may resolve to besides NAMES (autoselect.py): per-layer triton-or-cuda on CUDA, and
+# stock's own conv -> BN -> ReLU modules where no backend beats them (not a backend: no kernel).
+PER_LAYER = "triton+cuda"
+MODULES = "modules"
 _MODULES = {"torch": "resnet_fused.backends.stock", "triton": "resnet_fused.backends.triton",
-            "cuda": "resnet_fused.backends.cuda", "onednn": "resnet_fused.backends.onednn"}
+            "cuda": "resnet_fused.backends.cuda", "onednn": "resnet_fused.backends.onednn",
+            PER_LAYER: "resnet_fused.backends.autoselect"}
 ENV_VAR = "RESNET_FUSED_BACKEND"
 
 
 class BackendUnavailableError(RuntimeError):
     """The requested backend cannot run here; the message says what is missing."""
+
+
+class Prepared:
+    """A prepared form: the contract's weight, scale and shift (unpack as `w, s, b = prepared`);
+    backends subclass it to keep more (a blocked weight, broadcast views). The default keeps
+    the weight channels_last (K contiguous per output channel, what the Triton kernel, cuDNN
+    and oneDNN read without a reorder), scale and shift as given."""
+    __slots__ = ("weight", "scale", "shift")
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor):
+        self.weight, self.scale, self.shift = weight, scale, shift
+
+    def __iter__(self):
+        return iter((self.weight, self.scale, self.shift))
+
+
+def prepare_default(weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> Prepared:
+    return Prepared(weight.contiguous(memory_format=torch.channels_last), scale, shift)
 
 
 def _check_name(name: str) -> str:
@@ -43,16 +78,21 @@ _loaded: dict = {}
 
 
 def load(name: str) -> ModuleType:
-    """The backend module `name` (not 'auto'); imported on first use (hot path: a dict hit)."""
+    """The backend module `name` (concrete, not 'auto'); imported on first use (then a dict hit)."""
     module = _loaded.get(name)
     if module is None:
-        module = _loaded[name] = importlib.import_module(_MODULES[_check_name(name)])
+        if name not in _MODULES:
+            raise ValueError(f"unknown resnet_fused backend {name!r}; expected one of "
+                             f"{', '.join(_MODULES)}")
+        module = _loaded[name] = importlib.import_module(_MODULES[name])
     return module
 
 
 def unavailable_reason(name: str, device: Optional[torch.device] = None) -> Optional[str]:
-    if _check_name(name) == "auto":
+    if name == "auto":
         return None
+    if name != PER_LAYER:
+        _check_name(name)
     try:
         module = load(name)
     except ImportError as e:  # a backend whose dependency is missing
@@ -111,41 +151,29 @@ def backend(name: str) -> Iterator[None]:
         _scoped.reset(token)
 
 
-def auto_choice(device: torch.device) -> str:
-    """What 'auto' runs on `device`: the fastest backend usable there."""
-    # CPU: oneDNN's fused conv (fp32; other dtypes it hands to stock). resnet50 batch 8 fp32,
-    # 2 threads: 1.38-1.42x torchvision eager uncontended, 1.3x the torch backend
-    # (benchmarks/RESULTS.md).
-    order = ("triton", "cuda", "torch") if device.type == "cuda" else ("onednn", "torch")
-    for name in order:
-        if unavailable_reason(name, device) is None:
-            return name
-    return "torch"
-
-
-def auto_declines(name: str, device: torch.device, dtype: torch.dtype) -> bool:
-    """True when the selection is `auto` and backend `name` (what auto resolved to) does not beat
-    stock's module sequence for this device and dtype: auto then runs stock's path. A backend
-    says where it wins with an optional `accelerates(device, dtype)` (measured; default: all)."""
-    if get_backend() != "auto":
-        return False  # an explicit choice is honoured
-    accelerates = getattr(load(name), "accelerates", None)
-    return accelerates is not None and not accelerates(device, dtype)
-
-
 @torch.compiler.assume_constant_result  # traced graphs bake the choice made at trace time
-def resolve(device: torch.device, name: Optional[str] = None) -> str:
-    """The concrete backend that runs on `device` for the selection `name` (default: current)."""
+def resolve(device: torch.device, name: Optional[str] = None,
+            dtype: Optional[torch.dtype] = None) -> str:
+    """What runs a chain on `device` for the selection `name` (default: the current one): `name`
+    itself if it can run there; for 'auto' autoselect's choice for `device` (and, given `dtype`,
+    MODULES where that backend does not beat stock's modules)."""
     name = get_backend() if name is None else _check_name(name)
     if name == "auto":
-        return auto_choice(device)
-    _require(name, device)
+        from . import autoselect
+        return autoselect.choice(device, dtype)
+    # every chain of every call asks: availability is remembered per device (and the one
+    # switch that changes it at run time)
+    key = (name, device, torch.backends.mkldnn.enabled)
+    if key not in _available:
+        _require(name, device)
+        _available.add(key)
     return name
 
 
-def pack_weight(name: str, weight: torch.Tensor) -> torch.Tensor:
-    """Weight in the layout backend `name` reads fastest; same logical shape."""
-    packer = getattr(load(name), "pack_weight", None)
-    if packer is not None:
-        return packer(weight)
-    return weight.contiguous(memory_format=torch.channels_last)
+_available: set = set()
+
+
+def prepare(name: str, weight: torch.Tensor, scale: torch.Tensor,
+            shift: torch.Tensor) -> Prepared:
+    """Backend `name`'s prepared form of (weight, scale, shift)."""
+    return load(name).prepare(weight, scale, shift)

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import extension
+from . import Prepared, prepare_default as prepare  # noqa: F401  (the protocol's prepare)
 
 
 def unavailable_reason(device: Optional[torch.device] = None) -> Optional[str]:
@@ -29,9 +30,15 @@ def unavailable_reason(device: Optional[torch.device] = None) -> Optional[str]:
     return extension.unavailable_reason(device)
 
 
-def conv_bn_act(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
-                residual: Optional[torch.Tensor], stride: Sequence[int], padding: Sequence[int],
-                dilation: Sequence[int], groups: int, relu: bool) -> torch.Tensor:
+def accelerates(device: torch.device, dtype: torch.dtype) -> bool:
+    """cuDNN's conv plus one fused epilogue pass instead of BN's and ReLU's separate passes."""
+    return device.type == "cuda"
+
+
+def run(prepared: Prepared, x: torch.Tensor, residual: Optional[torch.Tensor],
+        stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int,
+        relu: bool) -> torch.Tensor:
+    weight, scale, shift = prepared
     y = F.conv2d(x, weight, None, stride, padding, dilation, groups)
     # The epilogue writes its output in y's layout; the op contract wants channels_last.
     if not y.is_contiguous(memory_format=torch.channels_last):

@@ -32,13 +32,9 @@ backend instead, remember the problem shape (`fallback_shapes()`) so it is not r
 warning per shape on the `resnet_fused` logger. Edge cases the self-check saw raise are listed by
 `limitations()`.
 
-Caching: the fold cache calls `pack_weight` once per (conv, dtype, backend) and keeps the result
-until a parameter/buffer changes. Folding `scale` into the weight needs the scale, which the pack
-hook does not receive, so the scaled + blocked weight is memoised here, keyed on the identity of the
-packed weight the fold cache holds (a weak-identity dictionary: the memo dies with the fold-cache
-entry) and checked against the identity and version counters of weight/scale/shift, so it is never
-stale. Tensors that the caller passes directly (not from the fold cache) work too; inference-mode
-tensors that did not come from `pack_weight` cannot be version-checked and are re-folded per call.
+Preparing: `prepare` folds scale into the weight once (fp32) and keeps the bias; the blocked
+copy oneDNN wants depends on the input shape too, so it is made on the first call per geometry
+and kept on the prepared object (at most _MAX_SHAPES of them), which lives in the fold cache.
 """
 from __future__ import annotations
 
@@ -47,10 +43,9 @@ import logging
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-from torch.utils.weak import WeakIdKeyDictionary
 
 from ..ops import channels_last_strides
-from . import stock
+from . import Prepared, prepare_default, stock
 
 _MAX_SHAPES = 4  # blocked weights kept per conv (one per input shape): older ones are dropped
 _MAX_FAILED = 256  # problem shapes remembered as failing (oldest forgotten: retried, logged again)
@@ -164,73 +159,42 @@ def unavailable_reason(device: Optional[torch.device] = None) -> Optional[str]:
     return _probe()
 
 
-# Weights made by pack_weight: owned by the fold cache, never written in place, so they are safe
-# memo keys even as inference tensors (which have no version counter).
-_owned: WeakIdKeyDictionary = WeakIdKeyDictionary()
+class Scaled(Prepared):
+    """W * scale (fp32, one rounding per element) and the bias, plus its blocked copies per
+    geometry (input shape, padding, stride, dilation, groups). `.weight/.scale/.shift` are the
+    contract's tensors, for the stock fallback and graph paths."""
+    __slots__ = ("scaled", "bias", "blocked")
 
-
-def pack_weight(weight: torch.Tensor) -> torch.Tensor:
-    """The fold cache's copy of the weight (channels_last, dense). The blocked oneDNN layout needs
-    BN's scale folded in first, so it is made on the first conv_bn_act call (see _Prepared)."""
-    packed = weight.detach().clone(memory_format=torch.channels_last)
-    _owned[packed] = True
-    return packed
-
-
-def _version(t: torch.Tensor) -> Optional[int]:
-    return None if t.is_inference() else t._version
-
-
-class _Prepared:
-    """W * scale in oneDNN's blocked layout (per input shape and conv geometry) and the bias,
-    for one weight."""
-    __slots__ = ("scale", "shift", "versions", "bias", "blocked")
-
-    def __init__(self, weight, scale, shift):
-        self.scale, self.shift = scale, shift  # strong refs: identity must not be recycled
-        self.versions = (_version(weight), _version(scale), _version(shift))
-        self.bias = shift.detach().contiguous()
-        self.blocked: Dict[Tuple[int, ...], torch.Tensor] = {}
-
-    def fresh(self, weight, scale, shift) -> bool:
-        return (scale is self.scale and shift is self.shift
-                and self.versions == (_version(weight), _version(scale), _version(shift)))
-
-
-_memo: WeakIdKeyDictionary = WeakIdKeyDictionary()
-
-
-def _geometry(x_shape, padding, stride, dilation, groups) -> Tuple:
-    """The key of a blocked weight: its layout depends on the conv's geometry (groups change the
-    weight's meaning) and on the input shape."""
-    return (tuple(x_shape), tuple(padding), tuple(stride), tuple(dilation), groups)
-
-
-def _blocked_weight(weight, scale, shift, x_shape, padding, stride, dilation, groups):
-    """(blocked W*scale, bias) for this call, memoised when the tensors can be version-checked."""
-    trusted = weight in _owned or not any(t.is_inference() for t in (weight, scale, shift))
-    entry = _memo.get(weight) if trusted else None
-    if entry is None or not entry.fresh(weight, scale, shift):
-        entry = _Prepared(weight, scale, shift)
-        if trusted:
-            _memo[weight] = entry
-    key = _geometry(x_shape, padding, stride, dilation, groups)
-    blocked = entry.blocked.get(key)
-    if blocked is None:
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor):
+        super().__init__(weight.contiguous(memory_format=torch.channels_last), scale, shift)
         with torch.no_grad():
-            scaled = weight.detach() * scale.detach().view(-1, 1, 1, 1)  # fp32, one rounding
-            blocked = _ops()[2](scaled, padding, stride, dilation, groups, list(x_shape))
-        if len(entry.blocked) >= _MAX_SHAPES:
-            entry.blocked.pop(next(iter(entry.blocked)))
-        entry.blocked[key] = blocked
-    return blocked, entry.bias
+            self.scaled = (weight.detach() * scale.detach().view(-1, 1, 1, 1)).contiguous(
+                memory_format=torch.channels_last)
+        self.bias = shift.detach().contiguous()
+        self.blocked: Dict[Tuple, torch.Tensor] = {}
+
+    @staticmethod
+    def geometry(x_shape, padding, stride, dilation, groups) -> Tuple:
+        """What a blocked copy depends on besides the weight."""
+        return (tuple(x_shape), tuple(padding), tuple(stride), tuple(dilation), groups)
+
+    def blocked_weight(self, x_shape, padding, stride, dilation, groups) -> torch.Tensor:
+        key = self.geometry(x_shape, padding, stride, dilation, groups)
+        blocked = self.blocked.get(key)
+        if blocked is None:
+            with torch.no_grad():
+                blocked = _ops()[2](self.scaled, padding, stride, dilation, groups, list(x_shape))
+            if len(self.blocked) >= _MAX_SHAPES:
+                self.blocked.pop(next(iter(self.blocked)))
+            self.blocked[key] = blocked
+        return blocked
 
 
-def _forget_blocked(weight, x_shape, padding, stride, dilation, groups) -> None:
-    """Drop the blocked copy made for a geometry that then failed (it would evict good ones)."""
-    entry = _memo.get(weight)
-    if entry is not None:
-        entry.blocked.pop(_geometry(x_shape, padding, stride, dilation, groups), None)
+def prepare(weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor):
+    """A Scaled for CPU fp32 (what oneDNN runs); the default form for what goes to stock."""
+    if weight.device.type != "cpu" or weight.dtype != torch.float32:
+        return prepare_default(weight, scale, shift)
+    return Scaled(weight, scale, shift)
 
 
 # Problem shapes whose oneDNN call raised: key -> the error, in insertion order. They go straight
@@ -280,35 +244,53 @@ def accelerates(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cpu" and dtype == torch.float32
 
 
-def conv_bn_act(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
-                residual: Optional[torch.Tensor], stride: Sequence[int], padding: Sequence[int],
-                dilation: Sequence[int], groups: int, relu: bool) -> torch.Tensor:
-    if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
+# Below this much work (N*H*W*C_in*C_out*KH*KW/groups: the multiply-adds at stride 1) the
+# primitive's per-call set-up costs more than the conv (1x8x4x4, 8->8 3x3, one thread: 84 us
+# against 9 us for stock's conv on the same folded weight), so such problems run as stock's conv
+# with the folded weight and bias: the same fp32 algebra, no blocked weight.
+_SMALL_WORK = 1 << 17
+
+
+def _small(prepared, x, residual, stride, padding, dilation, groups, relu) -> torch.Tensor:
+    out = torch.nn.functional.conv2d(x, prepared.scaled, prepared.bias, stride, padding,
+                                     dilation, groups)
+    if residual is not None:
+        out.add_(residual)
+    return torch.relu_(out) if relu else out  # (ops.run makes the layout the contract's)
+
+
+def run(prepared, x: torch.Tensor, residual: Optional[torch.Tensor], stride: Sequence[int],
+        padding: Sequence[int], dilation: Sequence[int], groups: int, relu: bool) -> torch.Tensor:
+    weight, scale, shift = prepared
+    if not isinstance(prepared, Scaled) or x.device.type != "cpu" or x.dtype != torch.float32:
         return stock.conv_bn_act(x, weight, scale, shift, residual, stride, padding, dilation,
                                  groups, relu)
     # oneDNN's output takes the input's layout; the op contract's output is channels_last.
     x = x.contiguous(memory_format=torch.channels_last)
+    c_out, _, kh, kw = weight.shape
+    if x.numel() * c_out * kh * kw // groups < _SMALL_WORK:  # multiply-adds x stride^2
+        return _small(prepared, x, residual, stride, padding, dilation, groups, relu)
     padding, stride, dilation = list(padding), list(stride), list(dilation)
     key = _problem_key(x, weight, residual, stride, padding, dilation, groups, relu)
     if key in _failed:  # known to fail in this torch's oneDNN: don't retry
         return _stock(x, weight, scale, shift, residual, stride, padding, dilation, groups, relu)
     try:
-        blocked, bias = _blocked_weight(weight, scale, shift, x.shape, padding, stride, dilation,
-                                        groups)
+        blocked = prepared.blocked_weight(x.shape, padding, stride, dilation, groups)
         unary, binary, _ = _ops()
         with torch.no_grad():
             if residual is None:
-                out = unary(x, blocked, bias, padding, stride, dilation, groups, "none", [],
-                            None)
+                out = unary(x, blocked, prepared.bias, padding, stride, dilation, groups, "none",
+                            [], None)
             else:
                 residual = residual.contiguous(memory_format=torch.channels_last)  # the output's
-                out = binary(x, residual, blocked, bias, padding, stride, dilation, groups,
-                             "add", None, None, [], None)
+                out = binary(x, residual, blocked, prepared.bias, padding, stride, dilation,
+                             groups, "add", None, None, [], None)
             # Not oneDNN's relu post-op: it turns NaN into 0 (every eltwise post-op we tried
             # does); torch.relu_ keeps NaN, as stock, for one more pass over the output.
             return torch.relu_(out) if relu else out
     except RuntimeError as e:  # e.g. torch 2.11: "could not create a memory" for 1x1 outputs
-        _forget_blocked(weight, x.shape, padding, stride, dilation, groups)
+        # a failed geometry's copy would only evict good ones
+        prepared.blocked.pop(Scaled.geometry(x.shape, padding, stride, dilation, groups), None)
         _remember_failure(key, e)
         return _stock(x, weight, scale, shift, residual, stride, padding, dilation, groups, relu)
 
@@ -318,10 +300,5 @@ def fallback_shapes() -> Dict[Tuple, str]:
     return dict(_failed)
 
 
-def cached_weights() -> int:
-    """How many weights have a memoised blocked copy (for tests and diagnostics)."""
-    return len(_memo)
-
-
-__all__: List[str] = ["unavailable_reason", "pack_weight", "conv_bn_act", "limitations",
+__all__: List[str] = ["unavailable_reason", "prepare", "run", "accelerates", "limitations",
                        "fallback_shapes"]

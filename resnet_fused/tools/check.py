@@ -27,15 +27,16 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
+from ..walk import layers, meta_model
+from ..warm_start import KERNEL_DTYPES
 from . import cli
-from .bench import DTYPES as _ALL_DTYPES
 
-DTYPES = {name: _ALL_DTYPES[name] for name in ("fp16", "bf16", "fp32")}  # the kernel's dtypes
+DTYPES = cli.dtype_names(KERNEL_DTYPES)  # the kernel's dtypes: fp16, bf16, fp32
 ARCHS = ("resnet18", "resnet50", "resnext50_32x4d")
 FAMILIES = ("hopper", "ampere", "interpreter")
 # Peak per worker on batch-256 problems: x, its fp64 copy, the fp64 reference chain, stock,
@@ -62,7 +63,7 @@ class Problem:
 
     @property
     def out_shape(self) -> Tuple[int, int, int, int]:
-        from .ops import out_hw
+        from ..ops import out_hw
         oh, ow = out_hw(self.h, self.w, (self.kh, self.kw), self.stride, self.padding,
                         self.dilation)
         return (self.n, self.c_out, oh, ow)
@@ -82,10 +83,9 @@ class Problem:
 
 def problems(archs: Sequence[str], batches: Sequence[int], size: int) -> List[Problem]:
     """The distinct conv_bn_act problems of the fused forward of `archs`, in first-seen order."""
-    from .profile import _meta_model, layers
     seen: Dict[Problem, None] = {}
     for arch in archs:
-        model = _meta_model(arch)
+        model = meta_model(arch)
         for batch in batches:
             for layer in layers(model, (batch, 3, size, size)):
                 if layer.kind != "conv_bn_act":
@@ -100,7 +100,7 @@ def problems(archs: Sequence[str], batches: Sequence[int], size: int) -> List[Pr
 
 def candidate_configs(family: str, dtype: torch.dtype) -> List[Dict[str, int]]:
     """The full config list for `family` and `dtype`, as launch dicts."""
-    from .backends.triton import conv
+    from ..backends.triton import conv
     return [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, num_warps=w, num_stages=s)
             for bm, bn, bk, gm, w, s in conv.config_tuples(family, dtype)]
 
@@ -112,7 +112,7 @@ def config_name(cfg: Dict[str, int]) -> str:
 
 def tunable(problem: Problem, family: str, dtype: torch.dtype) -> List[int]:
     """Indices (in the family's config list) of the candidates tuning times for `problem`."""
-    from .backends.triton import conv
+    from ..backends.triton import conv
     configs = conv.config_tuples(family, dtype)
     kept = conv.candidates(family, dtype, problem.m, problem.c_out)
     return [i for i, c in enumerate(configs) if c in kept]
@@ -155,8 +155,8 @@ def stock_and_reference(p: Problem, x, weight, scale, shift, res):
 def run_job(dtype_name: str, family: str, index: int, todo: Sequence[Problem],
             device: torch.device, emit) -> None:
     """Run config `index` of `family` on each problem of `todo`; emit(row) per problem."""
-    from .backends.triton import conv
-    from .numerics import rule_violation
+    from ..backends.triton import conv
+    from ..numerics import rule_violation
     dtype = DTYPES[dtype_name]
     cfg = candidate_configs(family, dtype)[index]
     for k, p in enumerate(todo):
@@ -189,7 +189,7 @@ def run_job(dtype_name: str, family: str, index: int, todo: Sequence[Problem],
 def plan(args) -> List[Tuple[str, int, List[Problem]]]:
     """Jobs (dtype, config index, problems); the first dtype runs on every arch, the others on
     --subset-arch only."""
-    from .backends.triton import conv
+    from ..backends.triton import conv
     jobs = []
     for d, dtype_name in enumerate(args.dtype):
         archs = args.arch if d == 0 else [a for a in args.arch if a in args.subset_arch] or args.arch[:1]
@@ -333,7 +333,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from .backends.triton import conv
+    from ..backends.triton import conv
     interpret = conv.interpreting()
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() and not interpret else "cpu"

@@ -6,7 +6,8 @@ import platform
 
 import torch
 
-from . import backends
+from .. import backends
+from ..backends import autoselect
 
 
 def _version(dist: str) -> str:
@@ -28,14 +29,14 @@ def report() -> str:
     else:
         devices = [torch.device("cpu")]
         lines.append("device       cpu only (no CUDA device visible)")
-    from . import extension
+    from .. import extension
     lines.append(f"extension    {extension.status()}")
     try:
         selected = backends.get_backend()
     except ValueError as e:  # a bad $RESNET_FUSED_BACKEND: report it, as everything else here
         selected = f"invalid: {e}"
     lines.append(f"selected     {selected}  (set_backend(), backend(), ${backends.ENV_VAR})")
-    from . import tuning
+    from .. import tuning
     try:
         mode = tuning.mode()
     except ValueError as e:
@@ -43,7 +44,7 @@ def report() -> str:
     lines.append(f"tuning       {mode} (${tuning.MODE_ENV}); decisions on disk in "
                  f"{tuning.cache_dir()} (${tuning.DIR_ENV})")
     for device in devices:
-        lines.append(f"backends on {device.type}: auto -> {backends.auto_choice(device)}")
+        lines.append(f"backends on {device.type}: auto -> {autoselect.device_choice(device)}")
         for name in backends.NAMES[1:]:
             reason = backends.unavailable_reason(name, device)
             lines.append(f"  {name:7s} {'available' if reason is None else 'unavailable: ' + reason}")

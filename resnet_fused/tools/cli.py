@@ -1,14 +1,23 @@
 """Argument types shared by the command-line tools: a bad value is one clear argparse error
-(exit status 2), never a traceback."""
+(exit status 2), never a traceback. DTYPES is the one name -> dtype map of the tools."""
 from __future__ import annotations
 
 import argparse
+from typing import Dict, Iterable
 
 import torch
 
-from .models import __all__ as _models
+from ..models import __all__ as _models
 
 BUILDERS = tuple(name for name in _models if name[0].islower())  # resnet18 ... wide_resnet101_2
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32,
+          "fp64": torch.float64}
+
+
+def dtype_names(dtypes: Iterable[torch.dtype]) -> Dict[str, torch.dtype]:
+    """The part of DTYPES whose dtypes are among `dtypes` (in DTYPES' order)."""
+    dtypes = tuple(dtypes)
+    return {name: dtype for name, dtype in DTYPES.items() if dtype in dtypes}
 
 
 def positive_int(text: str) -> int:

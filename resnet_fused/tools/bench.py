@@ -21,7 +21,6 @@ Each provider's output is compared with eager's (max |diff| / max |eager|) as a 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import datetime
 import gc
@@ -35,107 +34,19 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from . import backends, cli
+from .. import backends
+from ..backends import autoselect
+from ..walk import count_macs
+from . import cli
+from .timing import (device_name, interleaved, measure, selected, summarize, synchronize,
+                     versions)
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
-          "fp64": torch.float64}
 BASE_PROVIDERS = ("eager", "eager_cl", "compile", "compile_max", "jit_ofi")
 LABELS = {"eager": "eager (torchvision, NCHW)", "eager_cl": "eager (channels_last)",
           "compile": "torch.compile (default)",
           "compile_max": "torch.compile (max-autotune, freezing)",
           "jit_ofi": "torch.jit.optimize_for_inference",
           "fused+graphs": "fused + CUDA graphs"}
-
-
-# ----------------------------------------------------------------------------- environment --
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{name} ({torch.get_num_threads()} threads)"
-
-
-def versions() -> Dict[str, str]:
-    out = {"torch": torch.__version__, "cuda": torch.version.cuda or "none", "python":
-           platform.python_version()}
-    try:
-        import triton
-        out["triton"] = triton.__version__
-    except Exception:  # not installed, or broken on this machine
-        out["triton"] = "not available"
-    try:
-        import torchvision
-        out["torchvision"] = torchvision.__version__
-    except Exception:
-        out["torchvision"] = "not available"
-    return out
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-# ------------------------------------------------------------------------------- timing ----
-def quantile(values: Sequence[float], q: float) -> float:
-    """Linear-interpolated quantile, q in [0, 1]."""
-    v = sorted(values)
-    if not v:
-        return float("nan")
-    pos = (len(v) - 1) * q
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return v[lo] + (v[hi] - v[lo]) * (pos - lo)
-
-
-def summarize(times_ms: Sequence[float]) -> Dict[str, float]:
-    return {"median_ms": quantile(times_ms, 0.5), "p20_ms": quantile(times_ms, 0.2),
-            "p80_ms": quantile(times_ms, 0.8), "reps": len(times_ms)}
-
-
-def measure(fn: Callable[[], Any], device: torch.device, *, warmup: int = 1, min_reps: int = 5,
-            max_reps: int = 100, min_time_s: float = 1.0) -> List[float]:
-    """Per-call times in ms: CUDA events on CUDA, perf_counter on CPU (calls are synchronous).
-
-    Runs `warmup` untimed calls, then at least `min_reps` timed calls, more until `min_time_s`
-    of timed work is done, at most `max_reps`.
-    """
-    for _ in range(warmup):
-        fn()
-    synchronize(device)
-    times: List[float] = []
-    if device.type == "cuda":
-        # A first synchronized probe sizes the batch of event-timed calls.
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize(device)
-        probe = max(start.elapsed_time(end), 1e-3)
-        n = int(min(max_reps, max(min_reps, math.ceil(min_time_s * 1e3 / probe))))
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                  for _ in range(n)]
-        for s, e in events:
-            s.record()
-            fn()
-            e.record()
-        torch.cuda.synchronize(device)
-        return [s.elapsed_time(e) for s, e in events]
-    begin = time.perf_counter()
-    while len(times) < max_reps:
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-        if len(times) >= min_reps and time.perf_counter() - begin >= min_time_s:
-            break
-    return times
 
 
 # ----------------------------------------------------------------------------- providers ---
@@ -167,14 +78,15 @@ def expand_providers(spec: Optional[str], device: torch.device) -> List[str]:
             out += default_providers(device)
         elif p in ("fused", "fused:*"):
             out += [f"fused:{n}" for n in available_fused_backends(device)]
-        elif p in BASE_PROVIDERS or p == "fused+graphs":
+        elif p in BASE_PROVIDERS or p in ("fused+graphs", "fused+compile"):
             out.append(p)
         elif p.startswith("fused:") and p[6:] in backends.NAMES:
             out.append(p)
         else:
+            names = (*BASE_PROVIDERS, "fused", "fused:<backend>", "fused+graphs",
+                     "fused+compile", "all")
             raise SystemExit(f"bench: unknown provider {p!r}; expected one of "
-                             f"{', '.join((*BASE_PROVIDERS, 'fused', 'fused:<backend>', 'fused+graphs', 'all'))}"
-                             f" (backends: {', '.join(backends.NAMES)})")
+                             f"{', '.join(names)} (backends: {', '.join(backends.NAMES)})")
     seen = set()
     return [p for p in out if not (p in seen or seen.add(p))]
 
@@ -183,11 +95,13 @@ def label(provider: str, device: torch.device) -> str:
     if provider.startswith("fused:"):
         name = provider[6:]
         if name == "auto":
-            return f"fused (auto -> {backends.auto_choice(device)})"
-        auto = " (auto)" if backends.auto_choice(device) == name else ""
+            return f"fused (auto -> {autoselect.device_choice(device)})"
+        auto = " (auto)" if autoselect.device_choice(device) == name else ""
         return f"fused [{name}]{auto}"
     if provider == "fused+graphs":
-        return f"fused + CUDA graphs (auto -> {backends.auto_choice(device)})"
+        return f"fused + CUDA graphs (auto -> {autoselect.device_choice(device)})"
+    if provider == "fused+compile":
+        return f"torch.compile(fused) (auto -> {autoselect.device_choice(device)})"
     return LABELS.get(provider, provider)
 
 
@@ -219,6 +133,9 @@ def make_runner(provider: str, stock, x: torch.Tensor, device: torch.device) -> 
             model = _compile(model, provider == "compile_max", device)
         return lambda: model(xcl)
     fused = resnet_fused.fuse(stock)  # shares stock's tensors
+    if provider == "fused+compile":
+        model = _compile(fused, False, device)
+        return lambda: model(x)
     if provider == "fused+graphs":
         if device.type != "cuda":
             raise RuntimeError("CUDA graphs need a CUDA device")
@@ -252,8 +169,6 @@ def run_bench(arch: str = "resnet50", batches: Sequence[int] = (8,), dtypes: Seq
     cut short by a timeout keeps the rows it finished)."""
     import torchvision
 
-    from .profile import count_macs
-
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench: --device cuda, but no CUDA device is visible")
@@ -265,7 +180,7 @@ def run_bench(arch: str = "resnet50", batches: Sequence[int] = (8,), dtypes: Seq
     macs_per_image = count_macs(arch, size)
     meta = {"arch": arch, "image_size": size, "device": dev.type, "device_name": device_name(dev),
             "threads": torch.get_num_threads(), "versions": versions(),
-            "auto_backend": backends.auto_choice(dev),
+            "auto_backend": autoselect.device_choice(dev),
             "available_backends": available_fused_backends(dev),
             "macs_per_image": macs_per_image,
             "cudnn_benchmark": bool(torch.backends.cudnn.benchmark) if dev.type == "cuda" else None,
@@ -294,7 +209,7 @@ def run_bench(arch: str = "resnet50", batches: Sequence[int] = (8,), dtypes: Seq
                             f"({row['images_per_s']:.1f} img/s, {row['reps']} reps)")
 
     for dtype_name in dtypes:
-        dtype = DTYPES[dtype_name]
+        dtype = cli.DTYPES[dtype_name]
         torch.manual_seed(seed)
         stock = getattr(torchvision.models, arch)().eval().to(device=dev, dtype=dtype)
         for batch in batches:
@@ -316,7 +231,7 @@ def run_bench(arch: str = "resnet50", batches: Sequence[int] = (8,), dtypes: Seq
                         raise RuntimeError("CUDA graphs need a CUDA device")
                     run = make_runner(provider, stock, x, dev)
                     name = getattr(run, "backend", None)
-                    with torch.inference_mode(), _selected(name):
+                    with torch.inference_mode(), selected(name):
                         t0 = time.perf_counter()
                         out = run()  # first call: compile / autotune / fold, timed apart
                         synchronize(dev)
@@ -346,7 +261,7 @@ def run_bench(arch: str = "resnet50", batches: Sequence[int] = (8,), dtypes: Seq
                     emit(row)
             if ready:  # CPU: all providers interleaved, round by round
                 _progress(progress, f"      timing {len(ready)} providers interleaved ...")
-                times = _interleaved([(r, n) for _, r, n in ready], warmup, min_reps, max_reps,
+                times = interleaved([(r, n) for _, r, n in ready], warmup, min_reps, max_reps,
                                      min_time_s)
                 for (row, _, _), t in zip(ready, times):
                     finish(row, t, batch)
@@ -364,10 +279,6 @@ def run_bench(arch: str = "resnet50", batches: Sequence[int] = (8,), dtypes: Seq
     return {"meta": meta, "results": results}
 
 
-def _selected(name: Optional[str]):
-    return backends.backend(name) if name else contextlib.nullcontext()
-
-
 def _set_speedup(rows: List[Dict[str, Any]]) -> None:
     eager = next((r["median_ms"] for r in rows if r["provider"] == "eager" and "median_ms" in r),
                  None)
@@ -375,33 +286,6 @@ def _set_speedup(rows: List[Dict[str, Any]]) -> None:
         for r in rows:
             if "median_ms" in r:
                 r["speedup_vs_eager"] = eager / r["median_ms"]
-
-
-def _interleaved(runs: List[tuple], warmup: int, min_reps: int, max_reps: int,
-                 min_time_s: float) -> List[List[float]]:
-    """CPU timing, fair on a shared machine: each round calls every provider once (in a rotating
-    order), so load from other processes hits all providers alike. `min_time_s` is per provider."""
-    n = len(runs)
-    times: List[List[float]] = [[] for _ in range(n)]
-    with torch.inference_mode():
-        for _ in range(warmup):
-            for run, name in runs:
-                with _selected(name):
-                    run()
-        begin = time.perf_counter()
-        rnd = 0
-        while rnd < max_reps:
-            for k in range(n):
-                i = (k + rnd) % n
-                run, name = runs[i]
-                with _selected(name):
-                    t0 = time.perf_counter()
-                    run()
-                    times[i].append((time.perf_counter() - t0) * 1e3)
-            rnd += 1
-            if rnd >= min_reps and time.perf_counter() - begin >= min_time_s * n:
-                break
-    return times
 
 
 # ------------------------------------------------------------------------------ output -----
@@ -470,7 +354,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     cli.add_arch(p, default="resnet50")
     p.add_argument("--batch", type=cli.positive_int, nargs="+", default=None,
                    help="batch sizes (default: 8 on cpu, 1 and 256 on cuda)")
-    p.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=None,
+    p.add_argument("--dtype", nargs="+", choices=sorted(cli.DTYPES), default=None,
                    help="dtypes (default: fp32 on cpu, fp16 on cuda)")
     p.add_argument("--providers", default=None,
                    help="comma list of: eager, eager_cl, compile, compile_max, jit_ofi, fused "

@@ -1,0 +1,196 @@
+"""Timing shared by the command-line tools (bench, profile) and the benchmark harness: the
+machine's description, statistics, and the three ways a call is timed.
+
+- measure(): per-call times, CUDA events on CUDA, time.perf_counter on CPU (calls are synchronous).
+- interleaved(): CPU timing of several callables, round by round in a rotating order, so that load
+  from other processes on a shared machine hits all of them alike.
+- time_ms(): one median; triton.testing.do_bench on CUDA (L2 flushed between calls) when triton
+  imports, else measure().
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import platform
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from .. import backends
+
+
+# ----------------------------------------------------------------------------- environment --
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{name} ({torch.get_num_threads()} threads)"
+
+
+def versions() -> Dict[str, str]:
+    out = {"torch": torch.__version__, "cuda": torch.version.cuda or "none", "python":
+           platform.python_version()}
+    try:
+        import triton
+        out["triton"] = triton.__version__
+    except Exception:  # not installed, or broken on this machine
+        out["triton"] = "not available"
+    try:
+        import torchvision
+        out["torchvision"] = torchvision.__version__
+    except Exception:
+        out["torchvision"] = "not available"
+    return out
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---------------------------------------------------------------------------- statistics --
+def quantile(values: Sequence[float], q: float) -> float:
+    """Linear-interpolated quantile, q in [0, 1]."""
+    v = sorted(values)
+    if not v:
+        return float("nan")
+    pos = (len(v) - 1) * q
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return v[lo] + (v[hi] - v[lo]) * (pos - lo)
+
+
+def summarize(times_ms: Sequence[float]) -> Dict[str, float]:
+    return {"median_ms": quantile(times_ms, 0.5), "p20_ms": quantile(times_ms, 0.2),
+            "p80_ms": quantile(times_ms, 0.8), "reps": len(times_ms)}
+
+
+# -------------------------------------------------------------------------------- timing --
+def measure(fn: Callable[[], Any], device: torch.device, *, warmup: int = 1, min_reps: int = 5,
+            max_reps: int = 100, min_time_s: float = 1.0) -> List[float]:
+    """Per-call times in ms: CUDA events on CUDA, perf_counter on CPU (calls are synchronous).
+
+    Runs `warmup` untimed calls, then at least `min_reps` timed calls, more until `min_time_s`
+    of timed work is done, at most `max_reps`.
+    """
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times: List[float] = []
+    if device.type == "cuda":
+        # A first synchronized probe sizes the batch of event-timed calls.
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize(device)
+        probe = max(start.elapsed_time(end), 1e-3)
+        n = int(min(max_reps, max(min_reps, math.ceil(min_time_s * 1e3 / probe))))
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(n)]
+        for s, e in events:
+            s.record()
+            fn()
+            e.record()
+        torch.cuda.synchronize(device)
+        return [s.elapsed_time(e) for s, e in events]
+    begin = time.perf_counter()
+    while len(times) < max_reps:
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+        if len(times) >= min_reps and time.perf_counter() - begin >= min_time_s:
+            break
+    return times
+
+
+def selected(name: Optional[str]):
+    """Backend `name` selected (backends.backend), or the caller's selection for None."""
+    return backends.backend(name) if name else contextlib.nullcontext()
+
+
+def interleaved(runs: List[tuple], warmup: int, min_reps: int, max_reps: int,
+                min_time_s: float) -> List[List[float]]:
+    """CPU timing, fair on a shared machine: `runs` are (callable, backend name or None); each
+    round calls every one once (in a rotating order), so load from other processes hits all
+    alike. `min_time_s` is per callable. Returns per-call ms, one list per run."""
+    n = len(runs)
+    times: List[List[float]] = [[] for _ in range(n)]
+    with torch.inference_mode():
+        for _ in range(warmup):
+            for run, name in runs:
+                with selected(name):
+                    run()
+        begin = time.perf_counter()
+        rnd = 0
+        while rnd < max_reps:
+            for k in range(n):
+                i = (k + rnd) % n
+                run, name = runs[i]
+                with selected(name):
+                    t0 = time.perf_counter()
+                    run()
+                    times[i].append((time.perf_counter() - t0) * 1e3)
+            rnd += 1
+            if rnd >= min_reps and time.perf_counter() - begin >= min_time_s * n:
+                break
+    return times
+
+
+def time_ms(fn: Callable[[], Any], device: torch.device, min_time_s: float,
+            min_reps: int = 3) -> float:
+    """Median ms of fn(): do_bench on CUDA if triton imports, else CUDA events / perf_counter."""
+    if device.type == "cuda":
+        try:
+            from triton.testing import do_bench
+        except Exception:  # triton missing or broken: CUDA events below
+            do_bench = None
+        if do_bench is not None:
+            warmup, rep = max(5, int(min_time_s * 250)), max(20, int(min_time_s * 1000))
+            try:
+                return float(do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+            except TypeError:  # an older triton without return_mode
+                return float(do_bench(fn, warmup=warmup, rep=rep, quantiles=[0.5])[0])
+    times = measure(fn, device, warmup=1, min_reps=min_reps, max_reps=1000,
+                    min_time_s=min_time_s)
+    return quantile(times, 0.5)
+
+
+def measured_peak_tflops(device: torch.device, dtype: torch.dtype) -> Tuple[float, str]:
+    """The device's peak as measured here: one large square matmul in `dtype` (on CUDA the
+    do_bench median; on CPU the fastest of several calls, less sensitive to other load)."""
+    n = 8192 if device.type == "cuda" else 2048
+    if dtype == torch.float64 and device.type == "cuda":
+        n = 4096
+    g = torch.Generator(device="cpu").manual_seed(0)
+    a = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
+    b = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
+    note = ""
+    if device.type == "cuda" and dtype == torch.float32:
+        # cuDNN convs use TF32 when torch.backends.cudnn.allow_tf32 (default True): match it.
+        prev = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32
+        note = ", TF32" if torch.backends.cudnn.allow_tf32 else ", no TF32"
+        try:
+            ms = time_ms(lambda: a @ b, device, 0.3)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = prev
+    elif device.type == "cuda":
+        ms = time_ms(lambda: a @ b, device, 0.3)
+    else:
+        ms = min(measure(lambda: a @ b, device, warmup=1, min_reps=5, max_reps=20,
+                         min_time_s=1.0))
+    how = "median" if device.type == "cuda" else "fastest of >= 5"
+    return 2 * n ** 3 / (ms * 1e-3) / 1e12, f"{n}x{n}x{n} matmul, {str(dtype)[6:]}{note}, {how}"
+
+
+__all__ = ["device_name", "versions", "synchronize", "quantile", "summarize", "measure",
+           "selected", "interleaved", "time_ms", "measured_peak_tflops"]

@@ -1,0 +1,89 @@
+"""Training-mode chains: torchvision's semantics, with BN(+residual)(+ReLU) as one fused op of
+the extension where that is exact (`bn_act_supported`, the policy) and available.
+
+Whether a chain may be fused at all (hooks, activation type) is decided once for train and eval
+by layers.conv_bn; this module decides only what the BatchNorm itself allows.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from . import extension, extension_ops
+
+
+_ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def bn_act_supported(bn: nn.Module, x: torch.Tensor, residual: Optional[torch.Tensor]) -> bool:
+    """True when relu?(bn(x) + residual) can run as one bn_act_train with torch's exact
+    semantics: a plain nn.BatchNorm2d in training mode (subclasses such as SyncBatchNorm, and
+    anything else, keep the stock path), a 4-D float x with more than one value per channel, a
+    residual like x, and the extension built for x's device. (Hooks: layers.conv_bn's rule.)"""
+    if type(bn) is not nn.BatchNorm2d or not bn.training:
+        return False
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.dtype not in _ACTIVATION_DTYPES:
+        return False
+    if x.shape[1] != bn.num_features or x.shape[0] * x.shape[2] * x.shape[3] <= 1:
+        return False
+    if residual is not None and (not isinstance(residual, torch.Tensor)
+                                 or residual.shape != x.shape or residual.dtype != x.dtype
+                                 or residual.device != x.device):
+        return False
+    track = bn.track_running_stats
+    if track and (bn.running_mean is None) != (bn.running_var is None):
+        return False
+    reduced = x.dtype in (torch.float16, torch.bfloat16)
+    dtypes = {t.dtype for t in (bn.weight, bn.bias, bn.running_mean if track else None,
+                                bn.running_var if track else None) if t is not None}
+    if len(dtypes) > 1 or (dtypes and not (dtypes == {x.dtype}
+                                           or (reduced and dtypes == {torch.float32}))):
+        return False
+    return extension.unavailable_reason(x.device) is None
+
+
+def batch_norm_act(bn: nn.BatchNorm2d, x: torch.Tensor, residual: Optional[torch.Tensor] = None,
+                   relu: bool = True) -> torch.Tensor:
+    """relu?(bn(x) + residual) for a training-mode nn.BatchNorm2d, as torch's _BatchNorm.forward
+    does it (num_batches_tracked, momentum=None as a cumulative average), in one fused op.
+    Call only where bn_act_supported(bn, x, residual)."""
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    running_mean = bn.running_mean if bn.track_running_stats else None
+    running_var = bn.running_var if bn.track_running_stats else None
+    if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+        x = x.contiguous()
+    if residual is not None:
+        residual = residual.contiguous(memory_format=extension_ops.memory_format(x))
+    out, _, _, new_mean, new_var = extension_ops.bn_act_train(x, bn.weight, bn.bias, residual, running_mean,
+                                                running_var, factor, bn.eps, relu)
+    if running_mean is not None:
+        with torch.no_grad():
+            running_mean.copy_(new_mean)
+            running_var.copy_(new_var)
+    return out
+
+
+def train_chain(conv: nn.Module, bn: nn.Module, x: torch.Tensor,
+                residual: Optional[torch.Tensor], relu: bool) -> torch.Tensor:
+    """torchvision's semantics: conv, bn, += residual, relu. With a plain nn.BatchNorm2d in
+    training mode and the extension built, BN(+residual)(+ReLU) is one fused bn_act_train
+    (same statistics, running-stat updates and gradients); otherwise the stock op sequence."""
+    y = conv(x)
+    if bn_act_supported(bn, y, residual):
+        return batch_norm_act(bn, y, residual, relu)
+    return bn_tail(bn, y, residual, relu)
+
+
+def bn_tail(bn: nn.Module, y: torch.Tensor, residual: Optional[torch.Tensor],
+            relu: bool) -> torch.Tensor:
+    """bn(y) (+ residual) (-> ReLU) with stock ops, in place as torchvision does (`out` is bn's
+    fresh output)."""
+    out = bn(y)
+    if residual is not None:
+        out += residual
+    return torch.relu_(out) if relu else out
