@@ -19,6 +19,7 @@ from resnet_fused.tools import bench as rf_bench
 from resnet_fused.tools.cli import DTYPES
 from resnet_fused.walk import layers, meta_model
 
+import components
 from harness import device_or_skip, record, run_pedantic
 
 ARCHS = ["resnet18", "resnet50", "resnet101"]

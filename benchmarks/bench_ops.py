@@ -18,6 +18,7 @@ from resnet_fused.ops import conv_bn_act
 from resnet_fused.tools.cli import DTYPES
 from resnet_fused.walk import layers, meta_model
 
+import components
 from harness import device_or_skip, record, run_pedantic
 
 

@@ -34,7 +34,8 @@ def _steps(path: Optional[str]) -> List[Dict[str, Any]]:
                     name, rc, secs, cap = parts[:4]
                     rc_i = int(rc)
                     status = "ok" if rc_i == 0 else ("timed out" if rc_i in (124, 137) else
-                                                     "skipped" if rc_i == -1 else f"failed (rc {rc})")
+                                                     "skipped" if rc_i == -1 else
+                                                     f"failed (rc {rc})")
                     out.append({"step": name, "rc": rc_i, "seconds": float(secs),
                                 "limit_s": float(cap), "status": status})
     return out
@@ -123,8 +124,9 @@ def _profile_md(p: Dict[str, Any]) -> List[str]:
 def _check_md(c: Dict[str, Any]) -> List[str]:
     m = c["meta"]
     lines = ["## Correctness sweep: every Triton config on every conv vs float64", "",
-             f"{m['device_name']}, {m['family']} configs; {', '.join(m['archs'])} (the first dtype; "
-             f"the others on a subset) at batch {', '.join(map(str, m['batches']))}, {m['size']}x"
+             f"{m['device_name']}, {m['family']} configs; {', '.join(m['archs'])} "
+             f"(the first dtype; the others on a subset) at batch "
+             f"{', '.join(map(str, m['batches']))}, {m['size']}x"
              f"{m['size']}; one NaN planted per input; {m['workers']} workers, {m['wall_s']} s", "",
              "| dtype | config | problems | wrong | errors | not run | verdict |",
              "|---|---|---:|---:|---:|---:|---|"]

@@ -13,7 +13,8 @@ def main(argv=None) -> int:
     from .tools import bench, check, profile, warmup
     bench.add_arguments(sub.add_parser("bench", help="fused vs stock PyTorch, side by side"))
     profile.add_arguments(sub.add_parser("profile", help="per-layer time, stock vs fused"))
-    check.add_arguments(sub.add_parser("check", help="every Triton config on every conv, vs float64"))
+    check.add_arguments(sub.add_parser(
+        "check", help="every Triton config on every conv, vs float64"))
     warmup.add_arguments(sub.add_parser(
         "warmup", help="compile (in parallel) and tune ahead of time; the next start is warm"))
     args = parser.parse_args(argv)

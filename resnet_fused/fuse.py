@@ -15,7 +15,7 @@ def _convert(module: nn.Module) -> nn.Module:
     if cls.__name__ in _CLASSES and cls.__module__ in ("torchvision.models.resnet", ours.__name__):
         new = getattr(ours, cls.__name__).__new__(getattr(ours, cls.__name__))
         new.__dict__.update(module.__dict__)
-        new._modules = dict(module._modules)  # own dict: converting children must not touch `module`
+        new._modules = dict(module._modules)  # a copy: converting children must not touch `module`
         for name, child in new._modules.items():
             if child is not None:
                 new._modules[name] = _convert(child)

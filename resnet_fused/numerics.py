@@ -1,6 +1,7 @@
 """The accuracy rule every fused result is held to, against a float64 reference.
 
-    err(fused, ref64) <= factor * err(stock in the same dtype, ref64) + ATOL[dtype] * max(1, max|ref64|)
+    err(fused, ref64) <= factor * err(stock in the same dtype, ref64)
+                         + ATOL[dtype] * max(1, max|ref64|)
 
 ATOL only has to cover the case where stock happens to be (nearly) exact: a few rounding steps of
 the dtype at the output's magnitude: 2^-10 * 4 for fp16, 2^-7 * 4 for bf16, 2^-23 * 4 for fp32.

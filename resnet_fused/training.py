@@ -59,8 +59,8 @@ def batch_norm_act(bn: nn.BatchNorm2d, x: torch.Tensor, residual: Optional[torch
         x = x.contiguous()
     if residual is not None:
         residual = residual.contiguous(memory_format=extension_ops.memory_format(x))
-    out, _, _, new_mean, new_var = extension_ops.bn_act_train(x, bn.weight, bn.bias, residual, running_mean,
-                                                running_var, factor, bn.eps, relu)
+    out, _, _, new_mean, new_var = extension_ops.bn_act_train(
+        x, bn.weight, bn.bias, residual, running_mean, running_var, factor, bn.eps, relu)
     if running_mean is not None:
         with torch.no_grad():
             running_mean.copy_(new_mean)

@@ -29,7 +29,8 @@ CUDA_KERNELS = components.needs_gpu("cuda-kernels", lambda: extension.unavailabl
 
 ops = torch.ops.resnet_fused
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
-DEVICES = ["cpu"] + ([pytest.param("cuda", marks=CUDA_KERNELS)] if torch.cuda.is_available() else [])
+DEVICES = ["cpu"] + ([pytest.param("cuda", marks=CUDA_KERNELS)] if torch.cuda.is_available()
+                     else [])
 # (N, C, H, W): C not a multiple of the vector width (8 fp32 / 4 fp64 lanes), batch 1, 1x1 maps,
 # one channel, and some full vectors.
 SHAPES = [(1, 3, 5, 7), (2, 13, 1, 1), (1, 1, 3, 3), (3, 17, 4, 5), (2, 9, 3, 1), (2, 16, 3, 3)]
@@ -158,8 +159,8 @@ def test_bn_act_train_matches_float64(device, shape, fmt, dtype, residual, relu)
     stock_grads = torch.autograd.grad(stock, leaves, grad)
 
     pairs = [("out", out, stock, ref), ("mean", mean, stock_mean, ref_mean),
-             ("invstd", invstd, stock_invstd, ref_invstd), ("running_mean", new_rm, stock_rm, ref_rm),
-             ("running_var", new_rv, stock_rv, ref_rv)]
+             ("invstd", invstd, stock_invstd, ref_invstd),
+             ("running_mean", new_rm, stock_rm, ref_rm), ("running_var", new_rv, stock_rv, ref_rv)]
     pairs += [(f"grad{i}", g, s, r) for i, (g, s, r) in enumerate(zip(got, stock_grads, want))]
     for name, fused, stock_t, ref_t in pairs:
         if dtype == torch.float64:
@@ -399,7 +400,8 @@ def _bad_bn_cases():
         (dict(x=x.int()), r"expected x of dtype Half, BFloat16, Float or Double, got Int"),
         (dict(x=x.transpose(1, 2)), r"expected x dense in NCHW .* or NHWC .* got shape"),
         (dict(weight=w[:3]), r"expected weight of shape \[4\] .* got \[3\]"),
-        (dict(bias=b.double()), r"expected bias of dtype Float \(the dtype of weight\), got Double"),
+        (dict(bias=b.double()), r"expected bias of dtype Float \(the dtype of weight\), "
+                                r"got Double"),
         (dict(weight=w.half()), r"expected weight of dtype Float for Float x, got Half"),
         (dict(residual=res[:, :, :2]), r"expected residual of shape \[2, 4, 3, 3\] .* got "
                                        r"\[2, 4, 2, 3\]"),
@@ -408,8 +410,9 @@ def _bad_bn_cases():
         (dict(running_var=None), r"expected running_mean and running_var both given or both "
                                  r"None, got running_mean only"),
         (dict(running_mean=rm[::2]), r"expected running_mean of shape \[4\] .* got \[2\]"),
-        (dict(x=x[:1, :, :1, :1].contiguous(), residual=None), r"expected more than 1 value per channel when "
-                                                  r"training, got input of shape \[1, 4, 1, 1\]"),
+        (dict(x=x[:1, :, :1, :1].contiguous(), residual=None),
+         r"expected more than 1 value per channel when training, got input of shape "
+         r"\[1, 4, 1, 1\]"),
     ], base
 
 

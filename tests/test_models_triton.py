@@ -60,18 +60,18 @@ def test_model_matches_torchvision(device, name, dtype):
         stock = theirs(x)
         calls = []
         from resnet_fused.backends import triton as triton_backend
-        real = triton_backend.conv_bn_act
+        real = triton_backend.run
 
-        def counting(*args):
-            calls.append(args[0].shape)
-            return real(*args)
+        def counting(prepared, x, *args):
+            calls.append(x.shape)
+            return real(prepared, x, *args)
 
         with backends.backend("triton"):
-            triton_backend.conv_bn_act = counting
+            triton_backend.run = counting
             try:
                 out = ours(x)
             finally:
-                triton_backend.conv_bn_act = real
+                triton_backend.run = real
     n_convs = sum(isinstance(m, torch.nn.Conv2d) for m in ours.modules())
     assert len(calls) == n_convs  # every conv went through the triton backend, fused with its BN
     assert_within_rule(out.cpu(), stock.cpu(), ref, dtype)

@@ -415,3 +415,16 @@ def test_disabled_onednn_is_reported(monkeypatch):
     monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
     assert "disabled" in onednn.unavailable_reason(CPU)
     assert autoselect.device_choice(CPU) == "torch"
+
+
+@needs_onednn
+def test_first_use_under_autocast_keeps_it_available():
+    """The self-check runs in plain fp32 even when the first chain runs under autocast (a bf16
+    stock reference would fail it and switch the backend off for the whole process)."""
+    onednn._probe.cache_clear()
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert onednn.unavailable_reason(CPU) is None
+    finally:
+        onednn._probe.cache_clear()
+    assert onednn.unavailable_reason(CPU) is None

@@ -1,5 +1,8 @@
-"""The op contract with the `torch` backend: numerics, custom-op checks, autocast, compile/export."""
+"""The op contract with the `torch` backend: numerics, custom-op checks, autocast,
+compile/export."""
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -7,7 +10,7 @@ import torch.nn.functional as F
 
 import resnet_fused
 from resnet_fused.ops import conv_bn_act
-from numerics import assert_within_rule, conv_bn_act_ref, max_err
+from numerics import assert_within_rule, conv_bn_act_ref, max_err, randomize_bn
 
 CASES = [  # (C_in, C_out, k, stride, padding, dilation, groups, H, W)
     (3, 16, 7, 2, 3, 1, 1, 17, 15),   # stem
@@ -24,7 +27,8 @@ def _make(case, dtype, residual, seed=0):
     cin, cout, k, s, p, d, g, h, w = case
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(2, cin, h, w, generator=gen).to(dtype)
-    weight = (torch.randn(cout, cin // g, k, k, generator=gen) / (cin // g * k * k) ** 0.5).to(dtype)
+    weight = (torch.randn(cout, cin // g, k, k, generator=gen)
+              / (cin // g * k * k) ** 0.5).to(dtype)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     scale = (torch.rand(cout, generator=gen) * 2 - 0.5).to(acc)
     shift = torch.randn(cout, generator=gen).to(acc)
@@ -114,7 +118,6 @@ def test_model_under_autocast_matches_stock_dtype():
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         a, b = fused(x), tv(x)
     assert a.dtype == b.dtype == torch.bfloat16
-    import copy
     ref = copy.deepcopy(tv).double()(x.double())
     assert_within_rule(a, b, ref, torch.bfloat16)
 
@@ -132,3 +135,47 @@ def test_torch_compile_and_export():
     assert any("resnet_fused.conv_bn_act" in str(n.target) for n in exported.graph.nodes)
     with torch.no_grad():
         assert torch.allclose(exported.module()(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_eval_chain_folds_through_the_cache():
+    """A compiled eval forward calls resnet_fused::conv_bn_eval, which reuses the cached prepared
+    weights (nothing rebuilt per call) and still sees a later change of a BN statistic."""
+    from resnet_fused import fold
+    model = randomize_bn(resnet_fused.resnet18(num_classes=10)).eval()
+    twin = copy.deepcopy(model)  # a fused model never compiled, same numbers
+    x = torch.randn(2, 3, 32, 32)
+    builds = []
+    real_build = fold.build
+
+    def counted(*args, **kwargs):
+        builds.append(1)
+        return real_build(*args, **kwargs)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fold, "build", counted)
+        compiled(x)
+        first = len(builds)
+        assert first == 20  # one fold per conv, made while the compiled graph ran
+        got = compiled(x)
+        assert len(builds) == first  # reused
+        torch.testing.assert_close(got, model(x), rtol=0, atol=0)
+        model.layer2[0].bn1.running_var.mul_(3.0)
+        twin.layer2[0].bn1.running_var.mul_(3.0)
+        got = compiled(x)
+        assert len(builds) == first + 1  # exactly the changed chain
+    ref = copy.deepcopy(twin).double()(x.double())
+    with torch.no_grad(), resnet_fused.backend("torch"):
+        assert_within_rule(got, twin(x), ref, torch.float32)
+
+
+def test_conv_bn_eval_op_registration():
+    """The eval chain op's fake kernel agrees with the real one (opcheck)."""
+    conv = torch.nn.Conv2d(4, 8, 3, padding=1, bias=True).eval()
+    bn = torch.nn.BatchNorm2d(8).eval()
+    x = torch.randn(2, 4, 6, 6).contiguous(memory_format=torch.channels_last)
+    res = torch.randn(2, 8, 6, 6).contiguous(memory_format=torch.channels_last)
+    tensors = [t.detach() for t in (conv.weight, conv.bias, bn.weight, bn.bias)]
+    args = (x, *tensors, bn.running_mean, bn.running_var, bn.num_batches_tracked, bn.eps, res,
+            [1, 1], [1, 1], [1, 1], 1, True, "torch")
+    torch.library.opcheck(torch.ops.resnet_fused.conv_bn_eval.default, args,
+                          test_utils=("test_schema", "test_faketensor"))

@@ -32,12 +32,12 @@ def test_total_macs_match_torchvision_published(arch):
 def test_layer_list_of_resnet50():
     model = meta_model("resnet50")
     ls = layers(model, (2, 3, 224, 224))
-    convs = [l for l in ls if l.kind == "conv_bn_act"]
-    assert len(convs) == 53 and [l.kind for l in ls].count("linear") == 1
-    assert sum(l.residual for l in convs) == 16            # one per bottleneck block
-    assert sum(not l.relu for l in convs) == 4              # the downsample convs
-    assert all(l.relu for l in convs if l.residual)
-    assert sum(l.macs for l in ls) == 2 * count_macs("resnet50")
+    convs = [layer for layer in ls if layer.kind == "conv_bn_act"]
+    assert len(convs) == 53 and [layer.kind for layer in ls].count("linear") == 1
+    assert sum(layer.residual for layer in convs) == 16            # one per bottleneck block
+    assert sum(not layer.relu for layer in convs) == 4              # the downsample convs
+    assert all(layer.relu for layer in convs if layer.residual)
+    assert sum(layer.macs for layer in ls) == 2 * count_macs("resnet50")
     assert ls[-1].out_shape == (2, 1000)
 
 
@@ -63,12 +63,12 @@ def test_shapes_and_macs_match_a_real_forward(arch, size):
     with torch.no_grad():
         model(torch.randn(2, 3, *size))
     ls = layers(model, (2, 3, *size))
-    for l in ls:
-        if l.kind == "conv_bn_act":
-            key = l.name + ".0" if l.name.endswith("downsample") else l.name
-            assert seen[key] == (l.in_shape, l.out_shape, l.macs), l.name
+    for layer in ls:
+        if layer.kind == "conv_bn_act":
+            key = layer.name + ".0" if layer.name.endswith("downsample") else layer.name
+            assert seen[key] == (layer.in_shape, layer.out_shape, layer.macs), layer.name
     assert seen["fc"][2] == ls[-1].macs
-    assert sum(l.macs for l in ls) == sum(v[2] for v in seen.values())
+    assert sum(layer.macs for layer in ls) == sum(v[2] for v in seen.values())
 
 
 def test_profile_cli_json(tmp_path, capsys):
@@ -106,12 +106,12 @@ def test_profile_fused_layers_are_correct(selection, monkeypatch):
     torch.manual_seed(0)
     model = torchvision.models.resnet18().eval()
     with backends.backend(selection):
-        for l in layers(model, (1, 3, 32, 32)):
-            if l.kind != "conv_bn_act":
+        for layer in layers(model, (1, 3, 32, 32)):
+            if layer.kind != "conv_bn_act":
                 continue
-            x = torch.randn(l.in_shape).contiguous(memory_format=torch.channels_last)
-            res = torch.randn(l.out_shape) if l.residual else None
-            stock, fused = _layer_fns(l, x, res)
+            x = torch.randn(layer.in_shape).contiguous(memory_format=torch.channels_last)
+            res = torch.randn(layer.out_shape) if layer.residual else None
+            stock, fused = _layer_fns(layer, x, res)
             with torch.no_grad():
                 torch.testing.assert_close(fused(), stock(), rtol=1e-4, atol=1e-4)
     want = backends.resolve(torch.device("cpu"), selection, torch.float32)

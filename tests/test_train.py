@@ -1,6 +1,7 @@
 """Train mode through the extension: BN(+residual)(+ReLU) runs as resnet_fused::bn_act_train and
 several optimizer steps match torchvision -- outputs, losses, every gradient, running stats
-(momentum and momentum=None) and num_batches_tracked. fp64 within 1e-10; fp32 by the numerics rule (docs/design.md).
+(momentum and momentum=None) and num_batches_tracked. fp64 within 1e-10; fp32 by the numerics rule
+(docs/design.md).
 """
 from __future__ import annotations
 
@@ -162,14 +163,14 @@ def with_stock_op_batch_norm(model):
 def train_and_compare(name, monkeypatch, steps=3, channels_last=False, **kwargs):
     """SGD (momentum, weight decay) steps for ours and torchvision in fp64 and fp32, each step
     compared with torchvision fp64: outputs, losses, every gradient, the stepped parameters and
-    all buffers. fp64 within 1e-10 relative. fp32 by the numerics rule (docs/design.md), err <= 2 * err(stock) +
-    atol, with the stock error the worst of four stock fp32 runs -- torchvision, and torchvision
-    with BN composed of stock ops, each in NCHW and in channels_last -- and gradients measured
-    on each run's own ReLU branch (see on_branch). Gradients must meet the bound for the median
-    tensor and twice the bound for every tensor: end-to-end fp32 gradient error depends on how
-    BN's forward rounds, not only on how much (on resnext50, an fp32 BN forward rounded once
-    from fp64 gives 1.6x the gradient error of torch's kernel, median over tensors, up to 4x;
-    torch's two layouts agree within 1.4x), so one stock run is no yardstick per tensor.
+    all buffers. fp64 within 1e-10 relative. fp32 by the numerics rule (docs/design.md),
+    err <= 2 * err(stock) + atol, with the stock error the worst of four stock fp32 runs --
+    torchvision, and torchvision with BN composed of stock ops, each in NCHW and in channels_last --
+    and gradients measured on each run's own ReLU branch (see on_branch). Gradients must meet the
+    bound for the median tensor and twice the bound for every tensor: end-to-end fp32 gradient error
+    depends on how BN's forward rounds, not only on how much (on resnext50, an fp32 BN forward
+    rounded once from fp64 gives 1.6x the gradient error of torch's kernel, median over tensors, up
+    to 4x; torch's two layouts agree within 1.4x), so one stock run is no yardstick per tensor.
 
     Every step starts from torchvision fp64's parameters (teacher forcing); the running stats,
     num_batches_tracked and optimizer state are never reset, so they accumulate over all steps.
@@ -195,10 +196,12 @@ def train_and_compare(name, monkeypatch, steps=3, channels_last=False, **kwargs)
                     p.copy_(r)
         x, target = batch(torch.float64, seed=i)
         fmt = torch.channels_last if channels_last else torch.contiguous_format
-        (r_out, r_loss, r_grads), r_masks = relus.record(ref, lambda: forward_backward(ref, x, target))
+        (r_out, r_loss, r_grads), r_masks = relus.record(
+            ref, lambda: forward_backward(ref, x, target))
         o_out, o_loss, o_grads = forward_backward(ours64, x, target)
         (f_out, f_loss, f_grads), f_masks = relus.record(
-            ours32, lambda: forward_backward(ours32, x.float().contiguous(memory_format=fmt), target),
+            ours32,
+            lambda: forward_backward(ours32, x.float().contiguous(memory_format=fmt), target),
             hooks=False)
         stock = [relus.record(m, lambda m=m, f=f: forward_backward(
                      m, x.float().contiguous(memory_format=f), target))
@@ -220,7 +223,8 @@ def train_and_compare(name, monkeypatch, steps=3, channels_last=False, **kwargs)
             opt.step()
 
         def check32(fused_t, stock_ts, ref_t, what, stock_refs=None, slack=1.0):
-            """the numerics rule's bound 2 * err(stock) + atol (times `slack`); returns err / bound."""
+            """the numerics rule's bound 2 * err(stock) + atol (times `slack`); returns
+            err / bound."""
             stock_refs = stock_refs or [ref_t] * len(stock_ts)
             worst = max(max_err(t, r) for t, r in zip(stock_ts, stock_refs))
             bound = 2 * worst + ATOL[torch.float32] * max(1.0, ref_t.abs().max().item())

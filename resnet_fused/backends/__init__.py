@@ -70,7 +70,8 @@ def prepare_default(weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tens
 
 def _check_name(name: str) -> str:
     if not isinstance(name, str) or name not in NAMES:
-        raise ValueError(f"unknown resnet_fused backend {name!r}; expected one of {', '.join(NAMES)}")
+        raise ValueError(f"unknown resnet_fused backend {name!r}; expected one of "
+                         f"{', '.join(NAMES)}")
     return name
 
 
@@ -104,7 +105,8 @@ def _require(name: str, device: Optional[torch.device] = None) -> None:
     reason = unavailable_reason(name, device)
     if reason is not None:
         where = f" for {device.type} tensors" if device is not None else ""
-        raise BackendUnavailableError(f"resnet_fused backend {name!r} is unavailable{where}: {reason}")
+        raise BackendUnavailableError(
+            f"resnet_fused backend {name!r} is unavailable{where}: {reason}")
 
 
 # The process default (set_backend(), else $RESNET_FUSED_BACKEND, else 'auto'), and the selection

@@ -43,7 +43,8 @@ def run(prepared: Prepared, x: torch.Tensor, residual: Optional[torch.Tensor],
     # The epilogue writes its output in y's layout; the op contract wants channels_last.
     if not y.is_contiguous(memory_format=torch.channels_last):
         y = y.contiguous(memory_format=torch.channels_last)
-    if residual is not None and not (residual.is_contiguous() if y.is_contiguous()
-                                     else residual.is_contiguous(memory_format=torch.channels_last)):
+    if residual is not None and not (
+            residual.is_contiguous() if y.is_contiguous()
+            else residual.is_contiguous(memory_format=torch.channels_last)):
         residual = residual.contiguous(memory_format=torch.channels_last)
     return torch.ops.resnet_fused.scale_shift_act(y, scale, shift, residual, relu)

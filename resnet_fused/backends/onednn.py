@@ -96,6 +96,13 @@ def _probe_case(ops, g, cin, cout, k, stride, padding, groups, hw, residual, rel
 
 @functools.lru_cache(maxsize=None)
 def _probe() -> Optional[str]:
+    """The self-check below, in plain fp32 whatever the caller's context (the first use may
+    come under autocast, which would make the stock reference bf16 and the check fail)."""
+    with torch.autocast("cpu", enabled=False), torch.no_grad():
+        return _self_check()
+
+
+def _self_check() -> Optional[str]:
     """Run tiny fused convs once and compare them with stock; a reason string if unusable.
 
     The basic case (5x5, 3x3 conv, with and without residual and ReLU) must run and be right,

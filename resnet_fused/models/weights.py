@@ -11,7 +11,8 @@ import torch
 
 
 def _torchvision_weights(weights: Any, builder: str):
-    """The torchvision enum member for `weights` (a member or its name), or None if it is not one."""
+    """The torchvision enum member for `weights` (a member or its name), or None if it is
+    not one."""
     try:
         from torchvision.models import get_model_weights
     except ImportError:
@@ -30,9 +31,11 @@ def _torchvision_weights(weights: Any, builder: str):
 
 def _unwrap(state: Any, where: str) -> Mapping:
     # Accept checkpoints that wrap the state_dict, as torch.save({"state_dict": ...}) often does.
-    if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
+    if (isinstance(state, Mapping) and "state_dict" in state
+            and isinstance(state["state_dict"], Mapping)):
         state = state["state_dict"]
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor)
+                                                 for v in state.values()):
         raise ValueError(f"{where} does not hold a state_dict (a mapping of names to tensors)")
     return state
 

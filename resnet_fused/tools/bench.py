@@ -14,9 +14,10 @@ Timing: a first call (fold cache, autotuning, compilation; reported apart), warm
 repeated calls. On CUDA, one provider at a time, each call timed with CUDA events (device time
 between two events on the stream). On CPU, time.perf_counter around each (synchronous) call, with
 the providers interleaved round by round, so that load from other processes on a shared machine
-hits every provider alike instead of whichever ran at the wrong moment. Reported: median, 20th/80th percentiles, images/s =
-batch / median, speed-up = eager median / provider median, TFLOP/s = 2 * multiply-adds / median.
-Each provider's output is compared with eager's (max |diff| / max |eager|) as a sanity check.
+hits every provider alike instead of whichever ran at the wrong moment. Reported: median,
+20th/80th percentiles, images/s = batch / median, speed-up = eager median / provider median,
+TFLOP/s = 2 * multiply-adds / median. Each provider's output is compared with eager's
+(max |diff| / max |eager|) as a sanity check.
 """
 from __future__ import annotations
 
@@ -158,7 +159,8 @@ def _progress(enabled: bool, msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
-def run_bench(arch: str = "resnet50", batches: Sequence[int] = (8,), dtypes: Sequence[str] = ("fp32",),
+def run_bench(arch: str = "resnet50", batches: Sequence[int] = (8,),
+              dtypes: Sequence[str] = ("fp32",),
               providers: Optional[Sequence[str]] = None, device: Optional[str] = None,
               size: int = 224, warmup: int = 1, min_reps: int = 5, max_reps: int = 100,
               min_time_s: Optional[float] = None, progress: bool = True, seed: int = 0,
@@ -248,7 +250,8 @@ def run_bench(arch: str = "resnet50", batches: Sequence[int] = (8,), dtypes: Seq
                         else:
                             ready.append((row, run, name))
                 except Exception as e:  # one provider failing must not lose the others' rows
-                    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+                    row["error"] = (f"{type(e).__name__}: "
+                                    f"{str(e).splitlines()[0] if str(e) else ''}")[:300]
                     _progress(progress, f"      failed: {row['error']}")
                 finally:
                     out = None
@@ -292,7 +295,8 @@ def _set_speedup(rows: List[Dict[str, Any]]) -> None:
 def format_table(report: Dict[str, Any]) -> str:
     m = report["meta"]
     v = m["versions"]
-    lines = [f"{m['arch']} {m['image_size']}x{m['image_size']} on {m['device']}: {m['device_name']}; "
+    lines = [f"{m['arch']} {m['image_size']}x{m['image_size']} on {m['device']}: "
+             f"{m['device_name']}; "
              f"torch {v['torch']}, triton {v['triton']}; auto backend -> {m['auto_backend']}",
              f"timing: {m['timing']}",
              f"{'batch':>5} {'dtype':5} {'provider':34} {'median ms':>10} {'p20 ms':>10} "

@@ -1,4 +1,4 @@
-"""`python -m resnet_fused check`: every Triton kernel config on every distinct conv, against float64.
+"""`python -m resnet_fused check`: every Triton kernel config on every distinct conv, vs float64.
 
 Tuning only ever checks the config it picks, on the shapes it meets; a config that miscompiles
 (Triton has a known class of miscompiles for flattened K loops with 8 warps) would surface as a
@@ -192,7 +192,8 @@ def plan(args) -> List[Tuple[str, int, List[Problem]]]:
     from ..backends.triton import conv
     jobs = []
     for d, dtype_name in enumerate(args.dtype):
-        archs = args.arch if d == 0 else [a for a in args.arch if a in args.subset_arch] or args.arch[:1]
+        archs = args.arch if d == 0 else (
+            [a for a in args.arch if a in args.subset_arch] or args.arch[:1])
         dtype = DTYPES[dtype_name]
         todo: List[List[Problem]] = [[] for _ in conv.config_tuples(args.family, dtype)]
         for p in problems(archs, args.batch, args.size):
@@ -246,8 +247,9 @@ def _run_parallel(args, jobs, workers: int, deadline: float) -> List[Dict[str, A
             done[j] = (None if killed else proc.returncode, path)
             del running[j]
             if args.progress:
+                configs = candidate_configs(args.family, DTYPES[jobs[j][0]])
                 print(f"  job {j + 1}/{len(jobs)} {jobs[j][0]} "
-                      f"{config_name(candidate_configs(args.family, DTYPES[jobs[j][0]])[jobs[j][1]])}"
+                      f"{config_name(configs[jobs[j][1]])}"
                       f": rc {proc.returncode}", file=sys.stderr, flush=True)
     rows: List[Dict[str, Any]] = []
     for j, (dtype_name, index, todo) in enumerate(jobs):

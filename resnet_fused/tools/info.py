@@ -47,5 +47,6 @@ def report() -> str:
         lines.append(f"backends on {device.type}: auto -> {autoselect.device_choice(device)}")
         for name in backends.NAMES[1:]:
             reason = backends.unavailable_reason(name, device)
-            lines.append(f"  {name:7s} {'available' if reason is None else 'unavailable: ' + reason}")
+            lines.append(f"  {name:7s} "
+                         f"{'available' if reason is None else 'unavailable: ' + reason}")
     return "\n".join(lines)
