@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 
+import pytest
 import torch
 
 from resnet_fused.tools import check
@@ -24,6 +25,7 @@ def _args(**kw):
     return p.parse_args(argv)
 
 
+@pytest.mark.slow  # ~45 s; the kernel configs it sweeps are covered by test_conv_triton
 def test_sweep_under_interpreter(monkeypatch, tmp_path, one_thread):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     out = tmp_path / "check.json"
