@@ -145,10 +145,14 @@ def cached(backend: str, dtype: torch.dtype, tensors: Sources, eps: float) -> An
 def fold(conv: nn.Conv2d, bn: nn.Module, dtype: torch.dtype, backend: str) -> Any:
     """Folded conv+BN for activations of `dtype`, prepared for `backend`: cached, unless
     autograd must record the fold (then built in the graph, unprepared)."""
-    tensors = sources(conv, bn)
+    return prepared(backend, dtype, sources(conv, bn), bn.eps)
+
+
+def prepared(backend: str, dtype: torch.dtype, tensors: Sources, eps: float) -> Any:
+    """`fold` from the tensors a chain already holds (`sources`)."""
     if needs_grad(tensors):
-        return build(dtype, tensors, bn.eps)
-    return cached(backend, dtype, tensors, bn.eps)
+        return build(dtype, tensors, eps)
+    return cached(backend, dtype, tensors, eps)
 
 
 def entries_for(module: nn.Module) -> Dict[tuple, Any]:

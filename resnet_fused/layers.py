@@ -151,33 +151,37 @@ def conv_bn(conv: nn.Module, bn: nn.Module, x: torch.Tensor,
         tensors = folding.sources(conv, bn)
         return graph_chain(x, *tensors, bn.eps, residual, list(conv.stride), list(conv.padding),
                            list(conv.dilation), conv.groups, relu)
+    tensors = folding.sources(conv, bn)  # (one read of each; the fold's cache key is in it)
+    weight = tensors[0]
     dtype = compute_dtype(x)
-    if x.dtype != conv.weight.dtype and not torch.is_autocast_enabled(x.device.type):
-        raise TypeError(f"resnet_fused: expected input dtype {conv.weight.dtype} (the model's "
+    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(f"resnet_fused: expected input dtype {weight.dtype} (the model's "
                         f"parameters), got {x.dtype}")
     backend = backends.resolve(x.device, dtype=dtype)
     if backend == backends.MODULES:
         # stock's ops are faster here; run them on the cached channels_last weight (the model's
         # own NCHW weight would be reordered by every conv)
-        weight = folding.fold(conv, bn, dtype, "torch").weight
-        y = F.conv2d(x, weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+        weight = folding.prepared("torch", dtype, tensors, bn.eps).weight
+        y = F.conv2d(x, weight, tensors[1], conv.stride, conv.padding, conv.dilation,
+                     conv.groups)
         return bn_tail(bn, y, residual, relu)
-    prepared = folding.fold(conv, bn, dtype, backend)
+    prepared = folding.prepared(backend, dtype, tensors, bn.eps)
     if dtype != x.dtype:  # autocast casts, as stock conv does
         x = x.to(dtype)
         residual = None if residual is None else residual.to(dtype)
-    if not _consistent(conv, x, residual):  # odd inputs get the full checks and clear errors
+    if not _consistent(conv, weight, x, residual):  # odd inputs: full checks, clear errors
         check_inputs(x, *prepared, residual, conv.stride, conv.padding, conv.dilation,
                      conv.groups)
     return apply(backend, prepared, x, residual, conv.stride, conv.padding, conv.dilation,
                  conv.groups, relu)
 
 
-def _consistent(conv: nn.Conv2d, x: torch.Tensor, residual: Optional[torch.Tensor]) -> bool:
+def _consistent(conv: nn.Conv2d, weight: torch.Tensor, x: torch.Tensor,
+                residual: Optional[torch.Tensor]) -> bool:
     """The few facts the fold does not already guarantee (the weight, scale and shift are built
     from conv/bn on conv's device): a 4-D x with conv's channels on its device, and a residual
     of the output's shape, dtype and device."""
-    if x.dim() != 4 or x.shape[1] != conv.in_channels or x.device != conv.weight.device:
+    if x.dim() != 4 or x.shape[1] != conv.in_channels or x.device != weight.device:
         return False
     if residual is None:
         return True
