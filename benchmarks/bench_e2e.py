@@ -14,7 +14,6 @@ import torch
 import torchvision
 
 from resnet_fused import backends
-from resnet_fused.backends import autoselect
 from resnet_fused.tools import bench as rf_bench
 from resnet_fused.tools.cli import DTYPES
 from resnet_fused.walk import layers, meta_model
@@ -90,5 +89,5 @@ def test_e2e(benchmark, arch, case, provider, is_smoke, bench_compile):
     specs = layers(meta_model(arch), (batch, 3, size, size))
     record(benchmark, device, dtype, timed, images=batch, macs=sum(s.macs for s in specs),
            min_bytes=sum(s.min_bytes(x.element_size()) for s in specs), arch=arch, batch=batch,
-           image_size=size, provider=provider, auto_backend=autoselect.device_choice(device),
+           image_size=size, provider=provider, auto_backend=backends.device_choice(device),
            backend=name or "", max_rel_diff_vs_eager=rel)

@@ -1,7 +1,8 @@
 """The compiled extension `resnet_fused._C` (csrc/): lazy, safe loading and availability.
 
-Its ops and their Python halves (fake kernels, autograd) are in extension_ops.py; when training
-uses them is training.py's rule.
+Its ops and their Python halves (fake kernels, autograd) are in extension_ops.py, which every
+caller goes through (it registers those halves before the first call); when training uses them
+is training.py's rule.
 
 Nothing here runs at `import resnet_fused`: the library is loaded on first use. A missing,
 stale or broken library never raises from available()/unavailable_reason()/status(); the op
@@ -14,7 +15,7 @@ import importlib.util
 import os
 import threading
 from types import ModuleType
-from typing import Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
@@ -49,9 +50,20 @@ def _load() -> Tuple[Optional[ModuleType], Optional[str]]:
     if built and built != torch.__version__:
         return None, (f"{spec.origin} was built against torch {built}, this is torch "
                       f"{torch.__version__}; {_BUILD_HINT}")
-    from . import extension_ops
-    extension_ops.register()
     return module, None
+
+
+_on_load: List[Callable[[], None]] = []  # run once the library has loaded (extension_ops)
+
+
+def on_load(fn: Callable[[], None]) -> None:
+    """Run `fn` when the library has loaded (now, if it already has)."""
+    with _lock:
+        if not _loaded:
+            _on_load.append(fn)
+            return
+    if _module is not None:
+        fn()
 
 
 def load() -> Optional[ModuleType]:
@@ -62,6 +74,9 @@ def load() -> Optional[ModuleType]:
             if not _loaded:
                 _module, _reason = _load()
                 _loaded = True
+                if _module is not None:
+                    for fn in _on_load:
+                        fn()
     return _module
 
 

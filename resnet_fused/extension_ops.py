@@ -9,7 +9,8 @@ Schemas (csrc/resnet_fused.cpp):
   resnet_fused::bn_act_train_backward(...)  its backward (grad x, weight, bias, residual)
   resnet_fused::scale_shift_act(x, scale, shift, residual?, relu) -> relu?(x*scale+shift+res)
 
-`register()` runs once, when extension.py loads the library.
+The fake kernels and autograd formulas are registered when the library loads (extension.on_load,
+below); callers use the wrappers (never torch.ops.resnet_fused.* directly), which import this.
 """
 from __future__ import annotations
 
@@ -17,8 +18,11 @@ from typing import Optional, Tuple
 
 import torch
 
-from .extension import DISABLE_ENV, require
+from . import extension
 from .ops import epilogue_dtype
+
+
+require = extension.require
 
 
 # ---- op wrappers -----------------------------------------------------------------------------
@@ -102,8 +106,8 @@ def _bn_backward(ctx, grad_out, *unused):
 
 def _no_double_backward(ctx, *grads):
     raise RuntimeError("resnet_fused: double backward through bn_act_train is not supported; "
-                       f"set ${DISABLE_ENV}=1 to train with stock BatchNorm where higher-order "
-                       "gradients are needed")
+                       f"set ${extension.DISABLE_ENV}=1 to train with stock BatchNorm where "
+                       "higher-order gradients are needed")
 
 
 def _ssa_setup_context(ctx, inputs, output):
@@ -144,3 +148,6 @@ def register() -> None:
     lib.register_autograd("resnet_fused::scale_shift_act", _ssa_backward,
                           setup_context=_ssa_setup_context)
     _registered = True
+
+
+extension.on_load(register)

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from resnet_fused.backends import autoselect
+from resnet_fused import backends
 from resnet_fused.__main__ import main
 from resnet_fused.tools import bench, timing
 
@@ -54,7 +54,7 @@ def test_bench_cli_json_and_plot(tmp_path, capsys):
     report = json.loads(js.read_text())
     meta, rows = report["meta"], report["results"]
     assert meta["device"] == "cpu" and meta["versions"]["torch"] == torch.__version__
-    assert meta["auto_backend"] == autoselect.device_choice(CPU)
+    assert meta["auto_backend"] == backends.device_choice(CPU)
     n_fused = len(bench.available_fused_backends(CPU))
     assert len(rows) == 2 * (4 + n_fused)
     for r in rows:

@@ -283,14 +283,14 @@ def test_per_layer_auto_choice(monkeypatch):
 
 
 def test_auto_on_cuda_is_per_layer_unless_switched_off(monkeypatch):
-    monkeypatch.setattr(autoselect, "backend_reason", lambda name, device=None: None)
+    monkeypatch.setattr(backends, "unavailable_reason", lambda name, device=None: None)
     cuda = torch.device("cuda", 0)
-    assert autoselect.device_choice(cuda) == backends.PER_LAYER
-    monkeypatch.setenv(autoselect.PER_LAYER_ENV, "0")
-    assert autoselect.device_choice(cuda) == "triton"
-    monkeypatch.setattr(autoselect, "backend_reason",
+    assert backends.device_choice(cuda) == backends.PER_LAYER
+    monkeypatch.setenv(backends.PER_LAYER_ENV, "0")
+    assert backends.device_choice(cuda) == "triton"
+    monkeypatch.setattr(backends, "unavailable_reason",
                         lambda name, device=None: "missing" if name == "triton" else None)
-    assert autoselect.device_choice(cuda) == "cuda"
+    assert backends.device_choice(cuda) == "cuda"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -372,7 +372,7 @@ def test_availability(monkeypatch):
             with backends.backend("triton"):
                 pass
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # the interpreter is for tests, never auto's pick
-    assert autoselect.device_choice(torch.device("cpu")) != "triton"
+    assert backends.device_choice(torch.device("cpu")) != "triton"
 
 
 def test_fp64_delegates_to_stock(monkeypatch):

@@ -10,7 +10,6 @@ from torch import nn
 
 import components
 import resnet_fused
-from resnet_fused.backends import autoselect
 from numerics import (BUILDER_PARAMS, assert_within_rule, max_err,
                       randomize_bn, stock_outputs)
 
@@ -243,7 +242,7 @@ def test_auto_runs_stock_ops_where_the_backend_does_not_win(monkeypatch):
     weight: torchvision's exact numbers in bf16. fp32 stays fused; an explicit backend is
     honoured."""
     from resnet_fused import backends, ops
-    if autoselect.device_choice(torch.device("cpu")) != "onednn":
+    if backends.device_choice(torch.device("cpu")) != "onednn":
         components.require("onednn", backends.unavailable_reason("onednn", torch.device("cpu"))
                            or "auto does not pick onednn here")
     calls = []

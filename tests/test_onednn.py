@@ -12,7 +12,7 @@ from torch import nn
 import resnet_fused
 from resnet_fused import backends
 from resnet_fused import fold
-from resnet_fused.backends import autoselect, onednn
+from resnet_fused.backends import onednn
 from resnet_fused.fold import fold_scale_shift
 from resnet_fused.ops import channels_last_strides, conv_bn_act
 
@@ -407,14 +407,14 @@ def test_availability_reasons():
     assert "onednn" in backends.NAMES
     assert REASON is None or (isinstance(REASON, str) and REASON), REASON
     components.require("onednn", REASON)
-    assert autoselect.device_choice(CPU) == "onednn"
+    assert backends.device_choice(CPU) == "onednn"
 
 
 @needs_onednn
 def test_disabled_onednn_is_reported(monkeypatch):
     monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
     assert "disabled" in onednn.unavailable_reason(CPU)
-    assert autoselect.device_choice(CPU) == "torch"
+    assert backends.device_choice(CPU) == "torch"
 
 
 @needs_onednn

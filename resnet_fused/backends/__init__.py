@@ -12,11 +12,12 @@ A backend is a module of this package that provides
       The contract's output on checked arguments (ops.py owns the contract and the checks).
   accelerates(device, dtype) -> bool
       Where it beats stock's own conv -> BN -> ReLU modules (measured); `auto` runs stock's
-      modules elsewhere (autoselect.py).
+      modules elsewhere (MODULES).
 
-Names a user selects: NAMES. 'auto' resolves per device (and on CUDA per layer) in
-autoselect.py. The selection is read ONCE per chain call, by `resolve`, and the concrete name is
-passed down (to the fold cache's key and to the op), never re-read from a global.
+Names a user selects: NAMES. 'auto' resolves per device and dtype here (`auto_choice`) and on
+CUDA per layer in autoselect.py (the PER_LAYER backend). The selection is read ONCE per chain
+call, by `resolve`, and the concrete name is passed down (to the fold cache's key and to the
+op), never re-read from a global.
 
 Modules are imported lazily, so importing resnet_fused never imports triton or the extension and
 never touches the GPU.
@@ -36,10 +37,11 @@ import torch
 logger = logging.getLogger("resnet_fused")
 
 NAMES = ("auto", "triton", "cuda", "onednn", "torch")
-# What 'auto' may resolve to besides NAMES (autoselect.py): per-layer triton-or-cuda on CUDA, and
+# What 'auto' may resolve to besides NAMES: per-layer triton-or-cuda on CUDA (autoselect.py), and
 # stock's own conv -> BN -> ReLU modules where no backend beats them (not a backend: no kernel).
 PER_LAYER = "triton+cuda"
 MODULES = "modules"
+PER_LAYER_ENV = "RESNET_FUSED_PER_LAYER_AUTO"  # 0: `auto` on CUDA runs Triton on every layer
 _MODULES = {"torch": "resnet_fused.backends.stock", "triton": "resnet_fused.backends.triton",
             "cuda": "resnet_fused.backends.cuda", "onednn": "resnet_fused.backends.onednn",
             PER_LAYER: "resnet_fused.backends.autoselect"}
@@ -157,12 +159,10 @@ def backend(name: str) -> Iterator[None]:
 def resolve(device: torch.device, name: Optional[str] = None,
             dtype: Optional[torch.dtype] = None) -> str:
     """What runs a chain on `device` for the selection `name` (default: the current one): `name`
-    itself if it can run there; for 'auto' autoselect's choice for `device` (and, given `dtype`,
-    MODULES where that backend does not beat stock's modules)."""
+    itself if it can run there; for 'auto' `auto_choice(device, dtype)`."""
     name = get_backend() if name is None else _check_name(name)
     if name == "auto":
-        from . import autoselect
-        return autoselect.choice(device, dtype)
+        return auto_choice(device, dtype)
     # every chain of every call asks: availability is remembered per device (and the one
     # switch that changes it at run time)
     key = (name, device, torch.backends.mkldnn.enabled)
@@ -173,6 +173,38 @@ def resolve(device: torch.device, name: Optional[str] = None,
 
 
 _available: set = set()
+
+
+# --- what `auto` runs: per device and dtype here; per layer on CUDA in autoselect.py ----------
+def device_choice(device: torch.device) -> str:
+    """The concrete backend 'auto' runs on `device`."""
+    if device.type == "cuda":
+        usable = [n for n in ("triton", "cuda") if unavailable_reason(n, device) is None]
+        if len(usable) == 2 and os.environ.get(PER_LAYER_ENV, "1").strip() != "0":
+            return PER_LAYER
+        return usable[0] if usable else "torch"
+    # CPU: oneDNN's fused conv (fp32). resnet50 batch 8 fp32, 2 threads: 1.38-1.42x torchvision
+    # eager uncontended, 1.3x the torch backend (benchmarks/RESULTS.md).
+    if unavailable_reason("onednn", device) is None:
+        return "onednn"
+    return "torch"
+
+
+def auto_choice(device: torch.device, dtype: Optional[torch.dtype] = None) -> str:
+    """What 'auto' runs for activations of `dtype` on `device`: the device's backend, or
+    MODULES (stock's conv -> BN -> ReLU) where that backend does not beat them. Remembered per
+    (device, dtype) and the switches that change it (every chain of every call asks)."""
+    key = (device, dtype, torch.backends.mkldnn.enabled, os.environ.get(PER_LAYER_ENV))
+    name = _choices.get(key)
+    if name is None:
+        name = device_choice(device)
+        if dtype is not None and not load(name).accelerates(device, dtype):
+            name = MODULES
+        _choices[key] = name
+    return name
+
+
+_choices: dict = {}
 
 
 def prepare(name: str, weight: torch.Tensor, scale: torch.Tensor,

@@ -1,12 +1,7 @@
-"""What `auto` runs, decided in one place.
+"""Per-layer `auto` on CUDA: the backend PER_LAYER = 'triton+cuda'.
 
-Per device (`device_choice`): CUDA -> per-layer triton-or-cuda when both are usable (else the
-one that is, else torch); CPU -> onednn if its self-check passes, else torch.
-
-Per dtype (`choice`): a backend states where it beats stock's own conv -> BN -> ReLU modules
-(`accelerates`, measured: benchmarks/RESULTS.md); elsewhere `auto` runs stock's modules (MODULES).
-
-Per layer (this module is also the backend PER_LAYER = 'triton+cuda'): the first call of each
+(Per device and per dtype, `auto` is decided by the registry, backends.auto_choice; on CUDA,
+where both are usable, it resolves to this backend.) The first call of each
 problem bucket times the Triton kernel against the `cuda` backend (cuDNN conv + fused epilogue)
 and later calls in that bucket run the faster one. Decisions live in the tuning store
 (tuning.py: buckets, $RESNET_FUSED_TUNING=cached for no run-time timing, the on-disk cache).
@@ -15,48 +10,15 @@ $RESNET_FUSED_PER_LAYER_AUTO=0 turns the per-layer choice off (auto then runs Tr
 """
 from __future__ import annotations
 
-import os
 from typing import Callable, Optional, Sequence
 
 import torch
 
 from .. import tuning
 from ..ops import out_hw
-from . import MODULES, Prepared, load, prepare_default, unavailable_reason as backend_reason
+from . import Prepared, load, prepare_default, unavailable_reason as backend_reason
 
-PER_LAYER_ENV = "RESNET_FUSED_PER_LAYER_AUTO"
 CANDIDATES = ("triton", "cuda")
-
-
-def device_choice(device: torch.device) -> str:
-    """The concrete backend 'auto' runs on `device`."""
-    if device.type == "cuda":
-        usable = [n for n in CANDIDATES if backend_reason(n, device) is None]
-        if len(usable) == 2 and os.environ.get(PER_LAYER_ENV, "1").strip() != "0":
-            return "triton+cuda"
-        return usable[0] if usable else "torch"
-    # CPU: oneDNN's fused conv (fp32). resnet50 batch 8 fp32, 2 threads: 1.38-1.42x torchvision
-    # eager uncontended, 1.3x the torch backend (benchmarks/RESULTS.md).
-    if backend_reason("onednn", device) is None:
-        return "onednn"
-    return "torch"
-
-
-def choice(device: torch.device, dtype: Optional[torch.dtype] = None) -> str:
-    """What 'auto' runs for activations of `dtype` on `device`: the device's backend, or
-    MODULES (stock's conv -> BN -> ReLU) where that backend does not beat them. Remembered per
-    (device, dtype) and the switches that change it (every chain of every call asks)."""
-    key = (device, dtype, torch.backends.mkldnn.enabled, os.environ.get(PER_LAYER_ENV))
-    name = _choices.get(key)
-    if name is None:
-        name = device_choice(device)
-        if dtype is not None and not load(name).accelerates(device, dtype):
-            name = MODULES
-        _choices[key] = name
-    return name
-
-
-_choices: dict = {}
 
 
 # --- the per-layer backend ------------------------------------------------------------------

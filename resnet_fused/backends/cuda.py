@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .. import extension
+from .. import extension, extension_ops
 from . import Prepared, prepare_default as prepare  # noqa: F401  (the protocol's prepare)
 
 
@@ -47,4 +47,4 @@ def run(prepared: Prepared, x: torch.Tensor, residual: Optional[torch.Tensor],
             residual.is_contiguous() if y.is_contiguous()
             else residual.is_contiguous(memory_format=torch.channels_last)):
         residual = residual.contiguous(memory_format=torch.channels_last)
-    return torch.ops.resnet_fused.scale_shift_act(y, scale, shift, residual, relu)
+    return extension_ops.scale_shift_act(y, scale, shift, residual, relu)

@@ -36,7 +36,6 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 
 from .. import backends
-from ..backends import autoselect
 from ..walk import count_macs
 from . import cli
 from .timing import (device_name, interleaved, measure, selected, summarize, synchronize,
@@ -96,13 +95,13 @@ def label(provider: str, device: torch.device) -> str:
     if provider.startswith("fused:"):
         name = provider[6:]
         if name == "auto":
-            return f"fused (auto -> {autoselect.device_choice(device)})"
-        auto = " (auto)" if autoselect.device_choice(device) == name else ""
+            return f"fused (auto -> {backends.device_choice(device)})"
+        auto = " (auto)" if backends.device_choice(device) == name else ""
         return f"fused [{name}]{auto}"
     if provider == "fused+graphs":
-        return f"fused + CUDA graphs (auto -> {autoselect.device_choice(device)})"
+        return f"fused + CUDA graphs (auto -> {backends.device_choice(device)})"
     if provider == "fused+compile":
-        return f"torch.compile(fused) (auto -> {autoselect.device_choice(device)})"
+        return f"torch.compile(fused) (auto -> {backends.device_choice(device)})"
     return LABELS.get(provider, provider)
 
 
@@ -182,7 +181,7 @@ def run_bench(arch: str = "resnet50", batches: Sequence[int] = (8,),
     macs_per_image = count_macs(arch, size)
     meta = {"arch": arch, "image_size": size, "device": dev.type, "device_name": device_name(dev),
             "threads": torch.get_num_threads(), "versions": versions(),
-            "auto_backend": autoselect.device_choice(dev),
+            "auto_backend": backends.device_choice(dev),
             "available_backends": available_fused_backends(dev),
             "macs_per_image": macs_per_image,
             "cudnn_benchmark": bool(torch.backends.cudnn.benchmark) if dev.type == "cuda" else None,

@@ -7,7 +7,6 @@ import platform
 import torch
 
 from .. import backends
-from ..backends import autoselect
 
 
 def _version(dist: str) -> str:
@@ -44,7 +43,7 @@ def report() -> str:
     lines.append(f"tuning       {mode} (${tuning.MODE_ENV}); decisions on disk in "
                  f"{tuning.cache_dir()} (${tuning.DIR_ENV})")
     for device in devices:
-        lines.append(f"backends on {device.type}: auto -> {autoselect.device_choice(device)}")
+        lines.append(f"backends on {device.type}: auto -> {backends.device_choice(device)}")
         for name in backends.NAMES[1:]:
             reason = backends.unavailable_reason(name, device)
             lines.append(f"  {name:7s} "

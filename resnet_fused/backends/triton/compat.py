@@ -5,7 +5,31 @@ fixed the bug (or renamed the private function) is left untouched.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
+
+
+@contextlib.contextmanager
+def interpreter_mode(interpret: bool):
+    """Make triton.jit/autotune build an interpreted (or a compiled) kernel regardless of the
+    environment at this moment, then restore it."""
+    import triton
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None and hasattr(knobs, "runtime") and hasattr(knobs.runtime, "scope"):
+        with knobs.runtime.scope():
+            knobs.runtime.interpret = interpret
+            yield
+        return
+    old = os.environ.get("TRITON_INTERPRET")  # older Triton reads the variable directly
+    os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = old
 
 
 def _runtime_range_probe() -> bool:
@@ -20,12 +44,11 @@ def _runtime_range_probe() -> bool:
             s += 1
         tl.store(out_ptr, s)
 
-    from .conv import _mode
-    with _mode(True):
+    with interpreter_mode(True):
         kernel = triton.jit(probe)
     out = torch.zeros(1, dtype=torch.int32)
     try:
-        with _mode(True):
+        with interpreter_mode(True):
             kernel[(1,)](out, 5)
     except Exception as e:  # InterpreterError wrapping numpy's TypeError
         if "0-dimensional" in str(e) or isinstance(e.__cause__, TypeError):

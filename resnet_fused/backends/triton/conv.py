@@ -58,6 +58,7 @@ import triton.language as tl
 
 from ... import tuning
 from ...ops import out_hw
+from .compat import interpreter_mode
 
 _INT32_MAX = 2**31 - 1
 
@@ -371,27 +372,6 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
 
 
-@contextlib.contextmanager
-def _mode(interpret: bool):
-    """Make triton.jit/autotune build an interpreted (or a compiled) kernel regardless of the
-    environment at this moment, then restore it."""
-    knobs = getattr(triton, "knobs", None)
-    if knobs is not None and hasattr(knobs, "runtime") and hasattr(knobs.runtime, "scope"):
-        with knobs.runtime.scope():
-            knobs.runtime.interpret = interpret
-            yield
-        return
-    old = os.environ.get("TRITON_INTERPRET")  # older Triton reads the variable directly
-    os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = old
-
-
 # Arguments triton.jit must not specialise (on ==1 or divisibility by 16): M changes with the
 # batch size, and a new specialisation would be a new compile at the first call of that batch.
 NOT_SPECIALISED = ("M",)
@@ -407,7 +387,7 @@ def jit_kernel(interpret: bool = False):
     if interpret:
         from .compat import fix_interpreter_scalar_index
         fix_interpreter_scalar_index()
-    with _mode(interpret):
+    with interpreter_mode(interpret):
         return triton.jit(conv_bn_act_kernel, do_not_specialize=list(NOT_SPECIALISED))
 
 
