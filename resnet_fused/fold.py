@@ -164,5 +164,7 @@ def entries_for(module: nn.Module) -> Dict[tuple, Any]:
 
 
 def clear_cache() -> None:
+    """Drop every prepared weight (they are rebuilt on the next call; never needed for
+    correctness: the cache is never stale)."""
     for entries in list(_cache.values()):
         entries.clear()

@@ -48,6 +48,8 @@ class _Scriptable(nn.Module):
 
 
 class BasicBlock(_Scriptable):
+    """torchvision's BasicBlock (two 3x3 convs): each conv -> BN (-> + shortcut) -> ReLU is one
+    fused chain."""
     expansion: int = 1
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1,
@@ -87,6 +89,8 @@ class BasicBlock(_Scriptable):
 
 
 class Bottleneck(_Scriptable):
+    """torchvision's Bottleneck (1x1, 3x3 with groups/dilation, 1x1): three fused chains, the last
+    with the shortcut added."""
     # The stride is on the 3x3 conv (ResNet V1.5), as in torchvision.
     expansion: int = 4
 
@@ -126,6 +130,8 @@ class Bottleneck(_Scriptable):
 
 
 class ResNet(_Scriptable):
+    """torchvision's ResNet with the same constructor, module tree and state_dict; every conv ->
+    BN (-> + residual) (-> ReLU) chain runs through layers.conv_bn."""
     def __init__(self, block: Type[Union[BasicBlock, Bottleneck]], layers: List[int],
                  num_classes: int = 1000, zero_init_residual: bool = False, groups: int = 1,
                  width_per_group: int = 64,
@@ -254,48 +260,68 @@ def _resnet(block, layers, weights, progress: bool, builder: str, **kwargs: Any)
 
 
 def resnet18(*, weights=None, progress: bool = True, **kwargs: Any) -> ResNet:
+    """ResNet-18 as torchvision.models.resnet18: same arguments (`weights`: an
+    enum, its name, a state_dict or a path), module names and state_dict; chains run fused."""
     return _resnet(BasicBlock, [2, 2, 2, 2], weights, progress, "resnet18", **kwargs)
 
 
 def resnet34(*, weights=None, progress: bool = True, **kwargs: Any) -> ResNet:
+    """ResNet-34 as torchvision.models.resnet34: same arguments (`weights`: an
+    enum, its name, a state_dict or a path), module names and state_dict; chains run fused."""
     return _resnet(BasicBlock, [3, 4, 6, 3], weights, progress, "resnet34", **kwargs)
 
 
 def resnet50(*, weights=None, progress: bool = True, **kwargs: Any) -> ResNet:
+    """ResNet-50 as torchvision.models.resnet50: same arguments (`weights`: an
+    enum, its name, a state_dict or a path), module names and state_dict; chains run fused."""
     return _resnet(Bottleneck, [3, 4, 6, 3], weights, progress, "resnet50", **kwargs)
 
 
 def resnet101(*, weights=None, progress: bool = True, **kwargs: Any) -> ResNet:
+    """ResNet-101 as torchvision.models.resnet101: same arguments (`weights`: an
+    enum, its name, a state_dict or a path), module names and state_dict; chains run fused."""
     return _resnet(Bottleneck, [3, 4, 23, 3], weights, progress, "resnet101", **kwargs)
 
 
 def resnet152(*, weights=None, progress: bool = True, **kwargs: Any) -> ResNet:
+    """ResNet-152 as torchvision.models.resnet152: same arguments (`weights`: an
+    enum, its name, a state_dict or a path), module names and state_dict; chains run fused."""
     return _resnet(Bottleneck, [3, 8, 36, 3], weights, progress, "resnet152", **kwargs)
 
 
 def resnext50_32x4d(*, weights=None, progress: bool = True, **kwargs: Any) -> ResNet:
+    """ResNeXt-50 32x4d as torchvision.models.resnext50_32x4d: same arguments (`weights`: an
+    enum, its name, a state_dict or a path), module names and state_dict; chains run fused."""
     _fixed(kwargs, "groups", 32)
     _fixed(kwargs, "width_per_group", 4)
     return _resnet(Bottleneck, [3, 4, 6, 3], weights, progress, "resnext50_32x4d", **kwargs)
 
 
 def resnext101_32x8d(*, weights=None, progress: bool = True, **kwargs: Any) -> ResNet:
+    """ResNeXt-101 32x8d as torchvision.models.resnext101_32x8d: same arguments (`weights`: an
+    enum, its name, a state_dict or a path), module names and state_dict; chains run fused."""
     _fixed(kwargs, "groups", 32)
     _fixed(kwargs, "width_per_group", 8)
     return _resnet(Bottleneck, [3, 4, 23, 3], weights, progress, "resnext101_32x8d", **kwargs)
 
 
 def resnext101_64x4d(*, weights=None, progress: bool = True, **kwargs: Any) -> ResNet:
+    """ResNeXt-101 64x4d as torchvision.models.resnext101_64x4d: same arguments (`weights`: an
+    enum, its name, a state_dict or a path), module names and state_dict; chains run fused."""
     _fixed(kwargs, "groups", 64)
     _fixed(kwargs, "width_per_group", 4)
     return _resnet(Bottleneck, [3, 4, 23, 3], weights, progress, "resnext101_64x4d", **kwargs)
 
 
 def wide_resnet50_2(*, weights=None, progress: bool = True, **kwargs: Any) -> ResNet:
+    """Wide ResNet-50-2 as torchvision.models.wide_resnet50_2: same arguments (`weights`: an
+    enum, its name, a state_dict or a path), module names and state_dict; chains run fused."""
     _fixed(kwargs, "width_per_group", 64 * 2)
     return _resnet(Bottleneck, [3, 4, 6, 3], weights, progress, "wide_resnet50_2", **kwargs)
 
 
 def wide_resnet101_2(*, weights=None, progress: bool = True, **kwargs: Any) -> ResNet:
+    """Wide ResNet-101-2 as torchvision.models.wide_resnet101_2: same arguments (`weights`: an
+    enum, its name, a state_dict or a path), module names and state_dict; chains run fused."""
     _fixed(kwargs, "width_per_group", 64 * 2)
     return _resnet(Bottleneck, [3, 4, 23, 3], weights, progress, "wide_resnet101_2", **kwargs)
