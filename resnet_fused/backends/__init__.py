@@ -161,18 +161,23 @@ def resolve(device: torch.device, name: Optional[str] = None,
     """What runs a chain on `device` for the selection `name` (default: the current one): `name`
     itself if it can run there; for 'auto' `auto_choice(device, dtype)`."""
     name = get_backend() if name is None else _check_name(name)
-    if name == "auto":
-        return auto_choice(device, dtype)
-    # every chain of every call asks: availability is remembered per device (and the one
-    # switch that changes it at run time)
-    key = (name, device, torch.backends.mkldnn.enabled)
-    if key not in _available:
-        _require(name, device)
-        _available.add(key)
-    return name
+    # Every chain of every call asks: the answer is remembered per selection, device and dtype
+    # and the switches that change it at run time. (An unavailable explicit backend raises each
+    # time, never remembered.)
+    key = (name, device, dtype, torch.backends.mkldnn.enabled,
+           os.environ.get(PER_LAYER_ENV) if name == "auto" else None)
+    resolved = _resolved.get(key)
+    if resolved is None:
+        if name == "auto":
+            resolved = auto_choice(device, dtype)
+        else:
+            _require(name, device)
+            resolved = name
+        _resolved[key] = resolved
+    return resolved
 
 
-_available: set = set()
+_resolved: dict = {}
 
 
 # --- what `auto` runs: per device and dtype here; per layer on CUDA in autoselect.py ----------
@@ -192,19 +197,11 @@ def device_choice(device: torch.device) -> str:
 
 def auto_choice(device: torch.device, dtype: Optional[torch.dtype] = None) -> str:
     """What 'auto' runs for activations of `dtype` on `device`: the device's backend, or
-    MODULES (stock's conv -> BN -> ReLU) where that backend does not beat them. Remembered per
-    (device, dtype) and the switches that change it (every chain of every call asks)."""
-    key = (device, dtype, torch.backends.mkldnn.enabled, os.environ.get(PER_LAYER_ENV))
-    name = _choices.get(key)
-    if name is None:
-        name = device_choice(device)
-        if dtype is not None and not load(name).accelerates(device, dtype):
-            name = MODULES
-        _choices[key] = name
+    MODULES (stock's conv -> BN -> ReLU) where that backend does not beat them."""
+    name = device_choice(device)
+    if dtype is not None and not load(name).accelerates(device, dtype):
+        return MODULES
     return name
-
-
-_choices: dict = {}
 
 
 def prepare(name: str, weight: torch.Tensor, scale: torch.Tensor,
