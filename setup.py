@@ -183,8 +183,11 @@ def extension_build():
                       f"#define RESNET_FUSED_CUDA_VERSION \"{cuda_version}\"\n"
                       f"#define RESNET_FUSED_TORCH_VERSION \"{torch.__version__}\"\n")
     sources = ["csrc/resnet_fused.cpp", *sorted(glob.glob("csrc/cpu/*.cpp", root_dir=ROOT))]
-    cxx = ["-O3"]
-    kwargs = dict(include_dirs=[gen_dir, os.path.join(ROOT, "csrc")])
+    # -fopenmp: at::parallel_for is inline and runs serially without it. The link then needs
+    # libgomp.so.1, which resolves to the one torch has loaded (one OpenMP runtime, one thread
+    # count: torch.set_num_threads applies to our kernels too).
+    cxx = ["-O3", "-fopenmp"]
+    kwargs = dict(include_dirs=[gen_dir, os.path.join(ROOT, "csrc")], extra_link_args=["-fopenmp"])
     if with_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu", root_dir=ROOT))
         cxx.append("-DRESNET_FUSED_WITH_CUDA")

@@ -7,6 +7,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu/kernels.h"
+
 #if __has_include("resnet_fused_build_info.h")  // written by setup.py
 #include "resnet_fused_build_info.h"
 #endif
@@ -56,7 +58,9 @@ extern "C" PyObject* PyInit__C(void) {
   if (PyModule_AddIntConstant(module, "with_cuda", with_cuda) < 0 ||
       PyModule_AddStringConstant(module, "cuda_archs", RESNET_FUSED_CUDA_ARCHS) < 0 ||
       PyModule_AddStringConstant(module, "cuda_version", RESNET_FUSED_CUDA_VERSION) < 0 ||
-      PyModule_AddStringConstant(module, "torch_version", RESNET_FUSED_TORCH_VERSION) < 0) {
+      PyModule_AddStringConstant(module, "torch_version", RESNET_FUSED_TORCH_VERSION) < 0 ||
+      // which CPU kernel table runs here (reads cpuid and $ATEN_CPU_CAPABILITY; no GPU)
+      PyModule_AddStringConstant(module, "cpu_kernels", resnet_fused::cpu::kernels().isa) < 0) {
     Py_DECREF(module);
     return nullptr;
   }

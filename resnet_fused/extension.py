@@ -143,11 +143,12 @@ def status() -> str:
     module = load()
     if module is None:
         return f"not available: {_reason}"
+    cpu = f"CPU ({getattr(module, 'cpu_kernels', '?')})"
     if module.with_cuda:
-        kernels = (f"CPU + CUDA kernels for {', '.join(built_archs()) or '?'} "
+        kernels = (f"{cpu} + CUDA kernels for {', '.join(built_archs()) or '?'} "
                    f"(nvcc {module.cuda_version or '?'})")
     else:
-        kernels = "CPU kernels only (no CUDA)"
+        kernels = f"{cpu} kernels only (no CUDA)"
     return f"built: {kernels}; torch {module.torch_version}; {_path}"
 
 

@@ -1,11 +1,13 @@
 """Training-mode chains: torchvision's semantics, with BN(+residual)(+ReLU) as one fused op of
-the extension where that is exact (`bn_act_supported`, the policy) and available.
+the extension where that is exact (`bn_act_supported`), available, and measured faster than
+stock on the device type (`train_bn_choice`, the policy).
 
 Whether a chain may be fused at all (hooks, activation type) is decided once for train and eval
 by layers.conv_bn; this module decides only what the BatchNorm itself allows.
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -16,12 +18,47 @@ from . import extension, extension_ops
 
 _ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
+# The policy. Device types where bn_act_train (forward + backward) is measured faster than stock
+# batch_norm + add + relu, and a whole train step no slower (benchmarks/RESULTS.md, "Training"):
+# the fused kernels are the default there, stock BatchNorm everywhere else.
+TRAIN_BN_ENV = "RESNET_FUSED_TRAIN_BN"  # auto (the policy) | fused | stock
+TRAIN_BN_CHOICES = ("auto", "fused", "stock")
+MEASURED_FASTER = frozenset({"cpu"})
+
+
+def train_bn_choice(device: torch.device) -> str:
+    """"fused" or "stock": what training-mode BatchNorm runs on `device` when the chain allows
+    fusion ($RESNET_FUSED_TRAIN_BN, default auto: fused where MEASURED_FASTER)."""
+    setting = os.environ.get(TRAIN_BN_ENV, "auto").strip().lower() or "auto"
+    if setting not in TRAIN_BN_CHOICES:
+        raise ValueError(f"${TRAIN_BN_ENV}={setting!r}: expected one of "
+                         f"{', '.join(TRAIN_BN_CHOICES)}")
+    if setting == "auto":
+        return "fused" if device.type in MEASURED_FASTER else "stock"
+    return setting
+
+
+def train_bn_report(device: torch.device) -> str:
+    """One line for `info`: what training-mode BatchNorm runs on `device`, and why."""
+    choice = train_bn_choice(device)
+    reason = extension.unavailable_reason(device)
+    if choice == "stock":
+        why = (f"${TRAIN_BN_ENV}=stock" if os.environ.get(TRAIN_BN_ENV) else
+               "the fused kernels are not measured faster here yet")
+        return f"stock BatchNorm + add + ReLU ({why})"
+    if reason is not None:
+        return f"stock BatchNorm + add + ReLU (extension unavailable: {reason})"
+    why = (f"${TRAIN_BN_ENV}=fused" if os.environ.get(TRAIN_BN_ENV, "auto") != "auto" else
+           "measured faster than stock")
+    return f"fused bn_act_train ({why})"
+
 
 def bn_act_supported(bn: nn.Module, x: torch.Tensor, residual: Optional[torch.Tensor]) -> bool:
     """True when relu?(bn(x) + residual) can run as one bn_act_train with torch's exact
     semantics: a plain nn.BatchNorm2d in training mode (subclasses such as SyncBatchNorm, and
     anything else, keep the stock path), a 4-D float x with more than one value per channel, a
-    residual like x, and the extension built for x's device. (Hooks: layers.conv_bn's rule.)"""
+    residual like x, the policy choosing the fused kernels on x's device (train_bn_choice) and
+    the extension built for it. (Hooks: layers.conv_bn's rule.)"""
     if type(bn) is not nn.BatchNorm2d or not bn.training:
         return False
     if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.dtype not in _ACTIVATION_DTYPES:
@@ -34,6 +71,8 @@ def bn_act_supported(bn: nn.Module, x: torch.Tensor, residual: Optional[torch.Te
         return False
     track = bn.track_running_stats
     if track and (bn.running_mean is None) != (bn.running_var is None):
+        return False
+    if train_bn_choice(x.device) != "fused":
         return False
     reduced = x.dtype in (torch.float16, torch.bfloat16)
     dtypes = {t.dtype for t in (bn.weight, bn.bias, bn.running_mean if track else None,

@@ -232,6 +232,24 @@ def test_bn_act_train_is_deterministic():
         assert torch.equal(a, b_)
 
 
+def test_baseline_cpu_kernels_pass_the_same_tests():
+    """The CPU kernels are compiled per instruction set and picked at run time; the baseline
+    build (what a CPU without AVX2 runs, forced with torch's own ATEN_CPU_CAPABILITY=default)
+    passes this file's CPU parity tests too."""
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="default")
+    which = subprocess.run([sys.executable, "-c", "from resnet_fused import extension; "
+                            "print(extension.load().cpu_kernels)"],
+                           env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert which.stdout.strip() == "baseline", which.stdout + which.stderr
+    run = subprocess.run([sys.executable, "-m", "pytest", os.path.abspath(__file__), "-q",
+                          "-p", "no:cacheprovider", "-k",
+                          "not baseline and not cuda and (float64 or chunks or deterministic "
+                          "or relu_mask)"],
+                         env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout and " failed" not in run.stdout, run.stdout[-2000:]
+
+
 def test_relu_mask_follows_torch_for_nan():
     """torch.relu keeps NaN and threshold_backward passes the grad at NaN outputs."""
     x = torch.tensor([[[[1.0, -2.0, float("nan"), 4.0]]]]).repeat(1, 2, 1, 1).double()

@@ -42,6 +42,13 @@ def report() -> str:
         mode = f"invalid: {e}"
     lines.append(f"tuning       {mode} (${tuning.MODE_ENV}); decisions on disk in "
                  f"{tuning.cache_dir()} (${tuning.DIR_ENV})")
+    from .. import training
+    for device in devices:
+        try:
+            train = training.train_bn_report(device)
+        except ValueError as e:
+            train = f"invalid: {e}"
+        lines.append(f"training on {device.type}: {train}")
     for device in devices:
         lines.append(f"backends on {device.type}: auto -> {backends.device_choice(device)}")
         for name in backends.NAMES[1:]:
