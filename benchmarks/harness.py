@@ -51,9 +51,10 @@ class Timed:
 
 
 def run_pedantic(benchmark, fn: Callable[[], Any], device: torch.device, *, rounds: int,
-                 warmup_rounds: int = 1) -> Timed:
+                 warmup_rounds: int = 1, grad: bool = False) -> Timed:
+    """grad=True for targets that run autograd (training ops), else under inference_mode."""
     timed = Timed(fn, device)
-    with torch.inference_mode():
+    with torch.enable_grad() if grad else torch.inference_mode():
         benchmark.pedantic(timed, setup=timed.setup, rounds=rounds, warmup_rounds=warmup_rounds,
                            iterations=1)
     # pytest-benchmark runs warm-up rounds through the same target: drop them.

@@ -18,10 +18,14 @@ hits every provider alike instead of whichever ran at the wrong moment. Reported
 20th/80th percentiles, images/s = batch / median, speed-up = eager median / provider median,
 TFLOP/s = 2 * multiply-adds / median. Each provider's output is compared with eager's
 (max |diff| / max |eager|) as a sanity check.
+
+With --train, each call is one training step instead (forward, cross-entropy, backward; AMP for
+fp16/bf16) and the providers are bench_train's; TFLOP/s counts 3x the forward's work.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime
 import gc
@@ -35,9 +39,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from .. import backends
+from .. import backends, training
 from ..walk import count_macs
-from . import cli
+from . import bench_train, cli
 from .timing import (device_name, interleaved, measure, selected, summarize, synchronize,
                      versions)
 
@@ -163,8 +167,10 @@ def run_bench(arch: str = "resnet50", batches: Sequence[int] = (8,),
               providers: Optional[Sequence[str]] = None, device: Optional[str] = None,
               size: int = 224, warmup: int = 1, min_reps: int = 5, max_reps: int = 100,
               min_time_s: Optional[float] = None, progress: bool = True, seed: int = 0,
-              on_row: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:
+              on_row: Optional[Callable[[Dict[str, Any]], None]] = None,
+              train: bool = False) -> Dict[str, Any]:
     """Run the side-by-side benchmark; returns {"meta": ..., "results": [...]} (see module doc).
+    train=True: training steps with bench_train's providers.
 
     `on_row(report_so_far)` is called after every row (the CLI rewrites --json with it, so a run
     cut short by a timeout keeps the rows it finished)."""
@@ -173,15 +179,18 @@ def run_bench(arch: str = "resnet50", batches: Sequence[int] = (8,),
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench: --device cuda, but no CUDA device is visible")
-    providers = list(providers) if providers else default_providers(dev)
+    providers = list(providers) if providers else (
+        bench_train.default_providers(dev) if train else default_providers(dev))
     if min_time_s is None:
         min_time_s = 1.0 if dev.type == "cuda" else 6.0
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
     macs_per_image = count_macs(arch, size)
-    meta = {"arch": arch, "image_size": size, "device": dev.type, "device_name": device_name(dev),
+    meta = {"arch": arch, "image_size": size, "mode": "train" if train else "inference",
+            "device": dev.type, "device_name": device_name(dev),
             "threads": torch.get_num_threads(), "versions": versions(),
             "auto_backend": backends.device_choice(dev),
+            "train_bn": training.train_bn_choice(dev),
             "available_backends": available_fused_backends(dev),
             "macs_per_image": macs_per_image,
             "cudnn_benchmark": bool(torch.backends.cudnn.benchmark) if dev.type == "cuda" else None,
@@ -205,24 +214,32 @@ def run_bench(arch: str = "resnet50", batches: Sequence[int] = (8,),
         row.update(summarize(times))
         row["times_ms"] = [round(t, 4) for t in times]
         row["images_per_s"] = batch / row["median_ms"] * 1e3
-        row["tflops"] = 2 * macs_per_image * batch / (row["median_ms"] * 1e-3) / 1e12
+        work = 3 if train else 1  # a training step: forward + two backward GEMMs per layer
+        row["tflops"] = 2 * work * macs_per_image * batch / (row["median_ms"] * 1e-3) / 1e12
         _progress(progress, f"      {row['label']}: median {row['median_ms']:.3f} ms "
                             f"({row['images_per_s']:.1f} img/s, {row['reps']} reps)")
 
     for dtype_name in dtypes:
         dtype = cli.DTYPES[dtype_name]
         torch.manual_seed(seed)
-        stock = getattr(torchvision.models, arch)().eval().to(device=dev, dtype=dtype)
+        stock = getattr(torchvision.models, arch)()
+        # training: fp32 weights, fp16/bf16 as autocast (AMP)
+        amp = dtype if train and dtype != torch.float32 else None
+        stock = (stock.train().to(dev) if train else stock.eval().to(device=dev, dtype=dtype))
         for batch in batches:
             gen = torch.Generator(device="cpu").manual_seed(seed + batch)
-            x = torch.randn(batch, 3, size, size, generator=gen).to(device=dev, dtype=dtype)
+            x = torch.randn(batch, 3, size, size, generator=gen).to(
+                device=dev, dtype=torch.float32 if train else dtype)
+            target = torch.randint(0, 1000, (batch,), generator=gen).to(dev)
             eager_out = None
             rows: List[Dict[str, Any]] = []
             ready: List[tuple] = []  # (row, run, backend) kept for interleaved CPU timing
             for provider in providers:
                 step += 1
                 row: Dict[str, Any] = {"arch": arch, "batch": batch, "dtype": dtype_name,
-                                       "provider": provider, "label": label(provider, dev)}
+                                       "provider": provider,
+                                       "label": (bench_train.label(provider, dev) if train
+                                                 else label(provider, dev))}
                 rows.append(row)
                 _progress(progress, f"[{step}/{total}] {arch} batch {batch} {dtype_name} "
                                     f"{row['label']} ... ({time.perf_counter() - t_start:.0f} s)")
@@ -230,9 +247,11 @@ def run_bench(arch: str = "resnet50", batches: Sequence[int] = (8,),
                 try:
                     if provider == "fused+graphs" and dev.type != "cuda":
                         raise RuntimeError("CUDA graphs need a CUDA device")
-                    run = make_runner(provider, stock, x, dev)
+                    run = (bench_train.make_runner(provider, stock, x, target, amp) if train
+                           else make_runner(provider, stock, x, dev))
                     name = getattr(run, "backend", None)
-                    with torch.inference_mode(), selected(name):
+                    mode = contextlib.nullcontext() if train else torch.inference_mode()
+                    with mode, selected(name):
                         t0 = time.perf_counter()
                         out = run()  # first call: compile / autotune / fold, timed apart
                         synchronize(dev)
@@ -264,7 +283,7 @@ def run_bench(arch: str = "resnet50", batches: Sequence[int] = (8,),
             if ready:  # CPU: all providers interleaved, round by round
                 _progress(progress, f"      timing {len(ready)} providers interleaved ...")
                 times = interleaved([(r, n) for _, r, n in ready], warmup, min_reps, max_reps,
-                                     min_time_s)
+                                     min_time_s, inference=not train)
                 for (row, _, _), t in zip(ready, times):
                     finish(row, t, batch)
                 _set_speedup(rows)
@@ -379,14 +398,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", metavar="PATH", help="write all numbers as JSON")
     p.add_argument("--plot", metavar="PATH", help="write a PNG bar chart")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    p.add_argument("--train", action="store_true",
+                   help="time training steps (forward + loss + backward; AMP for fp16/bf16) "
+                        "with the providers " + ", ".join(bench_train.PROVIDERS) +
+                        " (default: " + ", ".join(bench_train.default_providers(
+                            torch.device("cpu"))) + " on cpu)")
 
 
 def main(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    batches = args.batch or ([1, 256] if dev.type == "cuda" else [8])
-    dtypes = args.dtype or (["fp16"] if dev.type == "cuda" else ["fp32"])
+    if dev.type == "cuda":
+        batches = args.batch or ([64, 256] if args.train else [1, 256])
+        dtypes = args.dtype or (["bf16"] if args.train else ["fp16"])
+    else:
+        batches, dtypes = args.batch or [8], args.dtype or ["fp32"]
 
     def write_json(report: Dict[str, Any]) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
@@ -395,10 +422,13 @@ def main(args: argparse.Namespace) -> int:
             json.dump(report, f, indent=1)
         os.replace(tmp, args.json)
 
-    report = run_bench(args.arch, batches, dtypes, expand_providers(args.providers, dev),
+    providers = (([p.strip() for p in args.providers.split(",") if p.strip()]
+                  if args.providers else None) if args.train
+                 else expand_providers(args.providers, dev))
+    report = run_bench(args.arch, batches, dtypes, providers,
                        str(dev), args.size, args.warmup, args.min_reps, args.max_reps,
                        args.min_time, progress=not args.quiet,
-                       on_row=write_json if args.json else None)
+                       on_row=write_json if args.json else None, train=args.train)
     print(format_table(report))
     if args.json:
         write_json(report)

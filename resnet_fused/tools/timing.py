@@ -118,13 +118,14 @@ def selected(name: Optional[str]):
 
 
 def interleaved(runs: List[tuple], warmup: int, min_reps: int, max_reps: int,
-                min_time_s: float) -> List[List[float]]:
+                min_time_s: float, inference: bool = True) -> List[List[float]]:
     """CPU timing, fair on a shared machine: `runs` are (callable, backend name or None); each
     round calls every one once (in a rotating order), so load from other processes hits all
-    alike. `min_time_s` is per callable. Returns per-call ms, one list per run."""
+    alike. `min_time_s` is per callable. Returns per-call ms, one list per run. inference=False
+    for callables that need autograd (training steps)."""
     n = len(runs)
     times: List[List[float]] = [[] for _ in range(n)]
-    with torch.inference_mode():
+    with torch.inference_mode() if inference else contextlib.nullcontext():
         for _ in range(warmup):
             for run, name in runs:
                 with selected(name):

@@ -1,0 +1,101 @@
+"""`python -m resnet_fused bench --train`: the providers of the training benchmark.
+
+Each provider runs one training step on the same weights, input and targets: gradients cleared,
+forward in train mode, cross-entropy, backward (no optimizer step, so every call does the same
+work). fp32 runs in fp32; fp16/bf16 run as automatic mixed precision (fp32 weights under
+torch.autocast), the way models are trained in those dtypes.
+
+  eager         torchvision, NCHW
+  eager_cl      torchvision, channels_last model and input
+  compile       torch.compile(eager_cl model)                       (opt-in: --providers)
+  fused         resnet_fused, NCHW, training BatchNorm as the policy picks it on this device
+  fused_cl      the same, channels_last
+  fused_bn      resnet_fused with the fused bn_act_train kernels forced ($RESNET_FUSED_TRAIN_BN=
+  fused_bn_cl   fused), NCHW / channels_last: listed by default only where the policy does not
+                pick them already, so the suite measures what the policy would switch to.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+from typing import Any, Callable, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .. import extension, training
+
+PROVIDERS = ("eager", "eager_cl", "compile", "fused", "fused_cl", "fused_bn", "fused_bn_cl")
+LABELS = {"eager": "train eager (torchvision, NCHW)", "eager_cl": "train eager (channels_last)",
+          "compile": "train torch.compile (channels_last)"}
+
+
+def default_providers(device: torch.device) -> List[str]:
+    out = ["eager", "eager_cl", "fused", "fused_cl"]
+    if (training.train_bn_choice(device) != "fused"
+            and extension.unavailable_reason(device) is None):
+        out += ["fused_bn", "fused_bn_cl"]
+    return out
+
+
+def label(provider: str, device: torch.device) -> str:
+    if provider in LABELS:
+        return LABELS[provider]
+    layout = "channels_last" if provider.endswith("_cl") else "NCHW"
+    if provider.startswith("fused_bn"):
+        return f"train fused, bn_act kernels ({layout})"
+    return f"train fused, {training.train_bn_choice(device)} BN ({layout})"
+
+
+@contextlib.contextmanager
+def _train_bn(setting: Optional[str]):
+    """$RESNET_FUSED_TRAIN_BN set to `setting` for the duration (None: left as it is)."""
+    if setting is None:
+        yield
+        return
+    old = os.environ.get(training.TRAIN_BN_ENV)
+    os.environ[training.TRAIN_BN_ENV] = setting
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[training.TRAIN_BN_ENV]
+        else:
+            os.environ[training.TRAIN_BN_ENV] = old
+
+
+def make_runner(provider: str, stock: torch.nn.Module, x: torch.Tensor, target: torch.Tensor,
+                amp: Optional[torch.dtype]) -> Callable[[], Any]:
+    """A zero-argument callable running one training step of `provider` (built from `stock`, a
+    train-mode torchvision model); returns the loss, detached."""
+    import resnet_fused
+
+    if provider not in PROVIDERS:
+        raise ValueError(f"unknown training provider {provider!r}; expected one of "
+                         f"{', '.join(PROVIDERS)}")
+    channels_last = provider.endswith("_cl") or provider == "compile"
+    if provider.startswith("fused"):
+        model = resnet_fused.fuse(copy.deepcopy(stock)).train()
+    else:
+        model = copy.deepcopy(stock).train()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    if provider == "compile":
+        model = torch.compile(model)
+    setting = "fused" if provider.startswith("fused_bn") else None
+    autocast = (torch.autocast(x.device.type, dtype=amp) if amp is not None
+                else contextlib.nullcontext())
+    params = list(model.parameters())
+
+    def step():
+        for p in params:
+            p.grad = None
+        with _train_bn(setting), torch.enable_grad():
+            with autocast:
+                out = model(x)
+            loss = F.cross_entropy(out.float(), target)
+            loss.backward()
+        return loss.detach()
+    return step
