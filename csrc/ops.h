@@ -84,6 +84,21 @@ inline Shape check_scale_shift_act(const at::Tensor& x, const at::Tensor& scale,
   return shape_of(x, l);
 }
 
+inline Shape check_scale_shift_act_backward(const at::Tensor& grad_out, const at::Tensor& x,
+                                            const at::Tensor& scale,
+                                            const std::optional<at::Tensor>& out, bool relu) {
+  constexpr const char* op = "scale_shift_act_backward";
+  const Layout l = check_activation(x, op, "x");
+  check_like_x(grad_out, "grad_out", x, l, op);
+  check_channel_vector(scale, "scale", x.size(1), x, opmath_type(x.scalar_type()), op);
+  if (relu) {
+    TORCH_CHECK(out.has_value() && out->defined(), op,
+                ": expected the forward output `out` (for the ReLU mask) when relu=True, got None");
+    check_like_x(*out, "out", x, l, op);
+  }
+  return shape_of(x, l);
+}
+
 inline bool given(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
 }  // namespace resnet_fused

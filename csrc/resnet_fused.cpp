@@ -43,6 +43,12 @@ TORCH_LIBRARY(resnet_fused, m) {
   // out = relu?(x * scale[c] + shift[c] + residual): the conv_bn_act epilogue.
   m.def("scale_shift_act(Tensor x, Tensor scale, Tensor shift, Tensor? residual, bool relu) -> "
         "Tensor");
+  // Its backward (CPU): with g the grad below the ReLU (zero where out <= 0), grad_x = g * scale,
+  // grad_scale = sum g * x, grad_shift = sum g per channel (fp32, fp64 for fp64 x) and the
+  // residual's grad g (written only when relu and grad_residual, else empty).
+  m.def("scale_shift_act_backward(Tensor grad_out, Tensor x, Tensor scale, Tensor? out, bool relu, "
+        "bool grad_residual) -> (Tensor grad_x, Tensor grad_scale, Tensor grad_shift, "
+        "Tensor grad_residual)");
 }
 
 extern "C" PyObject* PyInit__C(void) {

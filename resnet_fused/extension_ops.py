@@ -8,6 +8,7 @@ Schemas (csrc/resnet_fused.cpp):
       new_running_* into its buffers (training.batch_norm_act).
   resnet_fused::bn_act_train_backward(...)  its backward (grad x, weight, bias, residual)
   resnet_fused::scale_shift_act(x, scale, shift, residual?, relu) -> relu?(x*scale+shift+res)
+  resnet_fused::scale_shift_act_backward(...)  its backward (CPU kernel; torch ops elsewhere)
 
 The fake kernels and autograd formulas are registered when the library loads (extension.on_load,
 below); callers use the wrappers (never torch.ops.resnet_fused.* directly), which import this.
@@ -62,13 +63,22 @@ def _fake_bn_act_train(x, weight, bias, residual, running_mean, running_var, mom
             x.new_empty((n_running,), dtype=pdtype))
 
 
-def _fake_bn_act_train_backward(grad_out, x, weight, out, save_mean, save_invstd, relu,
-                                grad_residual):
+def _fake_grads(x, relu, grad_residual):
+    """Both backward ops' outputs: (grad_x, two per-channel grads, grad_residual or empty)."""
     fmt, acc, c = memory_format(x), epilogue_dtype(x.dtype), x.shape[1]
     grad_res = (torch.empty_like(x, memory_format=fmt) if relu and grad_residual
                 else x.new_empty((0,)))
     return (torch.empty_like(x, memory_format=fmt), x.new_empty((c,), dtype=acc),
             x.new_empty((c,), dtype=acc), grad_res)
+
+
+def _fake_bn_act_train_backward(grad_out, x, weight, out, save_mean, save_invstd, relu,
+                                grad_residual):
+    return _fake_grads(x, relu, grad_residual)
+
+
+def _fake_scale_shift_act_backward(grad_out, x, scale, out, relu, grad_residual):
+    return _fake_grads(x, relu, grad_residual)
 
 
 def _fake_scale_shift_act(x, scale, shift, residual, relu):
@@ -110,6 +120,10 @@ def _no_double_backward(ctx, *grads):
                        "higher-order gradients are needed")
 
 
+def _kernel_backward_only(ctx, *grads):  # (double backward runs the torch-ops formula instead)
+    raise RuntimeError("resnet_fused: scale_shift_act_backward is not differentiable")
+
+
 def _ssa_setup_context(ctx, inputs, output):
     x, scale, shift, residual, relu = inputs
     ctx.relu = relu
@@ -119,6 +133,15 @@ def _ssa_setup_context(ctx, inputs, output):
 def _ssa_backward(ctx, grad):
     x, scale, out = ctx.saved_tensors
     need_x, need_scale, need_shift, need_res = ctx.needs_input_grad[:4]
+    if x.device.type == "cpu" and not torch.is_grad_enabled():  # (create_graph: torch ops)
+        # one sweep of the CPU kernel: the masked grad, grad_x and both sums together
+        grad = grad.to(x.dtype).contiguous(memory_format=memory_format(x))
+        grad_x, grad_scale, grad_shift, grad_res = \
+            torch.ops.resnet_fused.scale_shift_act_backward(
+                grad, x, scale, out, ctx.relu, bool(ctx.relu and need_res))
+        return (grad_x if need_x else None, grad_scale if need_scale else None,
+                grad_shift if need_shift else None,
+                (grad_res if ctx.relu else grad) if need_res else None, None)
     g = grad.to(scale.dtype)
     if ctx.relu:
         g = torch.where(out <= 0, torch.zeros((), dtype=g.dtype, device=g.device), g)
@@ -142,11 +165,13 @@ def register() -> None:
     lib.register_fake("resnet_fused::bn_act_train", _fake_bn_act_train)
     lib.register_fake("resnet_fused::bn_act_train_backward", _fake_bn_act_train_backward)
     lib.register_fake("resnet_fused::scale_shift_act", _fake_scale_shift_act)
+    lib.register_fake("resnet_fused::scale_shift_act_backward", _fake_scale_shift_act_backward)
     lib.register_autograd("resnet_fused::bn_act_train", _bn_backward,
                           setup_context=_bn_setup_context)
     lib.register_autograd("resnet_fused::bn_act_train_backward", _no_double_backward)
     lib.register_autograd("resnet_fused::scale_shift_act", _ssa_backward,
                           setup_context=_ssa_setup_context)
+    lib.register_autograd("resnet_fused::scale_shift_act_backward", _kernel_backward_only)
     _registered = True
 
 

@@ -6,7 +6,8 @@
 - train mode, or a norm layer that cannot be folded: `training.train_chain`;
 - eval, captured (torch.compile, torch.fx, torch.jit.trace): `graph_chain`, one recorded call
   that folds from the parameters when it runs (never a baked fold);
-- eval, eager: the cached fold (fold.py) and the backend resolved once, straight to the kernel.
+- eval, eager: the cached fold (fold.py) and the backend resolved once, straight to the kernel;
+  with parameters that require grad (frozen-statistics fine-tuning): `grad_chain`.
 Under `auto`, where the resolved backend does not beat stock's modules, stock's modules run.
 """
 from __future__ import annotations
@@ -17,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import backends, fold as folding
-from .ops import apply, check_inputs, empty_output, out_hw, run
+from . import backends, extension, extension_ops, fold as folding
+from .ops import apply, check_inputs, empty_output, epilogue_dtype, out_hw, run
 from .training import bn_tail, train_chain
 
 
@@ -165,6 +166,8 @@ def conv_bn(conv: nn.Module, bn: nn.Module, x: torch.Tensor,
         y = F.conv2d(x, weight, tensors[1], conv.stride, conv.padding, conv.dilation,
                      conv.groups)
         return bn_tail(bn, y, residual, relu)
+    if folding.needs_grad(tensors):
+        return grad_chain(conv, x, tensors, bn.eps, residual, relu, dtype)
     prepared = folding.prepared(backend, dtype, tensors, bn.eps)
     if dtype != x.dtype:  # autocast casts, as stock conv does
         x = x.to(dtype)
@@ -174,6 +177,44 @@ def conv_bn(conv: nn.Module, bn: nn.Module, x: torch.Tensor,
                      conv.groups)
     return apply(backend, prepared, x, residual, conv.stride, conv.padding, conv.dilation,
                  conv.groups, relu)
+
+
+def grad_chain(conv: nn.Conv2d, x: torch.Tensor, tensors: folding.Sources, eps: float,
+               residual: Optional[torch.Tensor], relu: bool, dtype: torch.dtype) -> torch.Tensor:
+    """An eval-mode chain whose parameters require grad (fine-tuning with frozen BatchNorm
+    statistics, as detection backbones do): stock's conv, whose backward gives both of its grads
+    in one call, then BN + residual + ReLU as one epilogue op whose backward is one sweep
+    (extension; stock ops without it). The fused conv op would recompute the conv in its
+    backward for the BN weight's grad.
+
+    The conv's bias add subtracts the running mean, so the epilogue sees y - mean and the BN
+    weight's grad is sum(g * (y - mean)) * invstd as stock computes it, not the difference of
+    two large sums. Everything is differentiable: autograd does the rest."""
+    weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, _ = tensors
+    acc = epilogue_dtype(dtype)
+    scale = torch.rsqrt(running_var.to(acc) + eps)
+    if bn_weight is not None:
+        scale = bn_weight.to(acc) * scale
+    center = running_mean.to(acc)
+    if conv_bias is not None:
+        center = center - conv_bias.to(acc)
+    center_q = center.to(dtype)  # what the conv adds, in its dtype; shift carries the rounding
+    shift = (center_q.to(acc) - center) * scale
+    if bn_bias is not None:
+        shift = shift + bn_bias.to(acc)
+    if dtype != x.dtype:  # autocast casts, as stock conv does
+        x = x.to(dtype)
+        residual = None if residual is None else residual.to(dtype)
+    y = F.conv2d(x, weight.to(dtype), -center_q, conv.stride, conv.padding, conv.dilation,
+                 conv.groups)
+    if extension.unavailable_reason(y.device) is None:
+        if residual is not None:
+            residual = residual.contiguous(memory_format=extension_ops.memory_format(y))
+        return extension_ops.scale_shift_act(y, scale, shift, residual, relu)
+    out = torch.addcmul(shift.view(1, -1, 1, 1), y, scale.view(1, -1, 1, 1)).to(y.dtype)
+    if residual is not None:
+        out = out + residual
+    return torch.relu(out) if relu else out
 
 
 def _consistent(conv: nn.Conv2d, weight: torch.Tensor, x: torch.Tensor,

@@ -277,19 +277,34 @@ def test_scale_shift_act_matches_float64(device, shape, fmt, dtype, residual, re
            if residual else None)
     scale = (torch.rand(c, generator=gen) * 2 - 0.5).to(device, _acc(dtype))
     shift = torch.randn(c, generator=gen).to(device, _acc(dtype))
+    leaves = [t.requires_grad_() for t in (x, scale, shift, res) if t is not None]
     out = ops.scale_shift_act(x, scale, shift, res, relu)
     v = lambda t: t.view(1, -1, 1, 1)  # noqa: E731
-    ref = x.double() * v(scale.double()) + v(shift.double())
+    xd, scaled, shiftd, resd = _double(x, scale, shift, res)
+    ref = xd * v(scaled) + v(shiftd)
     stock = x * v(scale.to(dtype)) + v(shift.to(dtype))
     if residual:
-        ref, stock = ref + res.double(), stock + res
+        ref, stock = ref + resd, stock + res
     if relu:
         ref, stock = torch.relu(ref), torch.relu(stock)
     assert out.dtype == dtype and out.shape == x.shape
-    if dtype == torch.float64:
-        assert max_err(out, ref) <= 1e-14 * max(1.0, ref.abs().max().item())
-    else:
-        assert_within_rule(out, stock, ref, dtype)
+    # the backward (one kernel sweep on CPU) against float64 and stock ops in the same dtype
+    grad = torch.randn(shape, generator=gen).to(device, dtype).contiguous(memory_format=fmt)
+    got = torch.autograd.grad(out, leaves, grad)
+    want = torch.autograd.grad(ref, [t for t in (xd, scaled, shiftd, resd) if t is not None],
+                               grad.double())
+    stock_grads = torch.autograd.grad(stock, leaves, grad)
+    pairs = [("out", out, stock, ref)]
+    pairs += [(f"grad{i}", g, s, r) for i, (g, s, r) in enumerate(zip(got, stock_grads, want))]
+    for name, fused, stock_t, ref_t in pairs:
+        if dtype == torch.float64:
+            assert max_err(fused, ref_t) <= 1e-12 * max(1.0, ref_t.abs().max().item()), name
+        else:
+            try:  # the per-channel grads are fp32 sums
+                assert_within_rule(fused, stock_t, ref_t,
+                                   torch.float32 if fused.dtype == torch.float32 else dtype)
+            except AssertionError as e:
+                raise AssertionError(f"{name}: {e}") from None
 
 
 @CUDA_KERNELS
@@ -351,6 +366,18 @@ def test_gradcheck_scale_shift_act(fmt, residual, relu):
     assert torch.autograd.gradcheck(f, inputs)
 
 
+@pytest.mark.parametrize("relu", [True, False])
+def test_scale_shift_act_double_backward(relu):
+    """create_graph runs the differentiable torch-ops formula instead of the backward kernel."""
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 3, 2, 3, generator=gen, dtype=torch.float64)
+    scale = torch.rand(3, generator=gen, dtype=torch.float64) + 0.5
+    shift = torch.randn(3, generator=gen, dtype=torch.float64)
+    inputs = [t.requires_grad_() for t in (x, scale, shift)]
+    assert torch.autograd.gradgradcheck(
+        lambda x, scale, shift: ops.scale_shift_act(x, scale, shift, None, relu), inputs)
+
+
 def test_double_backward_raises_clearly():
     x, w, b, *_ = _bn_inputs((2, 3, 2, 2), torch.float64, torch.float64, False)
     x.requires_grad_()
@@ -393,6 +420,18 @@ def test_opcheck_scale_shift_act(fmt):
     torch.library.opcheck(ops.scale_shift_act.default,
                           (x.detach().to(torch.bfloat16), scale.detach(), shift.detach(), None,
                            False))
+
+
+@pytest.mark.parametrize("fmt", LAYOUTS, ids=["nchw", "nhwc"])
+def test_opcheck_scale_shift_act_backward(fmt):
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(2, 5, 3, 3, generator=gen).contiguous(memory_format=fmt)
+    out = torch.relu(x * 0.5)
+    g = torch.randn(x.shape, generator=gen).contiguous(memory_format=fmt)
+    for relu, grad_res in ((True, True), (True, False), (False, False)):
+        torch.library.opcheck(ops.scale_shift_act_backward.default,
+                              (g, x, torch.rand(5, generator=gen), out if relu else None, relu,
+                               grad_res))
 
 
 def test_bn_act_train_under_torch_compile():

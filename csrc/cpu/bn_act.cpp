@@ -1,4 +1,4 @@
-// CPU launchers: bn_act_train (+ backward) and scale_shift_act. Inputs are checked (ops.h),
+// CPU launchers: bn_act_train and scale_shift_act, each with its backward. Inputs are checked (ops.h),
 // outputs allocated, and the element loops run from the kernel table for this CPU
 // (kernels.h: compiled per instruction set, picked once).
 #include "kernels.h"
@@ -79,12 +79,32 @@ at::Tensor scale_shift_act_cpu(const at::Tensor& x, const at::Tensor& scale,
   return out;
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> scale_shift_act_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& scale,
+    const std::optional<at::Tensor>& out, bool relu, bool grad_residual) {
+  const Shape s = check_scale_shift_act_backward(grad_out, x, scale, out, relu);
+  const at::ScalarType acc = opmath_type(x.scalar_type());
+  at::Tensor grad_x = empty_like_layout(x, s.layout);
+  at::Tensor grad_scale = empty_channels(x, s.C, acc), grad_shift = empty_channels(x, s.C, acc);
+  at::Tensor grad_res = (relu && grad_residual) ? empty_like_layout(x, s.layout)
+                                                : empty_channels(x, 0, x.scalar_type());
+  if (s.numel() == 0) {
+    grad_scale.zero_();
+    grad_shift.zero_();
+    return {grad_x, grad_scale, grad_shift, grad_res};
+  }
+  cpu::kernels().scale_shift_act_backward(s, grad_out, x, scale, out, relu, grad_x, grad_scale,
+                                          grad_shift, grad_res);
+  return {grad_x, grad_scale, grad_shift, grad_res};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(resnet_fused, CPU, m) {
   m.impl("bn_act_train", &bn_act_train_cpu);
   m.impl("bn_act_train_backward", &bn_act_train_backward_cpu);
   m.impl("scale_shift_act", &scale_shift_act_cpu);
+  m.impl("scale_shift_act_backward", &scale_shift_act_backward_cpu);
 }
 
 }  // namespace resnet_fused

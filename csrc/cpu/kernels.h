@@ -39,6 +39,11 @@ struct Kernels {
   void (*scale_shift_act)(const Shape& s, const at::Tensor& x, const at::Tensor& scale,
                           const at::Tensor& shift, const std::optional<at::Tensor>& residual,
                           bool relu, at::Tensor& out);
+  void (*scale_shift_act_backward)(const Shape& s, const at::Tensor& grad_out,
+                                   const at::Tensor& x, const at::Tensor& scale,
+                                   const std::optional<at::Tensor>& out, bool relu,
+                                   at::Tensor& grad_x, at::Tensor& grad_scale,
+                                   at::Tensor& grad_shift, at::Tensor& grad_res);
 };
 
 #if defined(__x86_64__) && defined(__GNUC__)

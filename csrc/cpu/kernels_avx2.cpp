@@ -10,7 +10,8 @@ namespace resnet_fused {
 namespace cpu {
 namespace avx2 {
 // Constant-initialised (no code runs to build it on a CPU without AVX2).
-const Kernels table = {"avx2", &bn_forward, &bn_backward, &scale_shift_act};
+const Kernels table = {"avx2", &bn_forward, &bn_backward, &scale_shift_act,
+                        &scale_shift_act_backward};
 }  // namespace avx2
 }  // namespace cpu
 }  // namespace resnet_fused

@@ -7,7 +7,8 @@
 namespace resnet_fused {
 namespace cpu {
 namespace generic {
-const Kernels table = {"baseline", &bn_forward, &bn_backward, &scale_shift_act};
+const Kernels table = {"baseline", &bn_forward, &bn_backward, &scale_shift_act,
+                        &scale_shift_act_backward};
 }  // namespace generic
 }  // namespace cpu
 }  // namespace resnet_fused

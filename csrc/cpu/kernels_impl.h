@@ -548,6 +548,96 @@ void scale_shift_act(const Shape& s, const at::Tensor& x, const at::Tensor& scal
   });
 }
 
+// ---- scale_shift_act_backward ------------------------------------------------------------
+// One sweep: with g the grad below the ReLU, grad_x = g * scale[c] (and the residual's grad g)
+// are written while grad_shift = sum g and grad_scale = sum g * x accumulate per channel (per
+// channel task in NCHW; per chunk, merged in chunk order, in NHWC). Nothing reduced feeds back
+// into the elements, unlike the training backward, so x, g and out are read once.
+template <typename T>
+void scale_shift_act_backward_typed(const Shape& s, const at::Tensor& grad_out,
+                                    const at::Tensor& x, const at::Tensor& scale,
+                                    const std::optional<at::Tensor>& out, bool relu,
+                                    at::Tensor& grad_x, at::Tensor& grad_scale,
+                                    at::Tensor& grad_shift, at::Tensor& grad_res) {
+  using A = acc_type<T>;
+  const int64_t C = s.C, HW = s.HW, N = s.N;
+  const T* gp = grad_out.const_data_ptr<T>();
+  const T* xp = x.const_data_ptr<T>();
+  const T* yp = relu ? out->const_data_ptr<T>() : nullptr;
+  const A* sc = scale.const_data_ptr<A>();
+  T* gxp = grad_x.mutable_data_ptr<T>();
+  T* grp = grad_res.numel() ? grad_res.mutable_data_ptr<T>() : nullptr;
+  std::vector<double> sum_g(C), sum_gx(C);
+  // Element (vector) i with its channel's scale k: writes the grads, adds to the sums a, q.
+  auto element = [&](auto z, int64_t i, const auto& k, auto& a, auto& q) {
+    using V = decltype(z);
+    V gi = get<V>(gp + i);
+    if (yp) gi = below_relu(gi, get<V>(yp + i));
+    put(gxp + i, V(gi * k));
+    if (grp) put(grp + i, gi);
+    a += gi;
+    q += gi * get<V>(xp + i);
+  };
+
+  if (s.layout == Layout::NCHW) {
+    const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(1, s.count()));
+    at::parallel_for(0, C, grain, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const A k = sc[c];
+        for (int64_t n = 0; n < N; ++n) {
+          const int64_t base = (n * C + c) * HW;
+          lane_sum2<A>(HW, [&](auto z, int64_t i, auto& a, auto& q) {
+            element(z, base + i, k, a, q);
+          }, sum_g[c], sum_gx[c]);
+        }
+      }
+    });
+  } else {
+    const Chunks chunks(s);
+    std::vector<double> part_g(chunks.count * C), part_gx(chunks.count * C);
+    at::parallel_for(0, chunks.count, 1, [&](int64_t b0, int64_t b1) {
+      std::vector<A> sg(C), sgx(C);
+      A* const pg = sg.data();
+      A* const pgx = sgx.data();
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        std::fill(sg.begin(), sg.end(), A(0));
+        std::fill(sgx.begin(), sgx.end(), A(0));
+        for (int64_t r = chunks.begin(blk); r < chunks.end(blk); ++r)
+          for_lanes<A>(C, [&](auto z, int64_t c) {
+            using V = decltype(z);
+            V a = get<V>(pg + c), q = get<V>(pgx + c);
+            element(z, r * C + c, get<V>(sc + c), a, q);
+            put(pg + c, a);
+            put(pgx + c, q);
+          });
+        for (int64_t c = 0; c < C; ++c) {
+          part_g[blk * C + c] = sg[c];
+          part_gx[blk * C + c] = sgx[c];
+        }
+      }
+    });
+    for (int64_t c = 0; c < C; ++c)  // in chunk order: deterministic
+      for (int64_t blk = 0; blk < chunks.count; ++blk) {
+        sum_g[c] += part_g[blk * C + c];
+        sum_gx[c] += part_gx[blk * C + c];
+      }
+  }
+  write_channels(grad_scale, sum_gx);
+  write_channels(grad_shift, sum_g);
+}
+
+void scale_shift_act_backward(const Shape& s, const at::Tensor& grad_out, const at::Tensor& x,
+                              const at::Tensor& scale, const std::optional<at::Tensor>& out,
+                              bool relu, at::Tensor& grad_x, at::Tensor& grad_scale,
+                              at::Tensor& grad_shift, at::Tensor& grad_res) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
+                                  "scale_shift_act_backward_cpu", [&] {
+                                    scale_shift_act_backward_typed<scalar_t>(
+                                        s, grad_out, x, scale, out, relu, grad_x, grad_scale,
+                                        grad_shift, grad_res);
+                                  });
+}
+
 }  // namespace RESNET_FUSED_ISA
 }  // namespace cpu
 }  // namespace resnet_fused
