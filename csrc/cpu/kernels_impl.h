@@ -423,8 +423,7 @@ void bn_backward_typed(const Shape& s, const at::Tensor& grad_out, const at::Ten
     const V g = get<V>(gp + i);
     return yp ? below_relu(g, get<V>(yp + i)) : g;
   };
-  // grad_x (and the masked grad for the residual) at element (vector) i, with the channel's
-  // mean and coefficients (scalars in NCHW, per-channel vectors in NHWC).
+  // grad_x (and the masked grad for the residual) at element (vector) i of a channel (NCHW).
   auto grads = [&](auto z, int64_t i, const auto& mu, const auto& km, const auto& kx,
                    const auto& wi) {
     using V = decltype(z);
@@ -456,6 +455,11 @@ void bn_backward_typed(const Shape& s, const at::Tensor& grad_out, const at::Ten
       }
     });
   } else {
+    // With a ReLU, sweep 1 also writes the masked grad: it is the residual's grad, or else it
+    // goes into grad_x, which sweep 2 then overwrites in place. Sweep 2 reads it instead of the
+    // grad and the output: one pass over memory fewer for residual chains.
+    T* const masked_out = yp ? (grp ? grp : gxp) : nullptr;
+    const T* const g2 = yp ? masked_out : gp;
     const Chunks chunks(s);
     std::vector<double> part_g(chunks.count * C), part_gx(chunks.count * C);
     at::parallel_for(0, chunks.count, 1, [&](int64_t b0, int64_t b1) {
@@ -469,6 +473,7 @@ void bn_backward_typed(const Shape& s, const at::Tensor& grad_out, const at::Ten
           for_lanes<A>(C, [&](auto z, int64_t c) {
             using V = decltype(z);
             const V gi = masked(z, r * C + c);
+            if (masked_out) put(masked_out + r * C + c, gi);
             put(pg + c, get<V>(pg + c) + gi);
             put(pgx + c, get<V>(pgx + c) + gi * (get<V>(xp + r * C + c) - get<V>(mean + c)));
           });
@@ -492,8 +497,11 @@ void bn_backward_typed(const Shape& s, const at::Tensor& grad_out, const at::Ten
       for (int64_t r = r0; r < r1; ++r)
         for_lanes<A>(C, [&](auto z, int64_t c) {
           using V = decltype(z);
-          grads(z, r * C + c, get<V>(mean + c), get<V>(k_mean.data() + c),
-                get<V>(k_x.data() + c), get<V>(w_invstd.data() + c));
+          const int64_t i = r * C + c;
+          const V gi = get<V>(g2 + i);
+          put(gxp + i, V((gi - get<V>(k_mean.data() + c) -
+                          (get<V>(xp + i) - get<V>(mean + c)) * get<V>(k_x.data() + c)) *
+                         get<V>(w_invstd.data() + c)));
         });
     });
   }
