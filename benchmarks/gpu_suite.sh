@@ -21,8 +21,11 @@
 #   6. headline  resnet50 fp16 batch 1 and 256: eager NCHW, eager channels_last, fused (auto),
 #                fused + CUDA graphs, torch.compile (default)                   -> bench.json/.png
 #   7. profile   per-layer profile, resnet50 fp16, batch 1 and 256             -> profile_{1,2}.json
-#   8. extra     bf16/fp32 rows, then torch.compile max-autotune, in whatever time is left
-#   9. report    benchmarks/results/<date>-<gpu>.{json,md}; with $OUT set, the report, the log
+#   8. train     training steps, resnet50 batch 64, AMP bf16 and fp16: eager, channels_last, fused
+#                with the policy's BN (stock on CUDA until measured) and with the fused
+#                bn_act_train kernels forced: the numbers that decide the CUDA policy -> train.json
+#   9. extra     bf16/fp32 rows, then torch.compile max-autotune, in whatever time is left
+#  10. report    benchmarks/results/<date>-<gpu>.{json,md}; with $OUT set, the report, the log
 #                and every raw file (raw.tar.gz) land under $OUT
 # Exit status: non-zero when a correctness step (build, check, tests) failed.
 # SUITE_SMOKE=1 runs the same plumbing on a CPU-only machine with tiny sizes (the sweep under
@@ -34,12 +37,12 @@ PY=${PYTHON:-python3}
 DEADLINE=${SUITE_DEADLINE_S:-450}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 NCPU=$(nproc 2>/dev/null || echo 4)
-DEV=cuda ARCH=resnet50 SIZE=224 PB=(1 256) MT=0.2 PMT=0.05
+DEV=cuda ARCH=resnet50 SIZE=224 PB=(1 256) MT=0.2 PMT=0.05 TB=64 TDT=(bf16 fp16)
 CHECK_ARGS=(--device cuda)
 WARMUP_ARGS=(--probe-batch 200)
 TEST_K="cuda or gpu"
 if [ "${SUITE_SMOKE:-0}" = 1 ]; then
-  DEV=cpu ARCH=resnet18 SIZE=32 PB=(1 2) MT=0 PMT=0
+  DEV=cpu ARCH=resnet18 SIZE=32 PB=(1 2) MT=0 PMT=0 TB=2 TDT=(fp32)
   CHECK_ARGS=(--device cpu --arch resnet18 --batch 1 --size 32 --dtype fp32)
   WARMUP_ARGS=(--target sm_90)  # no GPU: the parallel compile only
   TEST_K="test_cpu_falls_back or test_bench_cli"
@@ -170,7 +173,11 @@ run_step profile_b${PB[1]} 45 "$PY" -m resnet_fused profile --device $DEV --arch
   --size $SIZE --batch ${PB[1]} --dtype fp16 --min-time $PMT --no-peak \
   --json "$TMP/profile_2.json"
 
-# 8. extra (whatever time is left) -----------------------------------------------------------
+# 8. train ----------------------------------------------------------------------------------
+run_step train 90 "$PY" -m resnet_fused bench --train --device $DEV --arch $ARCH --size $SIZE \
+  --batch $TB --dtype "${TDT[@]}" --min-time $MT --json "$TMP/train.json"
+
+# 9. extra (whatever time is left) -----------------------------------------------------------
 if [ "${SUITE_SMOKE:-0}" != 1 ]; then
   run_step extra_dtypes 120 "$PY" -m resnet_fused bench --device $DEV --arch $ARCH --size $SIZE \
     --batch "${PB[@]}" --dtype bf16 fp32 --providers eager,eager_cl,fused:auto,fused+graphs \
@@ -180,7 +187,7 @@ if [ "${SUITE_SMOKE:-0}" != 1 ]; then
     --json "$TMP/compile.json"
 fi
 
-# 9. report ----------------------------------------------------------------------------------
+# 10. report ---------------------------------------------------------------------------------
 RESULTS=${SUITE_RESULTS_DIR:-benchmarks/results}
 mkdir -p "$RESULTS"
 OUTBASE="$RESULTS/$(date -u +%Y-%m-%d)-$GPU"
@@ -188,7 +195,7 @@ OUTBASE="$RESULTS/$(date -u +%Y-%m-%d)-$GPU"
 timeout 120 "$PY" benchmarks/suite_report.py --out "$OUTBASE" --env "$TMP/env.json" \
   --steps "$STEPS" --tests "$TMP/tests.xml" --check "$TMP/check.json" \
   --warmup "cold=$TMP/warmup_cold.json" "warm=$TMP/warmup_warm.json" \
-  --bench "$TMP/bench.json" "$TMP/bench_dtypes.json" "$TMP/compile.json" \
+  --bench "$TMP/bench.json" "$TMP/train.json" "$TMP/bench_dtypes.json" "$TMP/compile.json" \
   --profile "$TMP/profile_1.json" "$TMP/profile_2.json" 2>&1 | tee -a "$LOG"
 [ -f "$TMP/bench.png" ] && cp "$TMP/bench.png" "$OUTBASE.png"
 echo "== done in ${SECONDS}s, correctness failed: $FAILED; results: $OUTBASE.{json,md}" | tee -a "$LOG"

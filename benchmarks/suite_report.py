@@ -87,6 +87,9 @@ def _bench_md(report: Dict[str, Any], title: str) -> List[str]:
 def _bench_title(report: Dict[str, Any]) -> str:
     providers = {r["provider"] for r in report["results"]}
     dtypes = {r["dtype"] for r in report["results"]}
+    if report["meta"].get("mode") == "train":
+        return (f"Training step (AMP for fp16/bf16; BN policy here: "
+                f"{report['meta'].get('train_bn', '?')})")
     if "compile_max" in providers:
         return "End-to-end: torch.compile max-autotune"
     if "fp16" in dtypes:

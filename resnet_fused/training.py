@@ -19,23 +19,41 @@ from . import extension, extension_ops
 _ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 # The policy. Device types where bn_act_train (forward + backward) is measured faster than stock
-# batch_norm + add + relu, and a whole train step no slower (benchmarks/RESULTS.md, "Training"):
-# the fused kernels are the default there, stock BatchNorm everywhere else.
+# batch_norm + add + relu, and a whole train step no slower (benchmarks/RESULTS.md, "Training"),
+# with the smallest tensor (elements; NCHW, channels_last) where it still wins: below that the
+# op's fixed cost outweighs the memory passes it saves. Stock BatchNorm runs everywhere else.
 TRAIN_BN_ENV = "RESNET_FUSED_TRAIN_BN"  # auto (the policy) | fused | stock
 TRAIN_BN_CHOICES = ("auto", "fused", "stock")
-MEASURED_FASTER = frozenset({"cpu"})
+MEASURED_FASTER = {"cpu": (1 << 16, 1 << 18)}
 
 
-def train_bn_choice(device: torch.device) -> str:
-    """"fused" or "stock": what training-mode BatchNorm runs on `device` when the chain allows
-    fusion ($RESNET_FUSED_TRAIN_BN, default auto: fused where MEASURED_FASTER)."""
+def _setting() -> str:
     setting = os.environ.get(TRAIN_BN_ENV, "auto").strip().lower() or "auto"
     if setting not in TRAIN_BN_CHOICES:
         raise ValueError(f"${TRAIN_BN_ENV}={setting!r}: expected one of "
                          f"{', '.join(TRAIN_BN_CHOICES)}")
+    return setting
+
+
+def train_bn_choice(device: torch.device) -> str:
+    """"fused" or "stock": what training-mode BatchNorm runs on `device` when the chain allows
+    fusion and the tensor is large enough ($RESNET_FUSED_TRAIN_BN, default auto: fused where
+    MEASURED_FASTER)."""
+    setting = _setting()
     if setting == "auto":
         return "fused" if device.type in MEASURED_FASTER else "stock"
     return setting
+
+
+def _policy_fuses(x: torch.Tensor) -> bool:
+    """The policy for this tensor: the device's choice, and under auto its size threshold."""
+    setting = _setting()
+    if setting != "auto":
+        return setting == "fused"
+    smallest = MEASURED_FASTER.get(x.device.type)
+    if smallest is None:
+        return False
+    return x.numel() >= smallest[0 if x.is_contiguous() else 1]
 
 
 def train_bn_report(device: torch.device) -> str:
@@ -48,9 +66,11 @@ def train_bn_report(device: torch.device) -> str:
         return f"stock BatchNorm + add + ReLU ({why})"
     if reason is not None:
         return f"stock BatchNorm + add + ReLU (extension unavailable: {reason})"
-    why = (f"${TRAIN_BN_ENV}=fused" if os.environ.get(TRAIN_BN_ENV, "auto") != "auto" else
-           "measured faster than stock")
-    return f"fused bn_act_train ({why})"
+    if _setting() == "fused":
+        return f"fused bn_act_train (${TRAIN_BN_ENV}=fused)"
+    nchw, nhwc = MEASURED_FASTER[device.type]
+    return (f"fused bn_act_train (measured faster than stock) for tensors of >= {nchw} "
+            f"elements (NCHW) / {nhwc} (channels_last); stock below")
 
 
 def bn_act_supported(bn: nn.Module, x: torch.Tensor, residual: Optional[torch.Tensor]) -> bool:
@@ -72,7 +92,7 @@ def bn_act_supported(bn: nn.Module, x: torch.Tensor, residual: Optional[torch.Te
     track = bn.track_running_stats
     if track and (bn.running_mean is None) != (bn.running_var is None):
         return False
-    if train_bn_choice(x.device) != "fused":
+    if not _policy_fuses(x):
         return False
     reduced = x.dtype in (torch.float16, torch.bfloat16)
     dtypes = {t.dtype for t in (bn.weight, bn.bias, bn.running_mean if track else None,

@@ -84,7 +84,7 @@ def worker(rank: int, world: int, store: str, out: str) -> None:
 
 
 def test_ddp_training_matches_torchvision(tmp_path):
-    from resnet_fused import extension
+    from resnet_fused import extension, training
     if not extension.available("cpu"):
         components.require("extension", extension.unavailable_reason("cpu"))
     import torch.distributed as dist
@@ -95,6 +95,7 @@ def test_ddp_training_matches_torchvision(tmp_path):
     outs = [str(tmp_path / f"rank{r}.pt") for r in range(world)]
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
                OMP_NUM_THREADS="1")
+    env[training.TRAIN_BN_ENV] = "fused"  # the kernels under DDP, whatever the size policy says
     procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), str(r), str(world),
                                store, outs[r]], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for r in range(world)]

@@ -30,6 +30,13 @@ BUILDERS = ["resnet18", pytest.param("resnet50", marks=pytest.mark.slow), "resne
 SIZE = (33, 33)   # small and fast; layer4 still has 2x2 maps (8 values per channel at batch 2)
 
 
+@pytest.fixture(autouse=True)
+def _fused_kernels(monkeypatch):
+    """These tests check the kernels' semantics at small sizes, where the policy would pick
+    stock BatchNorm: force them (the policy has its own tests, test_policy_*)."""
+    monkeypatch.setenv(training.TRAIN_BN_ENV, "fused")
+
+
 def build_pair(name, seed=0, **kwargs):
     torch.manual_seed(seed)
     ours = getattr(resnet_fused, name)(num_classes=10, **kwargs)
@@ -359,3 +366,51 @@ def test_tiny_batch_raises_like_torch():
     with pytest.raises(ValueError) as theirs_err:
         theirs.train()(x)
     assert str(ours_err.value) == str(theirs_err.value)
+
+
+# ---- the policy: fused kernels only where measured faster -----------------------------------
+def _train_bn(shape, channels_last=False):
+    bn = nn.BatchNorm2d(shape[1]).train()
+    x = torch.randn(shape)
+    return bn, (x.contiguous(memory_format=torch.channels_last) if channels_last else x)
+
+
+def test_policy_auto_on_cpu_fuses_large_tensors_only(monkeypatch):
+    monkeypatch.delenv(training.TRAIN_BN_ENV)
+    nchw, nhwc = training.MEASURED_FASTER["cpu"]
+    assert training.train_bn_choice(torch.device("cpu")) == "fused"
+    bn, small = _train_bn((1, 4, 4, 4))
+    assert small.numel() < nchw and not training.bn_act_supported(bn, small, None)
+    bn, large = _train_bn((1, 64, 32, 32))
+    assert large.numel() >= nchw and training.bn_act_supported(bn, large, None)
+    bn, large_cl = _train_bn((1, 64, 32, 32), channels_last=True)
+    assert large_cl.numel() < nhwc and not training.bn_act_supported(bn, large_cl, None)
+    bn, larger_cl = _train_bn((4, 64, 32, 32), channels_last=True)
+    assert training.bn_act_supported(bn, larger_cl, None)
+    assert "fused bn_act_train" in training.train_bn_report(torch.device("cpu"))
+
+
+def test_policy_unmeasured_devices_run_stock_batchnorm(monkeypatch):
+    monkeypatch.delenv(training.TRAIN_BN_ENV)
+    for device in ("cuda", "mps", "xpu"):
+        assert device not in training.MEASURED_FASTER
+        assert training.train_bn_choice(torch.device(device)) == "stock"
+        assert "not measured faster" in training.train_bn_report(torch.device(device))
+
+
+def test_policy_switch(monkeypatch):
+    bn, small = _train_bn((1, 4, 4, 4))
+    monkeypatch.setenv(training.TRAIN_BN_ENV, "fused")  # forced: any size
+    assert training.bn_act_supported(bn, small, None)
+    monkeypatch.setenv(training.TRAIN_BN_ENV, "stock")
+    bn, large = _train_bn((1, 64, 32, 32))
+    assert not training.bn_act_supported(bn, large, None)
+    assert training.train_bn_choice(torch.device("cpu")) == "stock"
+    ours = resnet_fused.resnet18(num_classes=10).train()
+    fused = CountFused(monkeypatch)
+    ours(torch.randn(2, 3, 64, 64))
+    assert fused.calls == 0
+    monkeypatch.setenv(training.TRAIN_BN_ENV, "sometimes")
+    with pytest.raises(ValueError, match="RESNET_FUSED_TRAIN_BN='sometimes': expected one of "
+                                         "auto, fused, stock"):
+        training.train_bn_choice(torch.device("cpu"))
