@@ -30,6 +30,21 @@ const Kernels& kernels() {
 
 namespace {
 
+// Both backward ops return (grad_x, two per-channel sums in x's arithmetic dtype, the residual's
+// grad or an empty tensor); the sums are zero for an empty x.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_outputs(const at::Tensor& x,
+                                                                           const Shape& s,
+                                                                           bool grad_residual) {
+  const at::ScalarType acc = opmath_type(x.scalar_type());
+  at::Tensor sum0 = empty_channels(x, s.C, acc), sum1 = empty_channels(x, s.C, acc);
+  if (s.numel() == 0) {
+    sum0.zero_();
+    sum1.zero_();
+  }
+  return {empty_like_layout(x, s.layout), sum0, sum1,
+          grad_residual ? empty_like_layout(x, s.layout) : empty_channels(x, 0, x.scalar_type())};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_train_cpu(
     const at::Tensor& x, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
@@ -54,16 +69,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_train_backward
     const at::Tensor& save_invstd, bool relu, bool grad_residual) {
   const Shape s =
       check_bn_act_train_backward(grad_out, x, weight, out, save_mean, save_invstd, relu);
-  const at::ScalarType acc = opmath_type(x.scalar_type());
-  at::Tensor grad_x = empty_like_layout(x, s.layout);
-  at::Tensor grad_w = empty_channels(x, s.C, acc), grad_b = empty_channels(x, s.C, acc);
-  at::Tensor grad_res = (relu && grad_residual) ? empty_like_layout(x, s.layout)
-                                                : empty_channels(x, 0, x.scalar_type());
-  if (s.numel() == 0) {
-    grad_w.zero_();
-    grad_b.zero_();
-    return {grad_x, grad_w, grad_b, grad_res};
-  }
+  auto [grad_x, grad_w, grad_b, grad_res] = backward_outputs(x, s, relu && grad_residual);
+  if (s.numel() == 0) return {grad_x, grad_w, grad_b, grad_res};
   cpu::kernels().bn_backward(s, grad_out, x, weight, out, save_mean, save_invstd, relu, grad_x,
                              grad_w, grad_b, grad_res);
   return {grad_x, grad_w, grad_b, grad_res};
@@ -83,16 +90,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> scale_shift_act_backw
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& scale,
     const std::optional<at::Tensor>& out, bool relu, bool grad_residual) {
   const Shape s = check_scale_shift_act_backward(grad_out, x, scale, out, relu);
-  const at::ScalarType acc = opmath_type(x.scalar_type());
-  at::Tensor grad_x = empty_like_layout(x, s.layout);
-  at::Tensor grad_scale = empty_channels(x, s.C, acc), grad_shift = empty_channels(x, s.C, acc);
-  at::Tensor grad_res = (relu && grad_residual) ? empty_like_layout(x, s.layout)
-                                                : empty_channels(x, 0, x.scalar_type());
-  if (s.numel() == 0) {
-    grad_scale.zero_();
-    grad_shift.zero_();
-    return {grad_x, grad_scale, grad_shift, grad_res};
-  }
+  auto [grad_x, grad_scale, grad_shift, grad_res] =
+      backward_outputs(x, s, relu && grad_residual);
+  if (s.numel() == 0) return {grad_x, grad_scale, grad_shift, grad_res};
   cpu::kernels().scale_shift_act_backward(s, grad_out, x, scale, out, relu, grad_x, grad_scale,
                                           grad_shift, grad_res);
   return {grad_x, grad_scale, grad_shift, grad_res};

@@ -160,6 +160,41 @@ struct Chunks {
   int64_t end(int64_t b) const { return std::min(rows, (b + 1) * per); }
 };
 
+// NHWC: two per-channel sums over all rows, in fp32 lanes per chunk of rows, then in double in
+// chunk order (deterministic). f(z, i, c, a, q) adds the terms of element (vector) i, channel(s)
+// from c, to a and q. Adds the totals to s0[c] and s1[c].
+template <typename A, typename F>
+void chunked_sums2(const Chunks& chunks, int64_t C, const F& f, std::vector<double>& s0,
+                   std::vector<double>& s1) {
+  std::vector<double> part0(chunks.count * C), part1(chunks.count * C);
+  at::parallel_for(0, chunks.count, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<A> acc0(C), acc1(C);
+    A* const p0 = acc0.data();
+    A* const p1 = acc1.data();
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      std::fill(acc0.begin(), acc0.end(), A(0));
+      std::fill(acc1.begin(), acc1.end(), A(0));
+      for (int64_t r = chunks.begin(blk); r < chunks.end(blk); ++r)
+        for_lanes<A>(C, [&](auto z, int64_t c) {
+          using V = decltype(z);
+          V a = get<V>(p0 + c), q = get<V>(p1 + c);
+          f(z, r * C + c, c, a, q);
+          put(p0 + c, a);
+          put(p1 + c, q);
+        });
+      for (int64_t c = 0; c < C; ++c) {
+        part0[blk * C + c] = acc0[c];
+        part1[blk * C + c] = acc1[c];
+      }
+    }
+  });
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t blk = 0; blk < chunks.count; ++blk) {
+      s0[c] += part0[blk * C + c];
+      s1[c] += part1[blk * C + c];
+    }
+}
+
 // Per-channel tensor (any of the four dtypes) -> values of type V; `fill` when absent.
 template <typename V>
 std::vector<V> channel_values(const std::optional<at::Tensor>& t, int64_t C, V fill) {
@@ -461,37 +496,15 @@ void bn_backward_typed(const Shape& s, const at::Tensor& grad_out, const at::Ten
     T* const masked_out = yp ? (grp ? grp : gxp) : nullptr;
     const T* const g2 = yp ? masked_out : gp;
     const Chunks chunks(s);
-    std::vector<double> part_g(chunks.count * C), part_gx(chunks.count * C);
-    at::parallel_for(0, chunks.count, 1, [&](int64_t b0, int64_t b1) {
-      std::vector<A> sg(C), sgx(C);
-      A* const pg = sg.data();
-      A* const pgx = sgx.data();
-      for (int64_t blk = b0; blk < b1; ++blk) {
-        std::fill(sg.begin(), sg.end(), A(0));
-        std::fill(sgx.begin(), sgx.end(), A(0));
-        for (int64_t r = chunks.begin(blk); r < chunks.end(blk); ++r) {
-          for_lanes<A>(C, [&](auto z, int64_t c) {
-            using V = decltype(z);
-            const V gi = masked(z, r * C + c);
-            if (masked_out) put(masked_out + r * C + c, gi);
-            put(pg + c, get<V>(pg + c) + gi);
-            put(pgx + c, get<V>(pgx + c) + gi * (get<V>(xp + r * C + c) - get<V>(mean + c)));
-          });
-        }
-        for (int64_t c = 0; c < C; ++c) {
-          part_g[blk * C + c] = sg[c];
-          part_gx[blk * C + c] = sgx[c];
-        }
-      }
-    });
-    for (int64_t c = 0; c < C; ++c) {  // in chunk order: deterministic
-      double sg = 0, sgx = 0;
-      for (int64_t blk = 0; blk < chunks.count; ++blk) {
-        sg += part_g[blk * C + c];
-        sgx += part_gx[blk * C + c];
-      }
-      coefficients(c, sg, sgx);
-    }
+    std::vector<double> sg(C), sgx(C);
+    chunked_sums2<A>(chunks, C, [&](auto z, int64_t i, int64_t c, auto& a, auto& q) {
+      using V = decltype(z);
+      const V gi = masked(z, i);
+      if (masked_out) put(masked_out + i, gi);
+      a += gi;
+      q += gi * (get<V>(xp + i) - get<V>(mean + c));
+    }, sg, sgx);
+    for (int64_t c = 0; c < C; ++c) coefficients(c, sg[c], sgx[c]);
     const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(1, C));
     at::parallel_for(0, chunks.rows, grain, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r)
@@ -601,34 +614,9 @@ void scale_shift_act_backward_typed(const Shape& s, const at::Tensor& grad_out,
       }
     });
   } else {
-    const Chunks chunks(s);
-    std::vector<double> part_g(chunks.count * C), part_gx(chunks.count * C);
-    at::parallel_for(0, chunks.count, 1, [&](int64_t b0, int64_t b1) {
-      std::vector<A> sg(C), sgx(C);
-      A* const pg = sg.data();
-      A* const pgx = sgx.data();
-      for (int64_t blk = b0; blk < b1; ++blk) {
-        std::fill(sg.begin(), sg.end(), A(0));
-        std::fill(sgx.begin(), sgx.end(), A(0));
-        for (int64_t r = chunks.begin(blk); r < chunks.end(blk); ++r)
-          for_lanes<A>(C, [&](auto z, int64_t c) {
-            using V = decltype(z);
-            V a = get<V>(pg + c), q = get<V>(pgx + c);
-            element(z, r * C + c, get<V>(sc + c), a, q);
-            put(pg + c, a);
-            put(pgx + c, q);
-          });
-        for (int64_t c = 0; c < C; ++c) {
-          part_g[blk * C + c] = sg[c];
-          part_gx[blk * C + c] = sgx[c];
-        }
-      }
-    });
-    for (int64_t c = 0; c < C; ++c)  // in chunk order: deterministic
-      for (int64_t blk = 0; blk < chunks.count; ++blk) {
-        sum_g[c] += part_g[blk * C + c];
-        sum_gx[c] += part_gx[blk * C + c];
-      }
+    chunked_sums2<A>(Chunks(s), C, [&](auto z, int64_t i, int64_t c, auto& a, auto& q) {
+      element(z, i, get<decltype(z)>(sc + c), a, q);
+    }, sum_g, sum_gx);
   }
   write_channels(grad_scale, sum_gx);
   write_channels(grad_shift, sum_g);
