@@ -7,7 +7,7 @@ DEPS := $(VENV)/.deps-installed
 BUILT := $(VENV)/.package-built
 EXT_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h csrc/*/*.cuh)
 
-.PHONY: bench test test-all test-slow test-compat lint install compile-report
+.PHONY: bench test test-all test-slow test-compat lint install compile-report cuda-report
 
 $(DEPS): requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,11 @@ test-slow: $(BUILT)
 compile-report: $(BUILT)
 	RESNET_FUSED_COMPILE_REPORT=$(abspath benchmarks/results/triton_compile_report.md) \
 		$(PY) -m pytest tests/test_triton_compile.py -q -k every_config
+
+# Regenerate the committed static report of the extension's CUDA kernels (registers, spills,
+# occupancy, vector width; cuobjdump on the built library, no GPU).
+cuda-report: $(BUILT)
+	$(PY) benchmarks/cuda_kernel_report.py --out benchmarks/results/cuda_kernel_report.md
 
 # The GPU machine's stack (requirements-compat.txt) in a second venv, Python 3.12 where pyenv or
 # PATH has it: the package built there with its CUDA kernels (sm_90), and the tests whose result

@@ -116,6 +116,25 @@ def test_cuda_objects_built_for_sm80_and_sm90():
         assert {"sm_80", "sm_90"} <= set(extension.built_archs()), extension.status()
 
 
+@pytest.mark.skipif(not torch.version.cuda, reason="a CPU-only torch: no CUDA kernels to build")
+@components.needs("cuda-kernels", torch.version.cuda and _cuda_toolchain_missing())
+def test_cuda_kernels_static_report():
+    """benchmarks/cuda_kernel_report.py reads every kernel's resources from the built library:
+    no register spills anywhere, and the elementwise kernels' vector variants use 16-byte
+    loads and stores."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import cuda_kernel_report as report
+    tool = report.find_cuobjdump()
+    components.require("cuda-kernels", None if tool else "no cuobjdump to read the kernels")
+    rows = report.collect(report.library(), tool)
+    assert {r["arch"] for r in rows} >= {"sm_80", "sm_90"}
+    assert not [r["name"] for r in rows if r["local"]]
+    vectorised = [r for r in rows if re.match(r"(apply|grad_input)_kernel<\w+, [248]>", r["name"])]
+    assert vectorised and all(r["load_bits"] == r["store_bits"] == 128 for r in vectorised), \
+        [(r["name"], r["load_bits"], r["store_bits"]) for r in vectorised]
+    assert "| sm_90 |" in report.markdown(rows, report.library())
+
+
 def test_arch_compatibility_rule():
     archs = ("sm_80", "sm_90", "compute_90")
     assert extension._runs_on((8, 0), archs) and extension._runs_on((8, 6), archs)
