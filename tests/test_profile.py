@@ -116,3 +116,13 @@ def test_profile_fused_layers_are_correct(selection, monkeypatch):
                 torch.testing.assert_close(fused(), stock(), rtol=1e-4, atol=1e-4)
     want = backends.resolve(torch.device("cpu"), selection, torch.float32)
     assert set(ran) == ({want} if want != backends.MODULES else set()), (selection, set(ran))
+
+
+def test_cpu_peak_is_the_best_of_matmul_and_onednn_convs(monkeypatch):
+    """The CPU "peak" includes the primitive the convs run on (a oneDNN convolution), not only
+    a BLAS matmul, which can be slower than the convs and push "% of peak" past 100."""
+    from resnet_fused.tools import timing
+    monkeypatch.setattr(timing, "_CPU_CONV_PROBES", ((1, 32, 8, 3),))  # small: a quick test
+    tflops, how = timing.measured_peak_tflops(torch.device("cpu"), torch.float32)
+    assert tflops > 0
+    assert "matmul" in how and "3x3 conv" in how and "GFLOP/s" in how, how
