@@ -6,6 +6,7 @@ For each (batch, dtype) it times every provider on the same weights and the same
   eager_cl       torchvision, channels_last model and input (input converted outside the timing)
   compile        torch.compile(eager_cl model), default mode
   compile_max    torch.compile(eager_cl model, max-autotune + inductor freezing [+ CUDA graphs])
+  fused+compile  torch.compile(resnet_fused model), channels_last input as `compile` (opt-in)
   jit_ofi        torch.jit.optimize_for_inference(torch.jit.script(model)) (opt-in; deprecated API)
   fused:<name>   resnet_fused with backend <name>, for each backend available here
   fused+graphs   resnet_fused (auto backend) through resnet_fused.cuda_graphs (CUDA only)
@@ -137,9 +138,10 @@ def make_runner(provider: str, stock, x: torch.Tensor, device: torch.device) -> 
             model = _compile(model, provider == "compile_max", device)
         return lambda: model(xcl)
     fused = resnet_fused.fuse(stock)  # shares stock's tensors
-    if provider == "fused+compile":
+    if provider == "fused+compile":  # the same channels_last input as `compile` gets
         model = _compile(fused, False, device)
-        return lambda: model(x)
+        xcl = x.contiguous(memory_format=torch.channels_last)
+        return lambda: model(xcl)
     if provider == "fused+graphs":
         if device.type != "cuda":
             raise RuntimeError("CUDA graphs need a CUDA device")
