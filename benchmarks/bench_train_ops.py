@@ -1,8 +1,8 @@
 """Training-mode BatchNorm (+ residual) + ReLU: the extension's fused bn_act_train vs stock
 nn.BatchNorm2d (+ add) + ReLU, forward and forward+backward, in both layouts, at the BatchNorm
-shapes of ResNet-50 (batch 8 fp32 on CPU; batch 64 bf16 on CUDA). The fused kernels are timed
-whatever the training policy picks (training.MEASURED_FASTER is decided from these numbers and
-`bench --train`). With --benchmark-disable every case runs once at a tiny size.
+shapes of ResNet-50 (batch 8 fp32 and bf16 on CPU; batch 64 bf16 on CUDA). The fused kernels
+are timed whatever the training policy picks (training.MEASURED_FASTER is decided from these
+numbers and `bench --train`). With --benchmark-disable every case runs once at a tiny size.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from harness import device_or_skip, record, run_pedantic
 # (channels, height/width, residual): bn1/bn2 of layer1..4 (ReLU) and bn3 (+ residual, ReLU).
 SHAPES = [(64, 56, False), (256, 56, True), (128, 28, False), (512, 28, True), (1024, 14, True),
           (2048, 7, True)]
-CASES = [("cpu", 8, "fp32"), ("cuda", 64, "bf16")]
+CASES = [("cpu", 8, "fp32"), ("cpu", 8, "bf16"), ("cuda", 64, "bf16")]
 
 
 @pytest.mark.parametrize("provider", ["stock", "fused"])

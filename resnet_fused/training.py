@@ -19,12 +19,13 @@ from . import extension, extension_ops
 _ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 # The policy. Device types where bn_act_train (forward + backward) is measured faster than stock
-# batch_norm + add + relu, and a whole train step no slower (benchmarks/RESULTS.md, "Training"),
-# with the smallest tensor (elements; NCHW, channels_last) where it still wins: below that the
-# op's fixed cost outweighs the memory passes it saves. Stock BatchNorm runs everywhere else.
+# batch_norm + add + relu, and a whole train step no slower (benchmarks/RESULTS.md, "Training"):
+# the activation dtypes where it wins, and the smallest tensor (elements; NCHW, channels_last)
+# where it still does: below that the op's fixed cost outweighs the memory passes it saves.
+# Stock BatchNorm runs everywhere else (CPU bf16/fp16: 0.73-0.98x / 0.11-0.14x, not fused).
 TRAIN_BN_ENV = "RESNET_FUSED_TRAIN_BN"  # auto (the policy) | fused | stock
 TRAIN_BN_CHOICES = ("auto", "fused", "stock")
-MEASURED_FASTER = {"cpu": (1 << 16, 1 << 18)}
+MEASURED_FASTER = {"cpu": ((torch.float32, torch.float64), (1 << 16, 1 << 18))}
 
 
 def _setting() -> str:
@@ -50,10 +51,10 @@ def _policy_fuses(x: torch.Tensor) -> bool:
     setting = _setting()
     if setting != "auto":
         return setting == "fused"
-    smallest = MEASURED_FASTER.get(x.device.type)
-    if smallest is None:
+    measured = MEASURED_FASTER.get(x.device.type)
+    if measured is None or x.dtype not in measured[0]:
         return False
-    return x.numel() >= smallest[0 if x.is_contiguous() else 1]
+    return x.numel() >= measured[1][0 if x.is_contiguous() else 1]
 
 
 def train_bn_report(device: torch.device) -> str:
@@ -68,9 +69,10 @@ def train_bn_report(device: torch.device) -> str:
         return f"stock BatchNorm + add + ReLU (extension unavailable: {reason})"
     if _setting() == "fused":
         return f"fused bn_act_train (${TRAIN_BN_ENV}=fused)"
-    nchw, nhwc = MEASURED_FASTER[device.type]
-    return (f"fused bn_act_train (measured faster than stock) for tensors of >= {nchw} "
-            f"elements (NCHW) / {nhwc} (channels_last); stock below")
+    dtypes, (nchw, nhwc) = MEASURED_FASTER[device.type]
+    names = "/".join(str(d)[6:] for d in dtypes)
+    return (f"fused bn_act_train (measured faster than stock) for {names} tensors of >= {nchw} "
+            f"elements (NCHW) / {nhwc} (channels_last); stock below and for other dtypes")
 
 
 def bn_act_supported(bn: nn.Module, x: torch.Tensor, residual: Optional[torch.Tensor]) -> bool:

@@ -377,7 +377,8 @@ def _train_bn(shape, channels_last=False):
 
 def test_policy_auto_on_cpu_fuses_large_tensors_only(monkeypatch):
     monkeypatch.delenv(training.TRAIN_BN_ENV)
-    nchw, nhwc = training.MEASURED_FASTER["cpu"]
+    dtypes, (nchw, nhwc) = training.MEASURED_FASTER["cpu"]
+    assert torch.float32 in dtypes and torch.bfloat16 not in dtypes and torch.float16 not in dtypes
     assert training.train_bn_choice(torch.device("cpu")) == "fused"
     bn, small = _train_bn((1, 4, 4, 4))
     assert small.numel() < nchw and not training.bn_act_supported(bn, small, None)
@@ -387,6 +388,9 @@ def test_policy_auto_on_cpu_fuses_large_tensors_only(monkeypatch):
     assert large_cl.numel() < nhwc and not training.bn_act_supported(bn, large_cl, None)
     bn, larger_cl = _train_bn((4, 64, 32, 32), channels_last=True)
     assert training.bn_act_supported(bn, larger_cl, None)
+    # bf16/fp16 on CPU: measured slower than stock, so stock BatchNorm (fp32 parameters)
+    for dtype in (torch.bfloat16, torch.float16):
+        assert not training.bn_act_supported(bn, large.to(dtype), None)
     assert "fused bn_act_train" in training.train_bn_report(torch.device("cpu"))
 
 
