@@ -1,6 +1,6 @@
 // The element loops of the CPU kernels, included once per instruction set by kernels_<isa>.cpp
-// (which defines RESNET_FUSED_ISA, the namespace, and switches the target first). Plain loops
-// over fixed lane arrays, which the compiler vectorises for the target: no intrinsics.
+// (which defines RESNET_FUSED_ISA, the namespace, and switches the target first). Loops over
+// GCC/Clang vector types, which the compiler lowers for the target: no intrinsics.
 //
 // What is fused:
 //   forward   out = relu?((x - mean[c]) * scale[c] + shift[c] + residual), with the batch
@@ -8,7 +8,8 @@
 //   backward  grad_x, grad_w, grad_b and the ReLU-masked grad for the residual, with the ReLU
 //             mask recomputed from the saved output and x_hat from the saved input;
 //   epilogue  out = relu?(x * scale[c] + shift[c] + residual) (the `cuda` backend's epilogue;
-//             here for CPU users, tests and CI).
+//             on CPU the epilogue of eval-mode chains with autograd), and its backward in one
+//             sweep (grad_x = g * scale[c], grad_scale = sum g * x, grad_shift = sum g).
 // Memory traffic. NCHW: one task per channel does the statistics, the coefficients and the
 // output while the channel's N x H x W values are in cache: x is read once from memory.
 // NHWC: one sweep over fixed chunks of rows gives each chunk's exact two-pass moments (the
@@ -27,8 +28,7 @@ namespace resnet_fused {
 namespace cpu {
 namespace RESNET_FUSED_ISA {
 
-constexpr int64_t kLanes = 16;         // independent accumulators: 64 bytes of fp32
-constexpr int64_t kGrain = 16384;      // elements per parallel task
+constexpr int64_t kGrain = 16384;       // elements per parallel task
 constexpr int64_t kMaxChunkRows = 256;  // NHWC: rows per chunk, bounding the fp32 sums
 
 template <typename T>
