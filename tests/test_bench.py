@@ -70,3 +70,23 @@ def test_bench_cli_json_and_plot(tmp_path, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     out = capsys.readouterr().out
     assert "median ms" in out and "vs eager" in out and "fused" in out
+
+
+def test_bench_train_cli(tmp_path, capsys):
+    """--train: one training step per call for every training provider, the loss compared with
+    torchvision's; an unknown provider is a row with an error naming the known ones."""
+    js = tmp_path / "t.json"
+    rc = main(["bench", "--train", "--arch", "resnet18", "--batch", "2", "--size", "32",
+               "--device", "cpu", "--providers", "eager,eager_cl,fused,fused_cl,fused_bn,bogus",
+               "--warmup", "0", "--min-reps", "2", "--min-time", "0", "--quiet", "--json",
+               str(js)])
+    assert rc == 0
+    report = json.loads(js.read_text())
+    assert report["meta"]["mode"] == "train" and report["meta"]["train_bn"] == "fused"
+    rows = {r["provider"]: r for r in report["results"]}
+    assert "expected one of" in rows["bogus"]["error"]
+    for name in ("eager", "eager_cl", "fused", "fused_cl", "fused_bn"):
+        r = rows[name]
+        assert "error" not in r, r
+        assert r["reps"] >= 2 and r["max_rel_diff_vs_eager"] < 1e-4  # the loss
+    assert "train fused" in capsys.readouterr().out
