@@ -62,7 +62,7 @@ def train_bn_report(device: torch.device) -> str:
     choice = train_bn_choice(device)
     reason = extension.unavailable_reason(device)
     if choice == "stock":
-        why = (f"${TRAIN_BN_ENV}=stock" if os.environ.get(TRAIN_BN_ENV) else
+        why = (f"${TRAIN_BN_ENV}=stock" if _setting() == "stock" else
                "the fused kernels are not measured faster here yet")
         return f"stock BatchNorm + add + ReLU ({why})"
     if reason is not None:

@@ -10,6 +10,7 @@ from torch import nn
 
 import components
 import resnet_fused
+from resnet_fused import layers
 from numerics import (BUILDER_PARAMS, assert_within_rule, max_err,
                       randomize_bn, stock_outputs)
 
@@ -171,17 +172,26 @@ def test_train_parity_momentum_none_channels_last():
     _check_train(ours, theirs, theirs, torch.float64, x, torch.tensor([1, 2]), steps=3)
 
 
+@pytest.mark.parametrize("backend", ["auto", "torch"])
 @pytest.mark.parametrize("name", ["resnet18", "resnext50_32x4d"])
-def test_eval_gradients_match(name):
-    """Eval mode with autograd on (frozen-BN fine-tuning): fused op's backward vs torchvision."""
+def test_eval_gradients_match(name, backend, monkeypatch):
+    """Eval mode with autograd on (frozen-BN fine-tuning) vs torchvision, fp64. `auto` runs
+    stock's modules for fp64; an explicit backend runs layers.grad_chain (conv with the running
+    mean in its bias, then scale_shift_act and its backward kernel)."""
     ours, theirs = build_pair(name, num_classes=10)
     for m in (ours, theirs):
         randomize_bn(m, seed=7)
     ours, theirs = ours.double().eval(), theirs.double().eval()
     x = _input((64, 64), torch.float64, channels_last=True, seed=6).requires_grad_()
     x2 = x.detach().clone().requires_grad_()
-    ours(x).square().sum().backward()
+    calls = []
+    original = layers.grad_chain
+    monkeypatch.setattr(layers, "grad_chain", lambda *a: calls.append(1) or original(*a))
+    with resnet_fused.backend(backend):
+        ours(x).square().sum().backward()
     theirs(x2).square().sum().backward()
+    n_chains = sum(isinstance(m, nn.BatchNorm2d) for m in ours.modules())
+    assert len(calls) == (0 if backend == "auto" else n_chains)
     pairs = [(x.grad, x2.grad)] + [(p.grad, q.grad) for p, q in
                                    zip(ours.parameters(), theirs.parameters())]
     for a, b in pairs:
