@@ -418,3 +418,23 @@ def test_policy_switch(monkeypatch):
     with pytest.raises(ValueError, match="RESNET_FUSED_TRAIN_BN='sometimes': expected one of "
                                          "auto, fused, stock"):
         training.train_bn_choice(torch.device("cpu"))
+
+
+@pytest.mark.slow
+def test_train_step_under_torch_compile(monkeypatch):
+    """torch.compile of the fused model in train mode: one graph (bn_act_train is a custom op
+    with a fake kernel), and the step matches the same model run eagerly (fp64: exact algebra)."""
+    torch.manual_seed(0)
+    model = resnet_fused.resnet18(num_classes=10).double().train()
+    eager = copy.deepcopy(model)
+    x, target = batch(torch.float64)
+    explained = torch._dynamo.explain(copy.deepcopy(model))(x)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0
+    fused = CountFused(monkeypatch)
+    _, loss, grads = forward_backward(torch.compile(model), x, target)
+    assert fused.calls == n_batchnorms(model)  # traced once each into the graph
+    _, loss_eager, grads_eager = forward_backward(eager, x, target)
+    assert_fp64_equal(loss, loss_eager, "loss")
+    for n, g in grads_eager.items():
+        assert_fp64_equal(grads[n.replace("_orig_mod.", "")] if n in grads else
+                          grads["_orig_mod." + n], g, n)
