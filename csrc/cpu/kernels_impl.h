@@ -61,6 +61,52 @@ struct Lanes<double4> {
   static constexpr int64_t n = 4;
 };
 
+// fp16/bf16 <-> fp32 on a whole vector, rounding as c10::Half / c10::BFloat16 do (nearest even;
+// NaN stays NaN): bf16 with integer ops, fp16 through the compiler's _Float16 (F16C
+// instructions on the AVX2 build). Where _Float16 is missing, element by element.
+typedef uint16_t u16x8 __attribute__((vector_size(16), aligned(2)));
+typedef uint32_t u32x8 __attribute__((vector_size(32)));
+#ifdef __FLT16_MAX__
+typedef _Float16 f16x8 __attribute__((vector_size(16), aligned(2)));
+#endif
+
+template <typename T>
+constexpr bool kVectorConvert =
+    std::is_same_v<T, c10::BFloat16>
+#ifdef __FLT16_MAX__
+    || std::is_same_v<T, c10::Half>
+#endif
+    ;
+
+template <typename T>
+inline float8 widen(const T* p) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    const u32x8 bits = __builtin_convertvector(*reinterpret_cast<const u16x8*>(p), u32x8) << 16;
+    float8 f;
+    std::memcpy(&f, &bits, sizeof f);
+    return f;
+  } else {
+#ifdef __FLT16_MAX__
+    return __builtin_convertvector(*reinterpret_cast<const f16x8*>(p), float8);
+#endif
+  }
+}
+
+template <typename T>
+inline void narrow(T* p, const float8& f) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    u32x8 u;
+    std::memcpy(&u, &f, sizeof u);
+    const u32x8 rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    const u32x8 nan = {0x7FC0, 0x7FC0, 0x7FC0, 0x7FC0, 0x7FC0, 0x7FC0, 0x7FC0, 0x7FC0};
+    *reinterpret_cast<u16x8*>(p) = __builtin_convertvector(f != f ? nan : rounded, u16x8);
+  } else {
+#ifdef __FLT16_MAX__
+    *reinterpret_cast<f16x8*>(p) = __builtin_convertvector(f, f16x8);
+#endif
+  }
+}
+
 // Loads n = Lanes<V>::n elements of T at p as V (converting fp16/bf16 to fp32), and stores.
 template <typename V, typename T>
 inline V get(const T* p) {
@@ -68,14 +114,14 @@ inline V get(const T* p) {
   constexpr int64_t n = Lanes<V>::n;
   if constexpr (n == 1) {
     return A(*p);
+  } else if constexpr (std::is_same_v<T, A>) {
+    return *reinterpret_cast<const typename Lanes<V>::unaligned*>(p);
+  } else if constexpr (std::is_same_v<V, float8> && kVectorConvert<T>) {
+    return widen(p);
   } else {
-    if constexpr (std::is_same_v<T, A>) {
-      return *reinterpret_cast<const typename Lanes<V>::unaligned*>(p);
-    } else {
-      V v;
-      for (int64_t l = 0; l < n; ++l) v[l] = A(p[l]);
-      return v;
-    }
+    V v;
+    for (int64_t l = 0; l < n; ++l) v[l] = A(p[l]);
+    return v;
   }
 }
 
@@ -87,6 +133,8 @@ inline void put(T* p, const V& v) {
     *p = T(v);
   } else if constexpr (std::is_same_v<T, A>) {
     *reinterpret_cast<typename Lanes<V>::unaligned*>(p) = v;
+  } else if constexpr (std::is_same_v<V, float8> && kVectorConvert<T>) {
+    narrow(p, v);
   } else {
     for (int64_t l = 0; l < n; ++l) p[l] = T(v[l]);
   }
