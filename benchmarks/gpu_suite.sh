@@ -23,7 +23,9 @@
 #   7. profile   per-layer profile, resnet50 fp16, batch 1 and 256             -> profile_{1,2}.json
 #   8. train     training steps, resnet50 batch 64, AMP bf16 and fp16: eager, channels_last, fused
 #                with the policy's BN (stock on CUDA until measured) and with the fused
-#                bn_act_train kernels forced: the numbers that decide the CUDA policy -> train.json
+#                bn_act_train kernels forced: the numbers that decide the CUDA policy -> train.json;
+#                then the op alone vs stock BN + add + ReLU, and its GB/s vs a copy's (bf16,
+#                batch 64; benchmarks/bench_train_ops.py)                       -> train_ops.json
 #   9. extra     bf16/fp32 rows, then torch.compile max-autotune, in whatever time is left
 #  10. report    benchmarks/results/<date>-<gpu>.{json,md}; with $OUT set, the report, the log
 #                and every raw file (raw.tar.gz) land under $OUT
@@ -41,11 +43,13 @@ DEV=cuda ARCH=resnet50 SIZE=224 PB=(1 256) MT=0.2 PMT=0.05 TB=64 TDT=(bf16 fp16)
 CHECK_ARGS=(--device cuda)
 WARMUP_ARGS=(--probe-batch 200)
 TEST_K="cuda or gpu"
+TOPS_ARGS=(--benchmark-only)
 if [ "${SUITE_SMOKE:-0}" = 1 ]; then
   DEV=cpu ARCH=resnet18 SIZE=32 PB=(1 2) MT=0 PMT=0 TB=2 TDT=(fp32)
   CHECK_ARGS=(--device cpu --arch resnet18 --batch 1 --size 32 --dtype fp32)
   WARMUP_ARGS=(--target sm_90)  # no GPU: the parallel compile only
   TEST_K="test_cpu_falls_back or test_bench_cli"
+  TOPS_ARGS=(--benchmark-disable)  # tiny sizes, one call each: the plumbing only
 fi
 
 TMP=$(mktemp -d)
@@ -176,6 +180,8 @@ run_step profile_b${PB[1]} 45 "$PY" -m resnet_fused profile --device $DEV --arch
 # 8. train ----------------------------------------------------------------------------------
 run_step train 90 "$PY" -m resnet_fused bench --train --device $DEV --arch $ARCH --size $SIZE \
   --batch $TB --dtype "${TDT[@]}" --min-time $MT --json "$TMP/train.json"
+run_step train_ops 60 "$PY" -m pytest benchmarks/bench_train_ops.py -q -p no:cacheprovider \
+  -k "$DEV" "${TOPS_ARGS[@]}" --benchmark-json "$TMP/train_ops.json"
 
 # 9. extra (whatever time is left) -----------------------------------------------------------
 if [ "${SUITE_SMOKE:-0}" != 1 ]; then
@@ -194,6 +200,7 @@ OUTBASE="$RESULTS/$(date -u +%Y-%m-%d)-$GPU"
 [ -e "$OUTBASE.json" ] && OUTBASE="$OUTBASE-$(date -u +%H%M)"
 timeout 120 "$PY" benchmarks/suite_report.py --out "$OUTBASE" --env "$TMP/env.json" \
   --steps "$STEPS" --tests "$TMP/tests.xml" --check "$TMP/check.json" \
+  --train-ops "$TMP/train_ops.json" \
   --warmup "cold=$TMP/warmup_cold.json" "warm=$TMP/warmup_warm.json" \
   --bench "$TMP/bench.json" "$TMP/train.json" "$TMP/bench_dtypes.json" "$TMP/compile.json" \
   --profile "$TMP/profile_1.json" "$TMP/profile_2.json" 2>&1 | tee -a "$LOG"

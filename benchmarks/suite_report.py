@@ -168,6 +168,34 @@ def _warmup_md(runs: List[Tuple[str, Dict[str, Any]]]) -> List[str]:
     return lines + [""]
 
 
+def _train_ops_md(report: Dict[str, Any]) -> List[str]:
+    """benchmarks/bench_train_ops.py's pytest-benchmark JSON: per BN shape and layout, stock vs
+    fused bn_act_train (ms) and the fused op's bandwidth on the bytes it must move against what
+    x.clone() reaches on the same tensor."""
+    rows: Dict[tuple, Dict[str, Any]] = {}
+    for b in report.get("benchmarks", []):
+        e = b.get("extra_info", {})
+        if "shape" not in e:
+            continue
+        key = (e.get("dtype"), "x".join(map(str, e["shape"])), e.get("layout"))
+        rows.setdefault(key, {})[(e["provider"], e.get("backward"))] = e
+    lines = ["## Training BatchNorm op: bn_act_train vs stock BN + add + ReLU", "",
+             "| dtype | shape | layout | stock fwd ms | fused fwd ms | stock fwd+bwd ms | "
+             "fused fwd+bwd ms | fused fwd GB/s | fused fwd+bwd GB/s | copy GB/s |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def cell(r, key, fmt="{:.3f}"):
+        v = r.get(key, {}).get("device_median_ms" if fmt == "{:.3f}" else "gbps_min_traffic")
+        return "-" if v is None else fmt.format(v)
+    for (dtype, shape, layout), r in rows.items():
+        lines.append(f"| {dtype} | {shape} | {layout} | {cell(r, ('stock', False))} | "
+                     f"{cell(r, ('fused', False))} | {cell(r, ('stock', True))} | "
+                     f"{cell(r, ('fused', True))} | {cell(r, ('fused', False), '{:.0f}')} | "
+                     f"{cell(r, ('fused', True), '{:.0f}')} | "
+                     f"{cell(r, ('copy', False), '{:.0f}')} |")
+    return lines + [""] if rows else []
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True, help="output path without extension")
@@ -177,6 +205,7 @@ def main() -> int:
     ap.add_argument("--bench", nargs="*", default=[])
     ap.add_argument("--profile", nargs="*", default=[])
     ap.add_argument("--check")
+    ap.add_argument("--train-ops", help="benchmarks/bench_train_ops.py --benchmark-json output")
     ap.add_argument("--warmup", nargs="*", default=[], help="NAME=PATH of warmup --json reports")
     args = ap.parse_args()
 
@@ -186,11 +215,12 @@ def main() -> int:
     benches = [b for b in (_load(p) for p in args.bench) if b]
     profiles = [p for p in (_load(p) for p in args.profile) if p]
     check = _load(args.check)
+    train_ops = _load(args.train_ops)
     warmups = [(name, r) for name, r in ((a.split("=", 1)[0], _load(a.split("=", 1)[1]))
                                          for a in args.warmup if "=" in a) if r]
     merged = {"env": env, "steps": steps, "tests": tests, "bench": benches,
               "warmup": dict(warmups),
-              "profiles": profiles,
+              "profiles": profiles, "train_ops": train_ops,
               "check": None if check is None else {"meta": check["meta"],
                                                    "summary": check["summary"]}}
     with open(args.out + ".json", "w") as f:
@@ -218,6 +248,8 @@ def main() -> int:
         md += _bench_md(b, _bench_title(b))
     for p in profiles:
         md += _profile_md(p)
+    if train_ops:
+        md += _train_ops_md(train_ops)
     with open(args.out + ".md", "w") as f:
         f.write("\n".join(md) + "\n")
     print(f"wrote {args.out}.json and {args.out}.md")

@@ -30,6 +30,8 @@ namespace RESNET_FUSED_ISA {
 
 constexpr int64_t kGrain = 16384;       // elements per parallel task
 constexpr int64_t kMaxChunkRows = 256;  // NHWC: rows per chunk, bounding the fp32 sums
+constexpr int64_t kMinChunkRows = 32;   // ... and at least this many: per-chunk partial sums
+                                        // of wide rows must stay small next to the data
 
 template <typename T>
 using acc_type = std::conditional_t<std::is_same_v<T, double>, double, float>;
@@ -202,7 +204,8 @@ struct Chunks {
   int64_t rows, per, count;
   Chunks(const Shape& s)
       : rows(s.count()),
-        per(std::clamp<int64_t>(kGrain / std::max<int64_t>(1, s.C), 1, kMaxChunkRows)),
+        per(std::clamp<int64_t>(kGrain / std::max<int64_t>(1, s.C), kMinChunkRows,
+                                kMaxChunkRows)),
         count((rows + per - 1) / per) {}
   int64_t begin(int64_t b) const { return b * per; }
   int64_t end(int64_t b) const { return std::min(rows, (b + 1) * per); }
