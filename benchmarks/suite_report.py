@@ -184,15 +184,18 @@ def _train_ops_md(report: Dict[str, Any]) -> List[str]:
              "fused fwd+bwd ms | fused fwd GB/s | fused fwd+bwd GB/s | copy GB/s |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
 
-    def cell(r, key, fmt="{:.3f}"):
-        v = r.get(key, {}).get("device_median_ms" if fmt == "{:.3f}" else "gbps_min_traffic")
-        return "-" if v is None else fmt.format(v)
+    def ms(r, key):
+        v = r.get(key, {}).get("device_median_ms")
+        return "-" if v is None else f"{v:.3f}"
+
+    def gbps(r, key):
+        v = r.get(key, {}).get("gbps_min_traffic")
+        return "-" if v is None else f"{v:.0f}"
     for (dtype, shape, layout), r in rows.items():
-        lines.append(f"| {dtype} | {shape} | {layout} | {cell(r, ('stock', False))} | "
-                     f"{cell(r, ('fused', False))} | {cell(r, ('stock', True))} | "
-                     f"{cell(r, ('fused', True))} | {cell(r, ('fused', False), '{:.0f}')} | "
-                     f"{cell(r, ('fused', True), '{:.0f}')} | "
-                     f"{cell(r, ('copy', False), '{:.0f}')} |")
+        fwd, both = ("fused", False), ("fused", True)
+        lines.append(f"| {dtype} | {shape} | {layout} | {ms(r, ('stock', False))} | {ms(r, fwd)} | "
+                     f"{ms(r, ('stock', True))} | {ms(r, both)} | {gbps(r, fwd)} | "
+                     f"{gbps(r, both)} | {gbps(r, ('copy', False))} |")
     return lines + [""] if rows else []
 
 
