@@ -55,19 +55,28 @@ def sources(conv: nn.Conv2d, bn: nn.Module) -> Sources:
             _tensor(bn, "num_batches_tracked"))
 
 
+def bn_affine(conv_bias: Optional[torch.Tensor], bn_weight: Optional[torch.Tensor],
+              running_mean: torch.Tensor, running_var: torch.Tensor, eps: float,
+              acc: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(scale, center) in `acc` with bn(conv(x) + conv_bias) = (conv(x) - center) * scale +
+    bn.bias: the one formula (scale_shift, and layers.grad_chain's centred form, use it)."""
+    inv_std = torch.rsqrt(running_var.to(acc) + eps)
+    scale = inv_std if bn_weight is None else bn_weight.to(acc) * inv_std
+    center = running_mean.to(acc)
+    if conv_bias is not None:
+        center = center - conv_bias.to(acc)
+    return scale, center
+
+
 def scale_shift(conv_bias: Optional[torch.Tensor], bn_weight: Optional[torch.Tensor],
                 bn_bias: Optional[torch.Tensor], running_mean: torch.Tensor,
                 running_var: torch.Tensor, eps: float,
                 dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
-    """BN (+ conv bias) as scale/shift, computed in the epilogue dtype of `dtype` (the one
-    formula: the cache and graphs that need gradients both use it)."""
+    """BN (+ conv bias) as scale/shift, computed in the epilogue dtype of `dtype` (what the
+    cache and graphs that need gradients both use)."""
     acc = epilogue_dtype(dtype)
-    inv_std = torch.rsqrt(running_var.to(acc) + eps)
-    scale = inv_std if bn_weight is None else bn_weight.to(acc) * inv_std
-    bias = -running_mean.to(acc)
-    if conv_bias is not None:
-        bias = bias + conv_bias.to(acc)
-    shift = bias * scale
+    scale, center = bn_affine(conv_bias, bn_weight, running_mean, running_var, eps, acc)
+    shift = -center * scale
     if bn_bias is not None:
         shift = shift + bn_bias.to(acc)
     return scale, shift

@@ -192,12 +192,7 @@ def grad_chain(conv: nn.Conv2d, x: torch.Tensor, tensors: folding.Sources, eps: 
     two large sums. Everything is differentiable: autograd does the rest."""
     weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, _ = tensors
     acc = epilogue_dtype(dtype)
-    scale = torch.rsqrt(running_var.to(acc) + eps)
-    if bn_weight is not None:
-        scale = bn_weight.to(acc) * scale
-    center = running_mean.to(acc)
-    if conv_bias is not None:
-        center = center - conv_bias.to(acc)
+    scale, center = folding.bn_affine(conv_bias, bn_weight, running_mean, running_var, eps, acc)
     center_q = center.to(dtype)  # what the conv adds, in its dtype; shift carries the rounding
     shift = (center_q.to(acc) - center) * scale
     if bn_bias is not None:
