@@ -7,7 +7,8 @@ DEPS := $(VENV)/.deps-installed
 BUILT := $(VENV)/.package-built
 EXT_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h csrc/*/*.cuh)
 
-.PHONY: bench test test-all test-slow test-compat lint install compile-report cuda-report
+.PHONY: bench test test-all test-slow test-compat lint install compile-report cuda-report \
+	kernel-report
 
 $(DEPS): requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +49,15 @@ test-slow: $(BUILT)
 compile-report: $(BUILT)
 	RESNET_FUSED_COMPILE_REPORT=$(abspath benchmarks/results/triton_compile_report.md) \
 		$(PY) -m pytest tests/test_triton_compile.py -q -k every_config
+
+# Regenerate the committed static kernel report: every tuning candidate of every resnet50 conv at
+# batch 1 and 256 (fp16, sm_90), compiled without a GPU. The committed copy is made with the GPU
+# machine's stack: make kernel-report KERNEL_REPORT_PY=.venv-compat/bin/python
+KERNEL_REPORT_PY ?= $(PY)
+kernel-report: $(BUILT)
+	$(KERNEL_REPORT_PY) -m resnet_fused kernels --target sm_90 --arch resnet50 --batch 1 256 \
+		--dtype fp16 --markdown benchmarks/results/triton_kernel_report_sm90.md \
+		--json benchmarks/results/triton_kernel_report_sm90.json
 
 # Regenerate the committed static report of the extension's CUDA kernels (registers, spills,
 # occupancy, vector width; cuobjdump on the built library, no GPU).

@@ -86,7 +86,9 @@ def problems(model: nn.Module, input_shapes: Iterable[Shape],
     return list(seen.values())
 
 
-def _kernel_args(layer, dtype: torch.dtype, make) -> Dict:
+def layer_kernel_args(layer, dtype: torch.dtype, make=_meta) -> Dict:
+    """conv.kernel_args for a walk.Layer, on tensors made by `make(shape, dtype)` (default: meta,
+    channels_last, as the fused model hands them to the kernel)."""
     from .backends.triton import conv
     x = make(layer.in_shape, dtype)
     weight = make(layer.weight_shape, dtype)
@@ -97,14 +99,16 @@ def _kernel_args(layer, dtype: torch.dtype, make) -> Dict:
                             layer.dilation, layer.groups, layer.relu, interpret=False)
 
 
-def compile_jobs(found, capability: int) -> List:
-    """aot.Job for every tuning candidate of every problem, for sm_`capability`."""
+def compile_jobs(found, capability: int, sms: Optional[int] = None) -> List:
+    """aot.Job for every tuning candidate of every problem, for sm_`capability` with `sms`
+    SMs (default: the family's reference GPU; split-K candidates depend on it)."""
     from .backends.triton import aot, conv
     family = conv.arch_family(divmod(capability, 10))
+    sms = sms or conv.FAMILY_SMS[family]
     jobs = []
     for layer, dtype in found:
-        args = _kernel_args(layer, dtype, _meta)
-        for config in conv.candidates(family, dtype, args["M"], args["C_out"]):
+        args = layer_kernel_args(layer, dtype)
+        for config in conv.candidates(family, dtype, args["M"], args["C_out"], sms, args):
             jobs += aot.jobs(args, config, capability)
     return jobs
 
@@ -159,9 +163,11 @@ def warmup(model: nn.Module, input_shapes: Iterable[Shape],
         report["skipped"] = ("nothing to compile on a CPU model (the CPU backends need no "
                              "warm-up); pass target=90 to compile for sm_90 without a GPU")
         return report
+    sms = (torch.cuda.get_device_properties(device).multi_processor_count
+           if device.type == "cuda" else None)
     start = time.perf_counter()
     found = problems(model, input_shapes, dtypes)
-    jobs = compile_jobs(found, int(target))
+    jobs = compile_jobs(found, int(target), sms)
     report.update(problems=len(found), target=f"sm_{target}",
                   plan_seconds=time.perf_counter() - start)
     from .backends.triton import aot

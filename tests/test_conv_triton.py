@@ -33,7 +33,7 @@ def one_mid_config(monkeypatch):
     model tests cover tuning there."""
     real = tconv.candidates
 
-    def mid(family, dtype, m, c_out):
+    def mid(family, dtype, m, c_out, sms=None, args=None):
         configs = tconv.config_tuples(family, dtype)
         return [configs[len(configs) // 2]] if family != "interpreter" else real(family, dtype,
                                                                                   m, c_out)
@@ -214,6 +214,85 @@ def test_k_loop_kinds_agree(device, case, flat_k):
     check(x, weight, scale, shift, res, stride, pad, dil, groups, True, dtype, flat_k=flat_k)
 
 
+# Split-K: (case, split). The tile is 16x32 with BLOCK_K = 16 so that every case has several K
+# iterations to split (and, for odd C_in, a partial last channel block: EVEN_K off); a split
+# larger than the iterations leaves some splits an empty K range (they write zero partials).
+SPLIT_CASES = [("3x3s1", 2), ("3x3s1", 4), ("1x1s1", 3), ("map_7x7_batch1", 16),
+               ("odd_channels_3x3", 2), ("odd_channels_1x1", 4), ("1x1_padded", 2),
+               ("rect_kernel_stride_pad", 2), ("dilated_3x3s2", 3), ("1x1s2_downsample", 2),
+               ("batch0", 2)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("case,split", SPLIT_CASES, ids=lambda v: str(v))
+def test_split_k(device, case, split, dtype):
+    """Split-K (partial tiles, then the reduction with the epilogue) against float64, with and
+    without the residual, ReLU on."""
+    n, c_in, h, w, c_out, k, stride, pad, dil, groups = CASES[case]
+    config = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, GROUP_M=1, num_warps=4, num_stages=2,
+                  SPLIT_K=split)
+    for residual in (False, True):
+        x, weight, scale, shift, res = make_problem(n, c_in, h, w, c_out, k, stride, pad, dil,
+                                                    groups, dtype, device, residual=residual,
+                                                    seed=13)
+        check(x, weight, scale, shift, res, stride, pad, dil, groups, True, dtype, config=config,
+              flat_k=False)   # C_in = 13 would take the per-element gather, which does not split
+
+
+def test_split_k_needs_the_dense_loops(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    x = torch.zeros(1, 8, 5, 5).contiguous(memory_format=torch.channels_last)
+    s = torch.zeros(8)
+    config = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, GROUP_M=1, num_warps=4, SPLIT_K=2)
+    with pytest.raises(ValueError, match="split-K needs the dense K loops.*groups=2"):
+        tconv.conv_bn_act(x, torch.zeros(8, 4, 3, 3), s, s, None, (1, 1), (1, 1), (1, 1), 2,
+                          True, config=config)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=lambda d: str(d)[6:])
+def test_split_k_nonfinite_and_strides(device, dtype):
+    """Split-K on NCHW input with NaN and Inf planted: the reduction flags the tiles (fp32's
+    3xTF32 needs the exact fix-up), and NaN/Inf land exactly where stock puts them; two runs are
+    bitwise equal (the partials are summed in split order)."""
+    n, c_in, h, w, c_out = 1, 48, 7, 7, 40
+    x, weight, scale, shift, res = make_problem(n, c_in, h, w, c_out, 3, 1, 1, 1, 1, dtype,
+                                                device, residual=True, seed=17)
+    x = x.contiguous()
+    x[0, 5, 3, 3] = float("nan")
+    x[0, 9, 0, 6] = float("inf")
+    config = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, GROUP_M=1, num_warps=4, num_stages=2,
+                  SPLIT_K=4)
+    first = check(x, weight, scale, shift, res, 1, 1, 1, 1, True, dtype, config=config)
+    again = tconv.conv_bn_act(x, weight, scale, shift, res, (1, 1), (1, 1), (1, 1), 1, True,
+                              config=config)
+    assert torch.equal(first.isnan(), again.isnan())
+    assert torch.equal(first.nan_to_num(), again.nan_to_num())
+
+
+@pytest.mark.parametrize("family,sms", [("hopper", 132), ("ampere", 108)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=lambda d: str(d)[6:])
+def test_every_resnet50_layer_fills_a_wave_at_batch_1(family, sms, dtype):
+    """Split-K's purpose: at batch 1 every conv of ResNet-50 has a candidate that launches at
+    least one program per SM (without it 16 layers on sm_90 could not), and the candidates are
+    the same for every batch size of an M bucket."""
+    from resnet_fused.walk import layers, meta_model
+    from resnet_fused.warm_start import layer_kernel_args
+    short = []
+    for layer in layers(meta_model("resnet50"), (1, 3, 224, 224)):
+        if layer.kind != "conv_bn_act":
+            continue
+        args = layer_kernel_args(layer, dtype)
+        cands = tconv.candidates(family, dtype, args["M"], args["C_out"], sms, args)
+        if max(tconv.programs(args, c) for c in cands) < sms:
+            short.append(layer.name)
+        for c in cands:
+            assert c.split_k == 1 or tconv.k_iterations(args, c) >= 2 * c.split_k, (layer, c)
+        other = dict(args, M=args["M"] + 1)   # same bucket (49 -> 50, 196 -> 197, ...)
+        if tconv.tuning.bucket(other["M"]) == tconv.tuning.bucket(args["M"]):
+            assert cands == tconv.candidates(family, dtype, other["M"], args["C_out"], sms, other)
+    assert short == []
+
+
 def test_tuned_path_under_interpreter(monkeypatch):
     """The GPU launch path (several candidates pruned on the M bucket, tile heuristics, grid from
     the chosen config, one decision per bucket, persisted) run under the interpreter, with a
@@ -338,7 +417,7 @@ def test_tuning_key_is_the_bucket_not_the_shape():
     assert key(2, 7) != key(3, 7)                   # M = 98: bucket 128
     assert len(tconv.config_tuples("interpreter", torch.float16)) == 1
     assert tconv.candidates("hopper", torch.float16, 49, 2048) == [
-        c for c in tconv.HOPPER if c[0] <= 64]
+        c for c in tconv.config_tuples("hopper", torch.float16) if c.block_m <= 64]
     assert tconv.candidates("hopper", torch.float16, 50, 2048) == tconv.candidates(
         "hopper", torch.float16, 64, 2048)
 

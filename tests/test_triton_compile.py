@@ -16,20 +16,15 @@ from __future__ import annotations
 
 import inspect
 import os
-import re
-import shutil
-import subprocess
-import tempfile
-from collections import Counter
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import List
 
 import pytest
 import torch
 
 import components
 triton = components.importorskip("triton", "triton")  # pinned: a failure under strict mode (CI)
-from resnet_fused.backends.triton import aot  # noqa: E402
+from resnet_fused.backends.triton import aot, sass  # noqa: E402
 from resnet_fused.backends.triton import conv as tconv  # noqa: E402
 
 # Shared memory per block (opt-in maximum): H100 227 KiB, A100 163 KiB.
@@ -85,45 +80,6 @@ def problem_args(variant: str, dtype: torch.dtype, precision: str) -> dict:
     return args
 
 
-def _tool(name: str) -> Optional[str]:
-    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
-    if bundled.exists():
-        return str(bundled)
-    cuda_home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
-    for cand in (Path(cuda_home) / "bin" / name,):
-        if cand.exists():
-            return str(cand)
-    return shutil.which(name)
-
-
-def _resource_usage(cubin: bytes) -> Dict[str, int]:
-    """REG / STACK / LOCAL / SHARED of the kernel from `cuobjdump -res-usage` (no GPU needed)."""
-    tool = _tool("cuobjdump")
-    if tool is None:
-        return {}
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        text = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True,
-                              timeout=60).stdout
-    return {k: int(v) for k, v in re.findall(r"\b(REG|STACK|LOCAL|SHARED):(\d+)", text)}
-
-
-def _mma_kind(ptx: str) -> str:
-    if "wgmma.mma_async" in ptx:
-        return "wgmma"
-    if re.search(r"\bmma\.sync", ptx):
-        return "mma.sync"
-    return "fma"
-
-
-def _cp_async_widths(ptx: str) -> str:
-    widths = Counter(int(w, 16) for w in re.findall(
-        r"cp\.async\.c[ag]\.shared\.global(?:\.L2::\w+)? \[[^\]]*\], \[[^\]]*\], (0x[0-9a-f]+)",
-        ptx))
-    return " ".join(f"{n}x{w}B" for w, n in sorted(widths.items(), reverse=True)) or "-"
-
-
 # What is compiled, per target with that arch's config list: every config for each K-loop kind /
 # epilogue in fp16 (the product dtype) and for fp32 with 3xTF32 (fp32 has its own list: BLOCK_K
 # halved); one mid config for the remaining specialisations (bf16 compiles like fp16 with another
@@ -138,7 +94,7 @@ DTYPES = {"fp16": (torch.float16, "ieee"), "bf16": (torch.bfloat16, "ieee"),
 
 def _shared_estimate(cfg) -> int:
     """Relative shared-memory footprint of a config: the A and B tiles times the stages."""
-    bm, bn, bk, _, _, stages = cfg
+    bm, bn, bk, _, _, stages, _ = cfg
     return (bm * bk + bk * bn) * stages
 
 
@@ -163,11 +119,14 @@ def _compile_one(job):
     cap, label, dtype, precision, variant, cfg = job
     compiled = aot.compile_job(aot.job(problem_args(variant, dtype, precision), cfg, cap))
     ptx = compiled.asm["ptx"]
-    res = _resource_usage(compiled.asm["cubin"])
+    try:
+        res = sass.resource_usage(compiled.asm["cubin"])
+    except FileNotFoundError:  # no cuobjdump: the rest of the report still stands
+        res = {}
     return dict(cap=cap, dtype=label, variant=variant, config=cfg,
                 shared=int(compiled.metadata.shared), regs=res.get("REG"),
-                spill=(res.get("LOCAL", 0) or 0) + (res.get("STACK", 0) or 0) if res else None,
-                mma=_mma_kind(ptx), cp_async=_cp_async_widths(ptx))
+                spill=sass.spill_bytes(res) if res else None,
+                mma=sass.mma_kind(ptx), cp_async=sass.cp_async_widths(ptx))
 
 
 def _write_report(rows: List[dict]) -> None:
@@ -187,7 +146,7 @@ def _write_report(rows: List[dict]) -> None:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        bm, bn, bk, gm, w, s = r["config"]
+        bm, bn, bk, gm, w, s, _ = r["config"]
         lines.append(f"| sm_{r['cap']} | {r['dtype']} | {r['variant']} | {bm}x{bn}x{bk} g{gm} "
                      f"w{w} s{s} | {r['regs'] if r['regs'] is not None else 'n/a'} | "
                      f"{r['spill'] if r['spill'] is not None else 'n/a'} | {r['shared']} | "
@@ -251,11 +210,11 @@ def _jit_cache_key(args: dict, config: tuple, capability: int) -> str:
     kernel = tconv.jit_kernel(False)
     backend = make_backend(GPUTarget("cuda", capability, 32))
     binder = triton_jit.create_function_from_signature(kernel.signature, kernel.params, backend)
-    bm, bn, bk, gm, warps, stages = config
+    bm, bn, bk, gm, warps, stages, _ = config
     kwargs = {"num_warps": warps, "num_stages": stages, "debug": False}
     if "instrumentation_mode" in inspect.getsource(triton_jit.JITFunction.run):
         kwargs["instrumentation_mode"] = triton.knobs.compilation.instrumentation_mode
-    bound, specialization, options = binder(**args, **tconv.tile_args(args, bn), BLOCK_M=bm,
+    bound, specialization, options = binder(**args, **tconv.tile_args(args, config), BLOCK_M=bm,
                                             BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, **kwargs)
     options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound,
                                                               specialization, options)

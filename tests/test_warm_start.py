@@ -54,7 +54,8 @@ def test_warmup_compiles_for_sm90_without_a_gpu(tmp_path, monkeypatch):
     here, to keep CI short; the CLI measures the whole list)."""
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(tconv, "candidates",
-                        lambda family, dtype, m, c_out: [tconv.config_tuples(family, dtype)[5]])
+                        lambda family, dtype, m, c_out, sms=None, args=None:
+                        [tconv.config_tuples(family, dtype)[5]])
     report = resnet_fused.warmup(_meta_model(), [(1, 3, 32, 32)], [torch.float16], workers=2,
                                  target=90)
     assert report["problems"] == 15 and report["errors"] == [] and report["workers"] == 2
@@ -79,7 +80,7 @@ def test_warmup_tunes_under_the_interpreter(monkeypatch):
     with resnet_fused.backend("triton"):
         _tune(found, torch.device("cpu"), "triton")
     decided = tuning.decisions(torch.device("cpu"))
-    assert decided and set(decided.values()) == {(16, 32, 128, 1, 4, 1)}
+    assert decided and set(decided.values()) == {tconv.Config(16, 32, 128, 1, 4, 1)}
     assert len(timed) == 2 * len(decided)
     tuning.clear()
     with resnet_fused.backend("triton"):

@@ -98,24 +98,41 @@ def problems(archs: Sequence[str], batches: Sequence[int], size: int) -> List[Pr
     return list(seen)
 
 
-def candidate_configs(family: str, dtype: torch.dtype) -> List[Dict[str, int]]:
-    """The full config list for `family` and `dtype`, as launch dicts."""
+def candidate_configs(family: str, dtype: torch.dtype):
+    """The family's base config list for `dtype` (conv.Config); a job is one of them."""
     from ..backends.triton import conv
-    return [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, num_warps=w, num_stages=s)
-            for bm, bn, bk, gm, w, s in conv.config_tuples(family, dtype)]
+    return conv.config_tuples(family, dtype)
 
 
-def config_name(cfg: Dict[str, int]) -> str:
-    return (f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} g{cfg['GROUP_M']} "
-            f"w{cfg['num_warps']} s{cfg['num_stages']}")
+def config_name(cfg) -> str:
+    from ..backends.triton import conv
+    return conv.Config(*cfg).label
+
+
+def variants(problem: Problem, family: str, dtype: torch.dtype, index: int) -> List[Any]:
+    """The candidates tuning times for `problem` that derive from base config `index` (itself,
+    with fewer stages on short K, and split along K on batch-1 shapes)."""
+    from ..backends.triton import conv
+    base = candidate_configs(family, dtype)[index]
+    meta = dict(device="meta", dtype=dtype)
+    out = torch.empty(problem.out_shape, **meta)
+    x = torch.empty(problem.n, problem.c_in, problem.h, problem.w, **meta)
+    weight = torch.empty(problem.c_out, problem.c_in // problem.groups, problem.kh, problem.kw,
+                         **meta)
+    scale = torch.empty(problem.c_out, device="meta")
+    args = conv.kernel_args(x, weight, scale, scale, out if problem.residual else None, out,
+                            problem.stride, problem.padding, problem.dilation, problem.groups,
+                            problem.relu, interpret=family == "interpreter")
+    kept = conv.candidates(family, dtype, problem.m, problem.c_out,
+                           conv.FAMILY_SMS.get(family), args)
+    return [c for c in kept if c[:5] == base[:5]]
 
 
 def tunable(problem: Problem, family: str, dtype: torch.dtype) -> List[int]:
-    """Indices (in the family's config list) of the candidates tuning times for `problem`."""
-    from ..backends.triton import conv
-    configs = conv.config_tuples(family, dtype)
-    kept = conv.candidates(family, dtype, problem.m, problem.c_out)
-    return [i for i, c in enumerate(configs) if c in kept]
+    """Indices (in the family's config list) of the base configs of the candidates tuning times
+    for `problem`."""
+    return [i for i in range(len(candidate_configs(family, dtype)))
+            if variants(problem, family, dtype, i)]
 
 
 def make_inputs(p: Problem, dtype: torch.dtype, device: torch.device, seed: int):
@@ -158,8 +175,7 @@ def run_job(dtype_name: str, family: str, index: int, todo: Sequence[Problem],
     from ..backends.triton import conv
     from ..numerics import rule_violation
     dtype = DTYPES[dtype_name]
-    cfg = candidate_configs(family, dtype)[index]
-    for k, p in enumerate(todo):
+    for k, (p, cfg) in enumerate((p, c) for p in todo for c in variants(p, family, dtype, index)):
         row: Dict[str, Any] = {"dtype": dtype_name, "family": family, "config": config_name(cfg),
                                "config_index": index, "problem": str(p),
                                "key": repr(dataclasses.astuple(p))}
@@ -168,7 +184,7 @@ def run_job(dtype_name: str, family: str, index: int, todo: Sequence[Problem],
             x, weight, scale, shift, res = make_inputs(p, dtype, device, seed=k)
             stock, ref = stock_and_reference(p, x, weight, scale, shift, res)
             out = conv.conv_bn_act(x, weight, scale, shift, res, p.stride, p.padding, p.dilation,
-                                   p.groups, p.relu, config=cfg)
+                                   p.groups, p.relu, config=cfg.launch_dict())
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             problem = rule_violation(out, stock, ref, dtype)

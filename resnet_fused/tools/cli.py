@@ -30,6 +30,15 @@ def positive_int(text: str) -> int:
     return value
 
 
+def cuda_target(text: str) -> int:
+    """sm_90 / sm90 / 90 -> 90 (compute capability x 10; the kernels need 8.0+)."""
+    digits = text.lower().removeprefix("sm_").removeprefix("sm")
+    if not digits.isdigit() or int(digits) < 80:
+        raise argparse.ArgumentTypeError(f"expected a CUDA architecture such as sm_90 or sm_80 "
+                                         f"(the kernels need 8.0+), got {text!r}")
+    return int(digits)
+
+
 def device(text: str) -> str:
     if text not in ("cpu", "cuda"):
         raise argparse.ArgumentTypeError(f"expected cpu or cuda, got {text!r}")

@@ -28,14 +28,6 @@ def _batch_arg(text: str) -> Union[int, range]:
                                          f"{text!r}") from None
 
 
-def _target_arg(text: str) -> int:
-    digits = text.lower().removeprefix("sm_").removeprefix("sm")
-    if not digits.isdigit() or int(digits) < 80:
-        raise argparse.ArgumentTypeError(f"expected a CUDA architecture such as sm_90 or sm_80 "
-                                         f"(the kernels need 8.0+), got {text!r}")
-    return int(digits)
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     cli.add_arch(p, default="resnet50")
     p.add_argument("--batch", nargs="+", type=_batch_arg, default=[1],
@@ -45,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=["fp16"])
     p.add_argument("--workers", type=cli.positive_int, default=None,
                    help="compile processes (default: cores)")
-    p.add_argument("--target", type=_target_arg, default=None,
+    p.add_argument("--target", type=cli.cuda_target, default=None,
                    help="without a GPU: compile for this arch (sm_90) and stop")
     p.add_argument("--probe-batch", type=cli.positive_int, default=None,
                    help="after warming, time the first call at this (unseen) batch size against "

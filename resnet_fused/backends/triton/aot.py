@@ -20,7 +20,8 @@ import torch
 
 from . import conv
 
-_PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
+_PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32",
+        torch.int32: "*i32"}
 
 
 class Job(NamedTuple):
@@ -34,20 +35,21 @@ class Job(NamedTuple):
 
 
 def jobs(args: Dict, config: Sequence[int], capability: int) -> List[Job]:
-    """Every kernel a launch of `config` on `args` compiles: the main one, and the fix-up where
-    the problem needs it (conv.launch)."""
-    main = job(args, config, capability)
-    if not conv.tile_args(args, config[1])["EXACT_NONFINITE"]:
-        return [main]
-    return [main, job(dict(args, FIXUP=True), config, capability)]
+    """Every kernel the launches of `config` on `args` compile (conv.launches: the main one, and
+    split-K's reduction and the NaN/Inf fix-up where the config needs them)."""
+    return [_job(kwargs, capability) for _, kwargs in conv.launches(args, config)]
 
 
 def job(args: Dict, config: Sequence[int], capability: int) -> Job:
-    """The compile job for kernel arguments `args` (conv.kernel_args; tensors may be on the meta
-    device) and tile `config`, specialised exactly as triton.jit specialises that launch."""
-    bm, bn, bk, gm, warps, stages = config
-    values = {**args, **conv.tile_args(args, bn), "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
-              "GROUP_M": gm}
+    """The compile job of the first launch of `config` on kernel arguments `args`
+    (conv.kernel_args; tensors may be on the meta device), specialised exactly as triton.jit
+    specialises that launch."""
+    return jobs(args, config, capability)[0]
+
+
+def _job(kwargs: Dict, capability: int) -> Job:
+    values = dict(kwargs)
+    warps, stages = values.pop("num_warps"), values.pop("num_stages")
     try:
         spec = _jit_specialisation(values, capability, warps, stages)
     except Exception:  # Triton's internals moved: same code, but possibly another cache key

@@ -50,7 +50,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -70,7 +70,8 @@ _INT32_MAX = 2**31 - 1
 def conv_bn_act_kernel(
     # tensors
     x_ptr, w_ptr, scale_ptr, shift_ptr, res_ptr, out_ptr,
-    flag_ptr,                    # EXACT_NONFINITE: one int32 per program, "this tile met NaN/Inf"
+    flag_ptr,                    # EXACT_NONFINITE: one int32 per tile, "this tile met NaN/Inf"
+    ws_ptr,                      # SPLIT_K > 1: fp32 partial tiles, [SPLIT_K, M, C_out]
     # problem shape (M is not specialised: a new batch size reuses the compiled kernel)
     M, C_in, C_out, groups, CIN_G, COUT_G,
     H, W, OH, OW,
@@ -91,6 +92,12 @@ def conv_bn_act_kernel(
     UPCAST: tl.constexpr,        # interpreter only: bf16 operands to fp32 before tl.dot
     EXACT_NONFINITE: tl.constexpr,  # flag tiles that met NaN/Inf, for the FIXUP launch
     FIXUP: tl.constexpr,         # the second launch: recompute flagged tiles exactly
+    DENSE: tl.constexpr,         # groups == 1: the lean K loops (no block-diagonal weight mask)
+    EVEN_K: tl.constexpr,        # dense and C_in % BLOCK_K == 0: no channel mask in the K loop
+    NCK: tl.constexpr,           # dense KxK (and split 1x1): channel blocks per tap, a constant
+    IN_IMAGE: tl.constexpr,      # 1x1 without padding: every tap lies inside the image
+    SPLIT_K: tl.constexpr,       # programs per tile along K (grid axis 1); 1: no split
+    REDUCE: tl.constexpr,        # split-K's second launch: sum the partials, then the epilogue
     # tile configuration (autotuned)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -102,6 +109,7 @@ def conv_bn_act_kernel(
     num_pid_n = (groups + GPT - 1) // GPT * tiles_per_group
     num_pid_m = (M + BLOCK_M - 1) // BLOCK_M
     pid = tl.program_id(0)
+    pid_k = tl.program_id(1)     # which K split (always 0 unless SPLIT_K > 1)
     num_pid_in_group = GROUP_M * num_pid_n
     group_id = pid // num_pid_in_group
     first_pid_m = group_id * GROUP_M
@@ -124,8 +132,9 @@ def conv_bn_act_kernel(
     # ---- rows: output pixels m -> (n, oh, ow) -> top-left input position (int64 offsets)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < M
-    ow = offs_m % OW
-    t = offs_m // OW
+    rows = tl.minimum(offs_m, M - 1)   # rows past M read row M - 1 (never stored): no load mask
+    ow = rows % OW
+    t = rows // OW
     oh = t % OH
     n = t // OH
     ih0 = oh * stride_h - pad_h
@@ -172,6 +181,76 @@ def conv_bn_act_kernel(
                     acc_j = tl.dot(a, b, acc_j, input_precision="ieee")
                 acc = tl.where((col_group == j)[None, :], acc_j, acc)
         store_rows = m_mask & (tile_bad != 0)
+    elif REDUCE:
+        # Split-K's second launch: the partial tiles summed in split order (deterministic).
+        ws_mask = m_mask[:, None] & n_mask[None, :]
+        for s in range(0, SPLIT_K):   # (SPLIT_K * M fits int32: MAX_SPLIT_M)
+            ws_off = (offs_m + s * M).to(tl.int64)[:, None] * C_out + co[None, :]
+            acc += tl.load(ws_ptr + ws_off, mask=ws_mask, other=0.0)
+    elif DENSE and not FLAT_K:
+        # groups == 1: the lean loops. The operand pointer tiles are built once; per iteration
+        # only a scalar offset changes, masks are loop-invariant (1x1) or per-tap rows only (KxK),
+        # and with EVEN_K no channel mask at all. A K split covers iterations [it0, it1).
+        # (columns past C_out read column C_out - 1, never stored: B needs no column mask)
+        a_ptrs = x_ptr + (x_row[:, None] + (rk * sx_c)[None, :])
+        b_ptrs = (w_ptr + (tl.minimum(co, C_out - 1).to(tl.int64) * sw_o)[None, :]
+                  + (rk * sw_i)[:, None])
+        if KH * KW == 1:
+            row_ok = ((ih0 >= 0) & (ih0 < H) & (iw0 >= 0) & (iw0 < W))[:, None]
+            if SPLIT_K > 1:
+                n_it = NCK   # constant bounds per split (a runtime bound spilled 8 B here)
+            else:
+                n_it = (C_in + BLOCK_K - 1) // BLOCK_K
+            per = (n_it + SPLIT_K - 1) // SPLIT_K
+            it0 = pid_k * per
+            it1 = tl.minimum(it0 + per, n_it)
+            a_ptrs += it0 * BLOCK_K * sx_c
+            b_ptrs += it0 * BLOCK_K * sw_i
+            for it in range(it0, it1):
+                if EVEN_K and IN_IMAGE:
+                    a = tl.load(a_ptrs)
+                    b = tl.load(b_ptrs)
+                elif EVEN_K:
+                    a = tl.load(a_ptrs, mask=row_ok, other=0.0)
+                    b = tl.load(b_ptrs)
+                else:
+                    k_ok = it * BLOCK_K + rk < C_in
+                    a = tl.load(a_ptrs, mask=row_ok & k_ok[None, :], other=0.0)
+                    b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
+                if UPCAST:
+                    a = a.to(tl.float32)
+                    b = b.to(tl.float32)
+                acc = tl.dot(a, b, acc, input_precision=PRECISION)
+                a_ptrs += BLOCK_K * sx_c
+                b_ptrs += BLOCK_K * sw_i
+        else:
+            # KxK: one flat loop over (tap, channel block); NCK is a constant, so `it // NCK` is
+            # a shift or a multiply, not a division.
+            per = (KH * KW * NCK + SPLIT_K - 1) // SPLIT_K
+            it0 = pid_k * per
+            it1 = tl.minimum(it0 + per, KH * KW * NCK)
+            for it in range(it0, it1):
+                tap = it // NCK
+                c0 = (it - tap * NCK) * BLOCK_K
+                kh = tap // KW
+                kw = tap - kh * KW
+                ih = ih0 + kh * dil_h
+                iw = iw0 + kw * dil_w
+                row_ok = ((ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))[:, None]
+                a_off = ((kh * dil_h).to(tl.int64) * sx_h + (kw * dil_w).to(tl.int64) * sx_w
+                         + c0 * sx_c)
+                b_off = kh * sw_h + kw * sw_w + c0 * sw_i
+                if EVEN_K:
+                    a = tl.load(a_ptrs + a_off, mask=row_ok, other=0.0)
+                    b = tl.load(b_ptrs + b_off)
+                else:
+                    k_ok = c0 + rk < C_in
+                    a = tl.load(a_ptrs + a_off, mask=row_ok & k_ok[None, :], other=0.0)
+                    b = tl.load(b_ptrs + b_off, mask=k_ok[:, None], other=0.0)
+                if UPCAST:
+                    a = a.to(tl.float32)
+                    b = b.to(tl.float32)
+                acc = tl.dot(a, b, acc, input_precision=PRECISION)
     else:
         if KH * KW == 1:
             # 1x1: the input row of every pixel is fixed; loop over channel blocks only.
@@ -236,24 +315,31 @@ def conv_bn_act_kernel(
                     a = a.to(tl.float32)
                     b = b.to(tl.float32)
                 acc = tl.dot(a, b, acc, input_precision=PRECISION)
-        if EXACT_NONFINITE:
-            bad = ((acc != acc) | (acc == float("inf")) | (acc == -float("inf"))).to(tl.int32)
-            tl.store(flag_ptr + pid, tl.reduce(bad, None, _MAX_COMBINE))
+    if EXACT_NONFINITE and not FIXUP and (SPLIT_K == 1 or REDUCE):
+        bad = ((acc != acc) | (acc == float("inf")) | (acc == -float("inf"))).to(tl.int32)
+        tl.store(flag_ptr + pid, tl.reduce(bad, None, _MAX_COMBINE))
 
-    # ---- epilogue on the fp32 accumulator: scale, shift, (+ residual), (ReLU); one cast, one store
-    scale = tl.load(scale_ptr + co, mask=n_mask, other=0.0)
-    shift = tl.load(shift_ptr + co, mask=n_mask, other=0.0)
-    y = acc * scale[None, :] + shift[None, :]
-    mask = store_rows[:, None] & n_mask[None, :]
-    if HAS_RES:
-        r_row = (n.to(tl.int64) * sr_n + oh.to(tl.int64) * sr_h + ow.to(tl.int64) * sr_w)
-        r = tl.load(res_ptr + (r_row[:, None] + co.to(tl.int64)[None, :] * sr_c), mask=mask,
-                    other=0.0)
-        y = y + r.to(tl.float32)
-    if RELU:
-        y = tl.where(y < 0.0, 0.0, y)   # keeps NaN, as torch.relu does
-    out_off = offs_m.to(tl.int64)[:, None] * C_out + co[None, :]   # channels_last, contiguous
-    tl.store(out_ptr + out_off, y.to(out_ptr.dtype.element_ty), mask=mask)
+    if SPLIT_K > 1 and not REDUCE and not FIXUP:
+        # a partial tile: every program of every split writes its whole tile (zeros for an empty
+        # K range), so the workspace needs no clearing and a graph replay stays valid
+        ws_off = (offs_m + pid_k * M).to(tl.int64)[:, None] * C_out + co[None, :]
+        tl.store(ws_ptr + ws_off, acc, mask=m_mask[:, None] & n_mask[None, :])
+    else:
+        # ---- epilogue on the fp32 accumulator: scale, shift, (+ residual), (ReLU); one cast,
+        # one store
+        scale = tl.load(scale_ptr + co, mask=n_mask, other=0.0)
+        shift = tl.load(shift_ptr + co, mask=n_mask, other=0.0)
+        y = acc * scale[None, :] + shift[None, :]
+        mask = store_rows[:, None] & n_mask[None, :]
+        if HAS_RES:
+            r_row = (n.to(tl.int64) * sr_n + oh.to(tl.int64) * sr_h + ow.to(tl.int64) * sr_w)
+            r = tl.load(res_ptr + (r_row[:, None] + co.to(tl.int64)[None, :] * sr_c), mask=mask,
+                        other=0.0)
+            y = y + r.to(tl.float32)
+        if RELU:
+            y = tl.where(y < 0.0, 0.0, y)   # keeps NaN, as torch.relu does
+        out_off = offs_m.to(tl.int64)[:, None] * C_out + co[None, :]  # channels_last, contiguous
+        tl.store(out_ptr + out_off, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 # tl.max is a jit function, which a kernel interpreted in a process that imported Triton without
@@ -265,6 +351,36 @@ _MAX_COMBINE = tl.standard._elementwise_max
 # ----------------------------------------------------------------------------------------------
 # Configs
 # ----------------------------------------------------------------------------------------------
+class Config(NamedTuple):
+    """One tile configuration. split_k > 1: the K loop is split over that many programs per
+    tile, whose fp32 partial tiles a second launch sums in split order (deterministic) before the
+    epilogue."""
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int
+    warps: int
+    stages: int
+    split_k: int = 1
+
+    @property
+    def label(self) -> str:
+        """128x64x64 g8 w4 s4 (k4 with a K split)."""
+        return (f"{self.block_m}x{self.block_n}x{self.block_k} g{self.group_m} w{self.warps} "
+                f"s{self.stages}" + (f" k{self.split_k}" if self.split_k > 1 else ""))
+
+    def launch_dict(self) -> Dict[str, int]:
+        """The `config` argument of conv_bn_act."""
+        return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_K=self.block_k,
+                    GROUP_M=self.group_m, num_warps=self.warps, num_stages=self.stages,
+                    SPLIT_K=self.split_k)
+
+
+# SMs of the GPUs the tile lists are tuned for (H100 SXM, A100): what split-K aims to fill when
+# planning without a device (warmup --target, the static report, the sweep's plan).
+FAMILY_SMS = {"hopper": 132, "ampere": 108}
+
+
 # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages), for 2-byte operands. fp32 operands
 # halve BLOCK_K (same shared memory per stage). Shared memory per config ~ stages * (BM + BN) * BK *
 # elem bytes; the AOT compile test checks every one against the target's limit.
@@ -308,42 +424,118 @@ def _device_family(index: Optional[int]) -> str:
 FP32_MAX_TILE = {"hopper": 128 * 128, "ampere": 128 * 64}
 
 
-def config_tuples(family: str, dtype: torch.dtype) -> List[Tuple[int, ...]]:
+def config_tuples(family: str, dtype: torch.dtype) -> List[Config]:
     base = {"hopper": HOPPER, "ampere": AMPERE, "interpreter": INTERPRETER}[family]
     if dtype == torch.float32 and family != "interpreter":
         base = [(bm, bn, max(16, bk // 2), gm, w, s) for bm, bn, bk, gm, w, s in base
                 if bm * bn <= FP32_MAX_TILE[family]]
-    return base
+    return [Config(*c) for c in base]
 
 
-def tile_args(args: Dict, block_n: int) -> Dict[str, int]:
-    """GPT (whole groups per N tile, >= 1), KC_TILE (input channels per tile and tap), and
-    whether tiles that meet NaN/Inf need the exact fix-up launch (several groups per tile, or
-    3xTF32)."""
-    gpt = max(block_n // args["COUT_G"], 1)
+def tile_args(args: Dict, config: Sequence[int]) -> Dict[str, int]:
+    """The constexprs a config implies on a problem: GPT (whole groups per N tile, >= 1),
+    KC_TILE (input channels per tile and tap), whether tiles that meet NaN/Inf need the exact
+    fix-up launch (several groups per tile, or 3xTF32), and the dense loop's DENSE / EVEN_K / NCK
+    (NCK only for KxK and split 1x1 loops, so unsplit 1x1 kernels are shared across C_in)."""
+    cfg = Config(*config)
+    gpt = max(cfg.block_n // args["COUT_G"], 1)
     exact = (gpt > 1 and args["groups"] > 1) or args["PRECISION"] == "tf32x3"
-    return {"GPT": gpt, "KC_TILE": gpt * args["CIN_G"], "EXACT_NONFINITE": exact}
+    dense = args["groups"] == 1
+    taps = dense and not args["FLAT_K"] and (args["KH"] * args["KW"] > 1 or cfg.split_k > 1)
+    return {"GPT": gpt, "KC_TILE": gpt * args["CIN_G"], "EXACT_NONFINITE": exact,
+            "DENSE": dense, "EVEN_K": dense and args["C_in"] % cfg.block_k == 0,
+            "NCK": triton.cdiv(args["C_in"], cfg.block_k) if taps else 1,
+            "IN_IMAGE": (dense and args["KH"] * args["KW"] == 1 and args["pad_h"] == 0
+                         and args["pad_w"] == 0),
+            "SPLIT_K": cfg.split_k}
 
 
-def candidates(family: str, dtype: torch.dtype, m: int, c_out: int) -> List[Tuple[int, ...]]:
+def k_iterations(args: Dict, config: Sequence[int]) -> int:
+    """K-loop iterations of one tile without a split (dense loops)."""
+    return args["KH"] * args["KW"] * triton.cdiv(args["C_in"], Config(*config).block_k)
+
+
+# Split-K: at most this many splits, each with at least MIN_SPLIT_ITERATIONS K iterations, and
+# only where M is small (the workspace is SPLIT_K x M x C_out fp32; batch-1 late layers).
+MAX_SPLIT_K = 16
+MIN_SPLIT_ITERATIONS = 2
+MAX_SPLIT_M = 1 << 16
+
+
+def splittable(args: Dict) -> bool:
+    """Whether the problem runs the dense loops, the ones that split along K."""
+    return args["groups"] == 1 and not args["FLAT_K"]
+
+
+def split_k_for(args: Dict, config: Config, sms: int) -> int:
+    """The smallest power-of-two split that gives `sms` programs, within the limits above (1: no
+    split helps)."""
+    if not splittable(args) or args["M"] > MAX_SPLIT_M:
+        return 1
+    n_tiles, iters = tiles(args, config), k_iterations(args, config)
+    split = 1
+    while (n_tiles * split < sms and split * 2 <= MAX_SPLIT_K
+           and iters // (split * 2) >= MIN_SPLIT_ITERATIONS):
+        split *= 2
+    return split
+
+
+def spills(args: Dict, config: Config) -> bool:
+    """Configs the static report (tools/kernels.py; triton 3.6, sm_90) shows spilling registers
+    on this kind of problem: the residual epilogue on tiles past 128x128 (184-480 B), and the
+    stem's per-element gather on tiles past 64x64 or with BLOCK_K 128 (88-1008 B), and the split
+    1x1 loop on tiles past 16x32 (8 B: one value kept across the loop)."""
+    area = config.block_m * config.block_n
+    if args["FLAT_K"]:
+        return area > 64 * 64 or config.block_k > 64
+    if config.split_k > 1 and args["KH"] * args["KW"] == 1 and area > 16 * 32:
+        return True
+    return bool(args["HAS_RES"]) and area > 128 * 128
+
+
+def candidates(family: str, dtype: torch.dtype, m: int, c_out: int, sms: Optional[int] = None,
+               args: Optional[Dict] = None) -> List[Config]:
     """The configs worth timing for a problem: tiles not far larger than its M bucket and C_out
-    (M = 49 needs no 256-row tile); at least one. Pruned on the bucket, so every batch size in a
-    bucket has the same candidates."""
+    (M = 49 needs no 256-row tile); at least one. With the kernel `args`, also fewer pipeline
+    stages where K is too short to fill them, and (given `sms`) the two smallest tiles split along
+    K where no tile gives every SM a program (batch 1). Pruned on the bucket, so every batch size
+    in a bucket has the same candidates."""
     configs = config_tuples(family, dtype)
+    if args is not None and family != "interpreter":
+        configs = [c for c in configs if not spills(args, c)] or configs
     m_cap, n_cap = max(16, tuning.bucket(m)), max(16, tuning.bucket(c_out))
-    kept = [c for c in configs if c[0] <= m_cap and c[1] <= n_cap]
-    return kept or [min(configs, key=lambda c: c[0] * c[1])]
+    kept = [c for c in configs if c.block_m <= m_cap and c.block_n <= n_cap]
+    kept = kept or [min(configs, key=lambda c: c.block_m * c.block_n)]
+    if args is None or family == "interpreter":
+        return kept
+    # planned on the smallest M of the bucket: every batch size in it gets the same candidates,
+    # and a split wherever the smallest needs one
+    bucketed = dict(args, M=tuning.bucket(m) // 2 + 1)
+    if splittable(args):
+        kept = [c._replace(stages=max(2, min(c.stages, k_iterations(bucketed, c) + 1)))
+                for c in kept]
+    if sms and max(programs(bucketed, c) for c in kept) < sms:
+        smallest = sorted(kept, key=lambda c: c.block_m * c.block_n)[:2]
+        split = [c._replace(split_k=k) for c in smallest
+                 if (k := split_k_for(bucketed, c, sms)) > 1]
+        kept += [c for c in split if not spills(args, c)]
+    return kept
 
 
-def programs(args: Dict, config: Sequence[int]) -> int:
-    """Grid size of `config` on the problem; must agree with the tile mapping in the kernel."""
+def tiles(args: Dict, config: Sequence[int]) -> int:
+    """Output tiles of `config` on the problem; must agree with the tile mapping in the kernel."""
     bm, bn = config[0], config[1]
-    gpt = tile_args(args, bn)["GPT"]
+    gpt = tile_args(args, config)["GPT"]
     n_tiles = triton.cdiv(args["groups"], gpt) * triton.cdiv(args["COUT_G"], bn)
     return triton.cdiv(args["M"], bm) * n_tiles
 
 
-def heuristic_config(cands: Sequence[Tuple[int, ...]], args: Dict, sms: int) -> Tuple[int, ...]:
+def programs(args: Dict, config: Sequence[int]) -> int:
+    """CTAs of the main launch: a program per tile and K split."""
+    return tiles(args, config) * Config(*config).split_k
+
+
+def heuristic_config(cands: Sequence[Config], args: Dict, sms: int) -> Config:
     """Without timing: the largest tile that still gives every SM a program, else the tile with
     the most programs (small problems are latency bound: spread them)."""
     filling = [c for c in cands if programs(args, c) >= sms]
@@ -391,21 +583,44 @@ def jit_kernel(interpret: bool = False):
         return triton.jit(conv_bn_act_kernel, do_not_specialize=list(NOT_SPECIALISED))
 
 
-def launch(args: Dict, config: Sequence[int], interpret: bool) -> None:
-    """The kernel with tile `config` (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages) on
-    `args` (from kernel_args): one launch, or two where NaN/Inf need the exact fix-up."""
-    bm, bn, bk, gm, warps, stages = config
-    grid = (programs(args, config),)
-    meta = dict(**tile_args(args, bn), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm,
-                num_warps=warps, num_stages=stages)
-    kernel = jit_kernel(interpret)
-    if not meta["EXACT_NONFINITE"]:
-        kernel[grid](**args, **meta)
-        return
+def launches(args: Dict, config: Sequence[int]) -> List[Tuple[Tuple[int, ...], Dict]]:
+    """The launches `config` makes on `args` (from kernel_args), as (grid, keyword arguments):
+    the main kernel; with split_k > 1 the split launch (grid axis 1: the split) then REDUCE; and
+    where NaN/Inf need it (tile_args' EXACT_NONFINITE) the FIXUP launch, which recomputes the
+    tiles the launch before it flagged. The buffers (flags, split-K workspace) are allocated on
+    the output's device: on meta tensors this costs nothing, so the AOT compile plans from here
+    too."""
+    cfg = Config(*config)
+    if cfg.split_k > 1 and not splittable(args):
+        raise ValueError(f"triton conv_bn_act: split-K needs the dense K loops (groups == 1, no "
+                         f"per-element K gather), got groups={args['groups']}, "
+                         f"flat_k={args['FLAT_K']}")
+    meta = dict(**tile_args(args, cfg), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, num_warps=cfg.warps,
+                num_stages=cfg.stages)
     out = args["out_ptr"]
-    flags = torch.empty(grid[0], dtype=torch.int32, device=out.device)  # every program writes
-    kernel[grid](**dict(args, flag_ptr=flags), **meta)
-    kernel[grid](**dict(args, flag_ptr=flags, FIXUP=True), **meta)
+    grid = (tiles(args, cfg),)
+    run = dict(args, **meta)
+    if meta["EXACT_NONFINITE"]:  # every program of the flagging launch writes its tile's flag
+        run["flag_ptr"] = torch.empty(grid[0], dtype=torch.int32, device=out.device)
+    steps = []
+    if cfg.split_k == 1:
+        steps.append((grid, run))
+    else:
+        ws = torch.empty((cfg.split_k, args["M"], args["C_out"]), dtype=torch.float32,
+                         device=out.device)
+        steps.append(((grid[0], cfg.split_k), dict(run, ws_ptr=ws, flag_ptr=out)))
+        steps.append((grid, dict(run, ws_ptr=ws, REDUCE=True)))
+    if meta["EXACT_NONFINITE"]:
+        steps.append((grid, dict(run, FIXUP=True, SPLIT_K=1)))
+    return steps
+
+
+def launch(args: Dict, config: Sequence[int], interpret: bool) -> None:
+    """Every launch of `config` on `args`, in order (see launches)."""
+    kernel = jit_kernel(interpret)
+    for grid, kwargs in launches(args, config):
+        kernel[grid](**kwargs)
 
 
 def time_config(args: Dict, config: Sequence[int]) -> float:
@@ -421,10 +636,9 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def pick_config(args: Dict, family: str, dtype: torch.dtype,
-                device: torch.device) -> Tuple[int, ...]:
+def pick_config(args: Dict, family: str, dtype: torch.dtype, device: torch.device) -> Config:
     """The tile config for this problem: remembered per bucket, else measured (tuning.decide)."""
-    cands = candidates(family, dtype, args["M"], args["C_out"])
+    cands = candidates(family, dtype, args["M"], args["C_out"], _sm_count(device), args)
     return tuning.decide(device, tuning_key(args, dtype), cands,
                          measure=lambda c: time_config(args, c),
                          heuristic=lambda: heuristic_config(cands, args, _sm_count(device)))
@@ -459,7 +673,7 @@ def kernel_args(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shif
     fp32 = x.dtype == torch.float32
     return dict(
         x_ptr=x, w_ptr=weight, scale_ptr=scale, shift_ptr=shift, res_ptr=res, out_ptr=out,
-        flag_ptr=out,   # launch() passes a flag buffer where the problem needs one
+        flag_ptr=out, ws_ptr=out,   # launches() passes buffers where a config needs them
         M=n * oh * ow, C_in=c_in, C_out=c_out, groups=groups, CIN_G=cin_g, COUT_G=c_out // groups,
         H=h, W=w, OH=oh, OW=ow,
         stride_h=stride[0], stride_w=stride[1], pad_h=padding[0], pad_w=padding[1],
@@ -475,7 +689,7 @@ def kernel_args(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shif
         # cuDNN's 4e-7..1.4e-3). tf32x3 (three MMAs on the split operands) is fp32-accurate.
         PRECISION="tf32x3" if fp32 and torch.backends.cudnn.allow_tf32 else "ieee",
         UPCAST=interpret and x.dtype == torch.bfloat16,
-        FIXUP=False,
+        FIXUP=False, REDUCE=False,
     )
 
 
@@ -486,8 +700,8 @@ def conv_bn_act(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shif
     """relu?(conv2d(x, weight) * scale + shift + residual) in one launch; channels_last output.
 
     Inputs are assumed checked by resnet_fused.ops.check_inputs. `config` (a dict with BLOCK_M,
-    BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) bypasses tuning and `flat_k` forces the
-    K-loop kind; both exist for tests and the correctness sweep."""
+    BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages, optionally SPLIT_K) bypasses tuning and
+    `flat_k` forces the K-loop kind; both exist for tests and the correctness sweep."""
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"triton conv_bn_act: expected float16, bfloat16 or float32 tensors, got "
                         f"{x.dtype}")
@@ -518,7 +732,8 @@ def conv_bn_act(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shif
         if config is None:
             cfg = pick_config(args, family, x.dtype, x.device)
         else:
-            cfg = tuple(config[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"))
-            cfg += (config.get("num_warps", 4), config.get("num_stages", 1))
+            cfg = Config(*(config[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")),
+                         config.get("num_warps", 4), config.get("num_stages", 1),
+                         config.get("SPLIT_K", 1))
         launch(args, cfg, interpret)
     return out
