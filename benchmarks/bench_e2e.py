@@ -24,7 +24,8 @@ from harness import device_or_skip, record, run_pedantic
 ARCHS = ["resnet18", "resnet50", "resnet101"]
 CASES = [("cpu", 1, "fp32"), ("cuda", 1, "fp16"), ("cuda", 32, "fp16"), ("cuda", 256, "fp16")]
 PROVIDERS = ["eager", "eager_cl", "compile", "compile_max",
-             *(f"fused:{n}" for n in backends.NAMES if n != "auto"), "fused+graphs"]
+             *(f"fused:{n}" for n in backends.NAMES if n != "auto"), "fused+graphs",
+             "fused+graphs_safe"]
 ROUNDS = {"cpu": 5, 1: 50, 32: 20, 256: 10}
 
 _models: dict = {}
@@ -50,7 +51,7 @@ def _skip_reason(arch, provider, device, is_smoke, bench_compile):
             return "torch.compile is too slow for the smoke run"
         if device.type == "cpu" and not bench_compile:
             return "torch.compile on CPU takes minutes: pass --bench-compile"
-    if provider == "fused+graphs" and device.type != "cuda":
+    if provider.startswith("fused+graphs") and device.type != "cuda":
         return "CUDA graphs need a CUDA device"
     if provider.startswith("fused:"):
         name = provider[6:]

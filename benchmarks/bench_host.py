@@ -46,3 +46,32 @@ def test_chain_host_overhead(benchmark, device_name, provider):
             benchmark(fn)
     finally:
         torch.set_num_threads(threads)
+
+
+class _ReplayStandIn:
+    """A captured graph reduced to nothing: what is timed is the wrapper's own per-call work
+    (on a GPU the input copy and the replay add two launches, ~5-10 us of host time)."""
+
+    def __init__(self, model, example, warmup):
+        self.static_out = torch.empty(example.shape[0], 1000)
+
+    def __call__(self, x):
+        return self.static_out
+
+
+@pytest.mark.parametrize("check_weights", [True, "fast", False], ids=["full", "fast", "off"])
+def test_graph_replay_host_overhead(benchmark, check_weights):
+    """Per-call host cost of resnet_fused.cuda_graphs around resnet50 with a stand-in replay
+    (CPU): the weight check (full: every parameter and buffer; fast: the generation counter;
+    off), the input signature; clone_output=False, so no output copy is timed."""
+    model = resnet_fused.resnet50().eval()
+    fast = resnet_fused.cuda_graphs(model, clone_output=False, check_weights=check_weights)
+    fast._device_types = ("cpu",)
+    fast._factory = _ReplayStandIn
+    x = torch.randn(1, 3, 224, 224)
+    benchmark.group = "graph replay host"
+    benchmark.extra_info.update(check_weights=str(check_weights))
+    with torch.inference_mode():
+        fast(x)
+        benchmark(fast, x)
+    assert fast.captures == 1

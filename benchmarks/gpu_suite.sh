@@ -167,7 +167,8 @@ run_step tests 80 "$PY" -m pytest tests/test_ext.py tests/test_cuda_graphs.py \
 
 # 6. headline --------------------------------------------------------------------------------
 run_step headline 150 "$PY" -m resnet_fused bench --device $DEV --arch $ARCH --size $SIZE \
-  --batch "${PB[@]}" --dtype fp16 --providers eager,eager_cl,fused:auto,fused+graphs,compile \
+  --batch "${PB[@]}" --dtype fp16 \
+  --providers eager,eager_cl,fused:auto,fused+graphs,fused+graphs_safe,compile \
   --min-time $MT --json "$TMP/bench.json" --plot "$TMP/bench.png"
 
 # 7. profile ---------------------------------------------------------------------------------

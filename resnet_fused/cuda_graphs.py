@@ -12,7 +12,11 @@ replaying one captured graph is part of the fast path. The wrapper:
 - checks on every call the identity, storage and version counter of every parameter and buffer,
   and drops all graphs when one changed (optimizer step, load_state_dict, .to(), running-stat
   update), so the next call recaptures with the new weights; it also keeps the fold-cache entries
-  the graph reads alive, since replay reads their memory;
+  the graph reads alive, since replay reads their memory. That check reads every tensor (~0.1 ms
+  for ResNet-50 on the host); `check_weights="fast"` replaces it with a generation counter that
+  hooks bump (any optimizer step, parameter/buffer/submodule assignment anywhere, the model's
+  load_state_dict) plus one sentinel tensor's storage and version (catches .to()/.half()), a few
+  microseconds: in-place edits of weights outside an optimizer step then need `.reset()`;
 - runs the model plainly when graphs cannot or should not be used: CPU (or any non-CUDA) input,
   train mode, autograd recording (grad enabled and a parameter requires grad: a replayed graph
   carries no autograd history), non-tensor or extra arguments, torch.compile tracing, or a
@@ -28,6 +32,30 @@ import torch
 from torch import nn
 
 from . import backends, fold
+
+# Bumped by the hooks `check_weights="fast"` installs (once per process, on first use).
+_generation = 0
+_hooks_installed = False
+
+
+def _bump(*_args: Any, **_kwargs: Any) -> None:
+    global _generation
+    _generation += 1
+
+
+def _install_generation_hooks() -> None:
+    """Global hooks (public torch APIs) that bump the generation on any optimizer step and any
+    parameter, buffer or submodule assignment; they return None, so they change nothing."""
+    global _hooks_installed
+    if _hooks_installed:
+        return
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+    register_optimizer_step_post_hook(_bump)
+    from torch.nn.modules import module
+    module.register_module_parameter_registration_hook(_bump)
+    module.register_module_buffer_registration_hook(_bump)
+    module.register_module_module_registration_hook(_bump)
+    _hooks_installed = True
 
 
 class _CapturedCUDAGraph:
@@ -80,12 +108,18 @@ class CUDAGraphs(nn.Module):
     _factory: Callable[..., Callable[[torch.Tensor], Any]] = _CapturedCUDAGraph
 
     def __init__(self, model: nn.Module, *, warmup: int = 3, clone_output: bool = True,
-                 check_weights: bool = True):
+                 check_weights: Any = True):
         super().__init__()
+        if check_weights not in (True, False, "fast"):
+            raise ValueError(f"cuda_graphs: check_weights must be True, False or 'fast', got "
+                             f"{check_weights!r}")
         self.model = model
         self.warmup = int(warmup)
         self.clone_output = bool(clone_output)
-        self.check_weights = bool(check_weights)
+        self.check_weights = check_weights
+        if check_weights == "fast":
+            _install_generation_hooks()
+            model.register_load_state_dict_post_hook(_bump)
         self._graphs: Dict[tuple, Callable[[torch.Tensor], Any]] = {}
         self._weights_key: Optional[tuple] = None
         self._pinned: List[Any] = []  # fold-cache entries the graphs read
@@ -163,11 +197,33 @@ class CUDAGraphs(nn.Module):
         self._pinned = pinned
 
     # -- the call -------------------------------------------------------------------------------
+    def _fast_key(self) -> tuple:
+        """The generation, plus one sentinel tensor's identity, storage and version."""
+        if self._entries is None:
+            self._collect()
+        sentinel = self._tensor_list[0] if self._tensor_list else None
+        return (_generation,) + (self._weights_signature([sentinel]) if sentinel is not None
+                                 else ())
+
     def forward(self, x: Any, *args: Any, **kwargs: Any) -> Any:
-        tensors = self._tensors()
+        if self.check_weights is True:
+            tensors = self._tensors()
+        else:
+            if self.check_weights == "fast":
+                # replacements bump the generation: the tensor list stays valid until then
+                key = self._fast_key()
+                if key != self._weights_key:
+                    self._entries = None
+                    self.reset()
+                    self._weights_key = self._fast_key()
+            if self._entries is None:
+                self._collect()
+            tensors = self._tensor_list
         if args or kwargs or not self._use_graphs(x, tensors):
+            if self.model.training:  # a train forward updates BN statistics in place
+                self._weights_key = None
             return self.model(x, *args, **kwargs)
-        if self.check_weights or self._weights_key is None:
+        if self.check_weights is True or self._weights_key is None:
             weights = self._weights_signature(tensors)
             if weights != self._weights_key:  # new weights (or first call): graphs are stale
                 self.reset()
@@ -189,7 +245,7 @@ class CUDAGraphs(nn.Module):
 
 
 def cuda_graphs(model: nn.Module, *, warmup: int = 3, clone_output: bool = True,
-                check_weights: bool = True) -> CUDAGraphs:
+                check_weights: Any = True) -> CUDAGraphs:
     """Wrap `model` so that eval-mode inference on CUDA runs through captured CUDA graphs.
 
         fast = resnet_fused.cuda_graphs(resnet_fused.resnet50().eval().cuda().half())
@@ -199,8 +255,10 @@ def cuda_graphs(model: nn.Module, *, warmup: int = 3, clone_output: bool = True,
 
     On CPU (or in train mode, or when autograd records) it runs `model` plainly.
     warmup: calls before each capture. clone_output=False returns the graph's static output
-    buffer (overwritten by the next call). check_weights=False skips the per-call weight check
-    (~0.1 ms for ResNet-50 on the host): call .reset() yourself after changing weights.
+    buffer (overwritten by the next call). check_weights=True reads every parameter and buffer
+    per call (~0.1 ms for ResNet-50 on the host); "fast" checks a generation counter that
+    optimizer steps, assignments and load_state_dict bump (a few us; in-place edits outside an
+    optimizer need .reset()); False checks nothing: call .reset() yourself after changing weights.
     """
     return CUDAGraphs(model, warmup=warmup, clone_output=clone_output,
                       check_weights=check_weights)

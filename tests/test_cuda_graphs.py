@@ -110,6 +110,58 @@ def test_recaptured_when_weights_change(change):
     assert fast.captures == 3 and fast.num_graphs == 1  # stale graphs dropped, one recaptured
 
 
+@pytest.mark.parametrize("change", ["optimizer_step", "load_state_dict", "new_parameter",
+                                    "dtype", "train_forward"])
+def test_fast_check_recaptures_on_what_its_hooks_see(change):
+    """check_weights="fast": a generation counter instead of reading every tensor. It sees
+    optimizer steps, assignments, load_state_dict, .to()/.double() (sentinel) and train-mode
+    forwards (BN statistics)."""
+    model = _model()
+    fast = _fake(model, check_weights="fast")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        fast(x)
+        fast(x)
+    assert (fast.captures, fast.replays) == (1, 2)
+    if change == "optimizer_step":
+        opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+        model(x).sum().backward()
+        opt.step()
+    elif change == "load_state_dict":
+        model.load_state_dict(_model(seed=3).state_dict())
+    elif change == "new_parameter":
+        model.fc.bias = torch.nn.Parameter(model.fc.bias.detach() + 1.0)
+    elif change == "dtype":
+        model.double()
+        x = x.double()
+    else:
+        model.train()
+        fast(x)
+        fast.eval()
+    with torch.inference_mode():
+        y = fast(x)
+        torch.testing.assert_close(y, model(x))
+    assert fast.captures == 2
+
+
+def test_fast_check_misses_inplace_edits_until_reset():
+    """The documented limit of the fast check: an in-place edit outside an optimizer step is not
+    seen (the full check sees it); .reset() recaptures."""
+    model = _model()
+    fast = _fake(model, check_weights="fast")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        before = fast(x)
+    with torch.no_grad():
+        model.fc.bias.add_(1.0)
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(x), before)   # the stale graph
+        fast.reset()
+        torch.testing.assert_close(fast(x), model(x))
+    with pytest.raises(ValueError, match="check_weights must be True, False or 'fast', got 'x'"):
+        CUDAGraphs(model, check_weights="x")
+
+
 def test_plain_execution_when_graphs_do_not_apply():
     model = _model()
     fast = _fake(model)

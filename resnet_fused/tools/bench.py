@@ -9,7 +9,9 @@ For each (batch, dtype) it times every provider on the same weights and the same
   fused+compile  torch.compile(resnet_fused model), channels_last input as `compile` (opt-in)
   jit_ofi        torch.jit.optimize_for_inference(torch.jit.script(model)) (opt-in; deprecated API)
   fused:<name>   resnet_fused with backend <name>, for each backend available here
-  fused+graphs   resnet_fused (auto backend) through resnet_fused.cuda_graphs (CUDA only)
+  fused+graphs   resnet_fused (auto backend) through resnet_fused.cuda_graphs in its lowest-latency
+                 form: check_weights="fast", clone_output=False (CUDA only)
+  fused+graphs_safe  the same with the wrapper's defaults: every weight checked, output cloned
 
 Timing: a first call (fold cache, autotuning, compilation; reported apart), warm-up calls, then
 repeated calls. On CUDA, one provider at a time, each call timed with CUDA events (device time
@@ -52,6 +54,7 @@ LABELS = {"eager": "eager (torchvision, NCHW)", "eager_cl": "eager (channels_las
           "compile_max": "torch.compile (max-autotune, freezing)",
           "jit_ofi": "torch.jit.optimize_for_inference",
           "fused+graphs": "fused + CUDA graphs"}
+GRAPHS = ("fused+graphs", "fused+graphs_safe")  # providers that need CUDA
 
 
 # ----------------------------------------------------------------------------- providers ---
@@ -63,7 +66,7 @@ def available_fused_backends(device: torch.device) -> List[str]:
 def default_providers(device: torch.device) -> List[str]:
     fused = [f"fused:{n}" for n in available_fused_backends(device)]
     if device.type == "cuda":
-        return ["eager", "eager_cl", "compile", *fused, "fused+graphs"]
+        return ["eager", "eager_cl", "compile", *fused, *GRAPHS]
     # torch.compile on CPU needs a C++ compiler and ~1 min per shape: opt in with --providers.
     return ["eager", "eager_cl", *fused]
 
@@ -78,18 +81,18 @@ def expand_providers(spec: Optional[str], device: torch.device) -> List[str]:
         if p == "all":
             out += [*(b for b in BASE_PROVIDERS if b != "jit_ofi"),
                     *(f"fused:{n}" for n in available_fused_backends(device)),
-                    *(["fused+graphs"] if device.type == "cuda" else [])]
+                    *(GRAPHS if device.type == "cuda" else [])]
         elif p == "default":
             out += default_providers(device)
         elif p in ("fused", "fused:*"):
             out += [f"fused:{n}" for n in available_fused_backends(device)]
-        elif p in BASE_PROVIDERS or p in ("fused+graphs", "fused+compile"):
+        elif p in BASE_PROVIDERS or p in (*GRAPHS, "fused+compile"):
             out.append(p)
         elif p.startswith("fused:") and p[6:] in backends.NAMES:
             out.append(p)
         else:
-            names = (*BASE_PROVIDERS, "fused", "fused:<backend>", "fused+graphs",
-                     "fused+compile", "all")
+            names = (*BASE_PROVIDERS, "fused", "fused:<backend>", *GRAPHS, "fused+compile",
+                     "all")
             raise SystemExit(f"bench: unknown provider {p!r}; expected one of "
                              f"{', '.join(names)} (backends: {', '.join(backends.NAMES)})")
     seen = set()
@@ -103,8 +106,9 @@ def label(provider: str, device: torch.device) -> str:
             return f"fused (auto -> {backends.device_choice(device)})"
         auto = " (auto)" if backends.device_choice(device) == name else ""
         return f"fused [{name}]{auto}"
-    if provider == "fused+graphs":
-        return f"fused + CUDA graphs (auto -> {backends.device_choice(device)})"
+    if provider in GRAPHS:
+        safe = ", every weight checked" if provider == "fused+graphs_safe" else ""
+        return f"fused + CUDA graphs{safe} (auto -> {backends.device_choice(device)})"
     if provider == "fused+compile":
         return f"torch.compile(fused) (auto -> {backends.device_choice(device)})"
     return LABELS.get(provider, provider)
@@ -142,10 +146,11 @@ def make_runner(provider: str, stock, x: torch.Tensor, device: torch.device) -> 
         model = _compile(fused, False, device)
         xcl = x.contiguous(memory_format=torch.channels_last)
         return lambda: model(xcl)
-    if provider == "fused+graphs":
+    if provider in GRAPHS:
         if device.type != "cuda":
             raise RuntimeError("CUDA graphs need a CUDA device")
-        graphed = resnet_fused.cuda_graphs(fused)
+        graphed = (resnet_fused.cuda_graphs(fused) if provider == "fused+graphs_safe" else
+                   resnet_fused.cuda_graphs(fused, check_weights="fast", clone_output=False))
         return lambda: graphed(x)
     name = provider[6:]
     reason = backends.unavailable_reason(name, device)
@@ -247,7 +252,7 @@ def run_bench(arch: str = "resnet50", batches: Sequence[int] = (8,),
                                     f"{row['label']} ... ({time.perf_counter() - t_start:.0f} s)")
                 run = out = None
                 try:
-                    if provider == "fused+graphs" and dev.type != "cuda":
+                    if provider in GRAPHS and dev.type != "cuda":
                         raise RuntimeError("CUDA graphs need a CUDA device")
                     run = (bench_train.make_runner(provider, stock, x, target, amp) if train
                            else make_runner(provider, stock, x, dev))
@@ -382,8 +387,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="dtypes (default: fp32 on cpu, fp16 on cuda)")
     p.add_argument("--providers", default=None,
                    help="comma list of: eager, eager_cl, compile, compile_max, jit_ofi, fused "
-                        "(every available backend), fused:<backend>, fused+graphs, default, all. "
-                        "Default: eager, eager_cl, fused:* (+ compile, fused+graphs on cuda)")
+                        "(every available backend), fused:<backend>, fused+graphs, "
+                        "fused+graphs_safe, default, all. Default: eager, eager_cl, fused:* "
+                        "(+ compile, fused+graphs, fused+graphs_safe on cuda)")
     p.add_argument("--device", type=cli.device, default=None,
                    help="default: cuda if available, else cpu")
     p.add_argument("--size", type=cli.positive_int, default=224,

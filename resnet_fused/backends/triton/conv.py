@@ -9,11 +9,17 @@ What is fused
     epilogue (scale, shift, residual, ReLU) runs on the fp32 accumulator; one cast, one store into a
     freshly allocated channels_last output (it never aliases x or the residual).
 
-Three constexpr-selected K loops, all in the same kernel:
-    1x1         KH*KW == 1: the pixel -> input-row mapping is computed once, the loop runs over
-                channels only (the fast path for 36 of ResNet-50's 53 convs).
-    taps        KxK convs with enough channels: one flat loop over (tap, channel block), so the
-                software pipeliner sees a single loop even for 3x3 convs with one channel block.
+Constexpr-selected K loops, all in the same kernel:
+    dense       groups == 1 (every ResNet conv but the stem): operand pointer tiles built once,
+                a scalar offset per iteration, rows and columns past the problem clamped (read,
+                never stored) so only image padding and a partial last channel block (EVEN_K
+                off) need masks; 1x1 loops over channel blocks with pointer increments, KxK over
+                (tap, channel block) with a constant channel-block count (no division). These
+                loops split along K (SPLIT_K): grid axis 1 is the split, each split writes an
+                fp32 partial tile, a REDUCE launch sums them in split order and runs the
+                epilogue once (batch 1: layer3/4 have too few tiles to fill the GPU otherwise).
+    grouped     the general 1x1 and (tap, channel block) loops with the block-diagonal weight
+                mask (below).
     FLAT_K      K = (kh, kw, c) decomposed per element: the stem (7x7/2, C_in = 3) wastes nothing
                 on padding C_in up to BLOCK_K.
 
@@ -37,7 +43,6 @@ Trade-offs
       per-element gather and the block-diagonal weight tile of grouped convs are scalar loads and
       spill registers on the largest tiles (benchmarks/results/triton_compile_report.md); the
       autotuner measures, and per-layer `auto` can hand such layers to cuDNN.
-    - No split-K: batch-1 late layers (M = 49) rely on small tiles for parallelism.
     - Row (pixel) offsets are int64, so tensors past 2^31 elements index correctly; per-element
       column offsets (channel * channel-stride) stay int32 and the launcher guarantees they fit.
     - Strides, padding, dilation, eps-derived values are plain runtime ints/tensors, never
@@ -482,12 +487,12 @@ def split_k_for(args: Dict, config: Config, sms: int) -> int:
 
 def spills(args: Dict, config: Config) -> bool:
     """Configs the static report (tools/kernels.py; triton 3.6, sm_90) shows spilling registers
-    on this kind of problem: the residual epilogue on tiles past 128x128 (184-480 B), and the
-    stem's per-element gather on tiles past 64x64 or with BLOCK_K 128 (88-1008 B), and the split
+    on this kind of problem: the residual epilogue on tiles past 128x128 (184-480 B), the stem's
+    per-element gather on tiles past 64x64 or 32x64 with BLOCK_K 128 (88-1008 B), and the split
     1x1 loop on tiles past 16x32 (8 B: one value kept across the loop)."""
     area = config.block_m * config.block_n
     if args["FLAT_K"]:
-        return area > 64 * 64 or config.block_k > 64
+        return area > 64 * 64 or (config.block_k > 64 and area > 16 * 32)
     if config.split_k > 1 and args["KH"] * args["KW"] == 1 and area > 16 * 32:
         return True
     return bool(args["HAS_RES"]) and area > 128 * 128
