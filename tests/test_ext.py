@@ -129,8 +129,11 @@ def test_cuda_kernels_static_report():
     rows = report.collect(report.library(), tool)
     assert {r["arch"] for r in rows} >= {"sm_80", "sm_90"}
     assert not [r["name"] for r in rows if r["local"]]
-    vectorised = [r for r in rows if re.match(r"(apply|grad_input)_kernel<\w+, [248]>", r["name"])]
-    assert vectorised and all(r["load_bits"] == r["store_bits"] == 128 for r in vectorised), \
+    vectorised = [r for r in rows
+                  if re.match(r"(apply_nhwc|apply_nchw|grad_input)_kernel<\w+, [248]\b", r["name"])]
+    assert {r["name"].split("<")[0] for r in vectorised} == {
+        "apply_nhwc_kernel", "apply_nchw_kernel", "grad_input_kernel"}
+    assert all(r["load_bits"] == r["store_bits"] == 128 for r in vectorised), \
         [(r["name"], r["load_bits"], r["store_bits"]) for r in vectorised]
     assert "| sm_90 |" in report.markdown(rows, report.library())
 

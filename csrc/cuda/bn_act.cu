@@ -8,7 +8,9 @@
 //   backward  one read of grad_out, out (ReLU mask) and x for the per-channel sums, then one
 //             more read of them and one write of grad_x (and of the masked grad for the
 //             residual branch). x_hat and the mask are recomputed, never stored.
-//   epilogue  scale_shift_act: out = relu?(x * scale[c] + shift[c] + residual), one pass.
+//   epilogue  scale_shift_act: out = relu?(x * scale[c] + shift[c] + residual), one pass, launched
+//             2-D so that each thread reads its channels' factors once (vectors where aligned)
+//             and computes no channel index per element.
 // Trade-offs: partial results per (row chunk, channel) go through a small global workspace and
 // are merged in a fixed order by one thread per channel -- deterministic, no atomics, at the
 // cost of two extra tiny launches. Element-wise passes use 16-byte vector loads/stores when
@@ -241,35 +243,101 @@ __device__ __forceinline__ int64_t channel_of(int64_t base, int64_t C, int64_t H
 }
 
 // out = relu?((x - sub[c]) * mul[c] + add[c] + residual); sub may be null (scale_shift_act).
+// Two-dimensional launches: a thread keeps the factors of the channels it owns in registers
+// (read once, as vectors where aligned) and never computes a channel index per element.
+template <typename acc_t, int VEC>
+struct Factors {
+  acc_t sub[VEC], mul[VEC], add[VEC];
+
+  // One vector per factor where the launcher found them aligned to VEC elements (c0 is a
+  // multiple of VEC), else VEC scalar loads: once per thread either way.
+  __device__ __forceinline__ void load(const acc_t* __restrict__ s, const acc_t* __restrict__ m,
+                                       const acc_t* __restrict__ a, int64_t c0, bool vec_ok) {
+    load_one(m, c0, vec_ok, mul);
+    load_one(a, c0, vec_ok, add);
+    if (s != nullptr) {
+      load_one(s, c0, vec_ok, sub);
+    } else {
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) sub[j] = acc_t(0);
+    }
+  }
+
+  static __device__ __forceinline__ void load_one(const acc_t* __restrict__ p, int64_t c0,
+                                                  bool vec_ok, acc_t (&dst)[VEC]) {
+    if (vec_ok) {
+      const Pack<acc_t, VEC> v = load_pack<VEC>(p + c0);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) dst[j] = v.v[j];
+    } else {
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) dst[j] = p[c0 + j];
+    }
+  }
+};
+
+template <typename scalar_t, int VEC, int NF>
+__device__ __forceinline__ void apply_pack(const scalar_t* __restrict__ x,
+                                           const scalar_t* __restrict__ residual,
+                                           scalar_t* __restrict__ out, int64_t base,
+                                           const Factors<at::opmath_type<scalar_t>, NF>& f,
+                                           bool sub, bool relu) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Pack<scalar_t, VEC> xv = load_pack<VEC>(x + base);
+  Pack<scalar_t, VEC> rv;
+  if (residual != nullptr) rv = load_pack<VEC>(residual + base);
+  Pack<scalar_t, VEC> ov;
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) {
+    const int k = NF == 1 ? 0 : j;   // NCHW: one channel for the whole vector
+    acc_t v = static_cast<acc_t>(xv.v[j]);
+    if (sub) v -= f.sub[k];
+    v = v * f.mul[k] + f.add[k];
+    if (residual != nullptr) v += static_cast<acc_t>(rv.v[j]);
+    if (relu && v <= acc_t(0)) v = acc_t(0);  // NaN stays NaN, as torch.relu
+    ov.v[j] = static_cast<scalar_t>(v);
+  }
+  *reinterpret_cast<Pack<scalar_t, VEC>*>(out + base) = ov;
+}
+
+// NHWC: grid (channel-vector blocks, row blocks), block (channel vectors, rows). Thread x owns
+// channels [c0, c0 + VEC) of every row (pixel) it visits; a warp reads whole rows contiguously.
+// SUB is a template argument so that scale_shift_act (no sub) keeps two factor vectors, not
+// three, in registers across the loop.
+template <typename scalar_t, int VEC, bool SUB>
+__global__ void __launch_bounds__(kThreads)
+apply_nhwc_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ residual,
+                  scalar_t* __restrict__ out, const at::opmath_type<scalar_t>* __restrict__ sub,
+                  const at::opmath_type<scalar_t>* __restrict__ mul,
+                  const at::opmath_type<scalar_t>* __restrict__ add, int64_t rows, int64_t C,
+                  bool relu, bool factors_vec_ok) {
+  const int64_t c0 = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
+  if (c0 >= C) return;
+  Factors<at::opmath_type<scalar_t>, VEC> f;
+  f.load(SUB ? sub : nullptr, mul, add, c0, factors_vec_ok);
+  const int64_t step = static_cast<int64_t>(gridDim.y) * blockDim.y;
+  for (int64_t r = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y; r < rows;
+       r += step)
+    apply_pack<scalar_t, VEC>(x, residual, out, r * C + c0, f, SUB, relu);
+}
+
+// NCHW: grid (vector blocks along H*W, planes), 1-D blocks. Plane p = (n, c): its factors are
+// read once per plane, one channel index per plane.
 template <typename scalar_t, int VEC>
 __global__ void __launch_bounds__(kThreads)
-apply_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ residual,
-             scalar_t* __restrict__ out, const at::opmath_type<scalar_t>* __restrict__ sub,
-             const at::opmath_type<scalar_t>* __restrict__ mul,
-             const at::opmath_type<scalar_t>* __restrict__ add, int64_t total, int64_t C,
-             int64_t HW, bool nhwc, bool relu) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t nvec = total / VEC;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < nvec;
-       i += stride) {
-    const int64_t base = i * VEC;
-    const int64_t c0 = channel_of(base, C, HW, nhwc);
-    const Pack<scalar_t, VEC> xv = load_pack<VEC>(x + base);
-    Pack<scalar_t, VEC> rv;
-    if (residual != nullptr) rv = load_pack<VEC>(residual + base);
-    Pack<scalar_t, VEC> ov;
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) {
-      const int64_t c = nhwc ? c0 + j : c0;
-      acc_t v = static_cast<acc_t>(xv.v[j]);
-      if (sub != nullptr) v -= sub[c];
-      v = v * mul[c] + add[c];
-      if (residual != nullptr) v += static_cast<acc_t>(rv.v[j]);
-      if (relu && v <= acc_t(0)) v = acc_t(0);  // NaN stays NaN, as torch.relu
-      ov.v[j] = static_cast<scalar_t>(v);
-    }
-    *reinterpret_cast<Pack<scalar_t, VEC>*>(out + base) = ov;
+apply_nchw_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ residual,
+                  scalar_t* __restrict__ out, const at::opmath_type<scalar_t>* __restrict__ sub,
+                  const at::opmath_type<scalar_t>* __restrict__ mul,
+                  const at::opmath_type<scalar_t>* __restrict__ add, int64_t planes, int64_t C,
+                  int64_t HW, bool relu) {
+  const int64_t nvec = HW / VEC;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t p = blockIdx.y; p < planes; p += gridDim.y) {
+    Factors<at::opmath_type<scalar_t>, 1> f;
+    f.load(sub, mul, add, p % C, false);
+    for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < nvec;
+         i += step)
+      apply_pack<scalar_t, VEC>(x, residual, out, p * HW + i * VEC, f, sub != nullptr, relu);
   }
 }
 
@@ -377,13 +445,52 @@ void launch_apply(const Shape& s, const scalar_t* x, const scalar_t* residual, s
                   const at::opmath_type<scalar_t>* sub, const at::opmath_type<scalar_t>* mul,
                   const at::opmath_type<scalar_t>* add, bool relu, int sms, cudaStream_t stream) {
   constexpr int kVec = 16 / sizeof(scalar_t);
-  const bool nhwc = s.layout == Layout::NHWC;
-  if (can_vectorize<scalar_t>(s, {x, residual, out})) {
-    apply_kernel<scalar_t, kVec><<<grid_1d(s.numel() / kVec, sms), kThreads, 0, stream>>>(
-        x, residual, out, sub, mul, add, s.numel(), s.C, s.HW, nhwc, relu);
+  const bool vec = can_vectorize<scalar_t>(s, {x, residual, out});
+  const bool factors_vec_ok = [&] {  // each factor vector aligned to its own size
+    const uintptr_t bytes = sizeof(at::opmath_type<scalar_t>) * kVec;
+    for (const void* p : {static_cast<const void*>(sub), static_cast<const void*>(mul),
+                          static_cast<const void*>(add)})
+      if (p != nullptr && reinterpret_cast<uintptr_t>(p) % bytes != 0) return false;
+    return true;
+  }();
+  const int64_t blocks_wanted = int64_t(sms) * 16;   // as grid_1d: enough to fill the GPU
+  if (s.layout == Layout::NHWC) {
+    const int64_t cvec = vec ? s.C / kVec : s.C;     // channel vectors per row
+    int64_t bx = 1;
+    while (bx < cvec && bx < 64) bx *= 2;            // up to 64 vectors of a row per block
+    const int64_t by = kThreads / bx;
+    const int64_t gx = ceil_div(cvec, bx);
+    const int64_t rows = s.N * s.HW;
+    const int64_t gy = std::clamp<int64_t>(ceil_div(blocks_wanted, gx), 1,
+                                           std::min<int64_t>(65535, ceil_div(rows, by)));
+    const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(gy));
+    const dim3 block(static_cast<unsigned>(bx), static_cast<unsigned>(by));
+    auto launch = [&](auto vec_width, auto has_sub) {
+      apply_nhwc_kernel<scalar_t, decltype(vec_width)::value, decltype(has_sub)::value>
+          <<<grid, block, 0, stream>>>(x, residual, out, sub, mul, add, rows, s.C, relu,
+                                       factors_vec_ok);
+    };
+    using One = std::integral_constant<int, 1>;
+    using Wide = std::integral_constant<int, kVec>;
+    if (sub != nullptr) {
+      if (vec) launch(Wide{}, std::true_type{}); else launch(One{}, std::true_type{});
+    } else {
+      if (vec) launch(Wide{}, std::false_type{}); else launch(One{}, std::false_type{});
+    }
   } else {
-    apply_kernel<scalar_t, 1><<<grid_1d(s.numel(), sms), kThreads, 0, stream>>>(
-        x, residual, out, sub, mul, add, s.numel(), s.C, s.HW, nhwc, relu);
+    const int64_t planes = s.N * s.C;
+    const int64_t nvec = vec ? s.HW / kVec : s.HW;
+    const int64_t gy = std::min<int64_t>(planes, 65535);
+    const int64_t gx = std::clamp<int64_t>(ceil_div(blocks_wanted, gy), 1,
+                                           ceil_div(nvec, kThreads));
+    const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(gy));
+    if (vec)
+      apply_nchw_kernel<scalar_t, kVec><<<grid, kThreads, 0, stream>>>(x, residual, out, sub, mul,
+                                                                        add, planes, s.C, s.HW,
+                                                                        relu);
+    else
+      apply_nchw_kernel<scalar_t, 1><<<grid, kThreads, 0, stream>>>(x, residual, out, sub, mul,
+                                                                     add, planes, s.C, s.HW, relu);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
