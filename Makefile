@@ -73,7 +73,8 @@ COMPAT_PY := $(COMPAT_VENV)/bin/python
 COMPAT_PYTHON ?= $(shell PYENV_VERSION=3.12.1 pyenv which python3.12 2>/dev/null || command -v python3.12 || echo $(PYTHON))
 COMPAT_TESTS := tests/test_ops.py tests/test_onednn.py tests/test_ext.py tests/test_conv_triton.py \
 	tests/test_models_triton.py tests/test_triton_compile.py tests/test_check.py \
-	tests/test_nonfinite.py tests/test_warm_start.py tests/test_hooks.py tests/test_dropin.py
+	tests/test_nonfinite.py tests/test_warm_start.py tests/test_hooks.py tests/test_dropin.py \
+	tests/test_kernel_report.py
 
 $(COMPAT_VENV)/.deps-installed: requirements-compat.txt
 	$(COMPAT_PYTHON) -m venv $(COMPAT_VENV)

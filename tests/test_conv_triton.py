@@ -269,6 +269,51 @@ def test_split_k_nonfinite_and_strides(device, dtype):
     assert torch.equal(first.nan_to_num(), again.nan_to_num())
 
 
+# TMA configs: (case, split). 1x1 stride-1 convs take both operands by TMA, the others only the
+# weight (KxK: C_in a multiple of BLOCK_K = 16). Rows past M and channels past C_in come back as
+# zeros from the descriptor, so partial tiles and C_in = 40 (not a multiple of 16) are covered.
+TMA_CASES = [("1x1s1_tma", 1), ("1x1s1_tma", 2), ("1x1_odd_k_tma", 1), ("3x3s1_tma", 1),
+             ("3x3s1_tma", 3), ("1x1s2_downsample", 1), ("3x3s2_tma", 1)]
+TMA_SHAPES = {"1x1s1_tma": (2, 64, 7, 7, 48, 1, 1, 0, 1, 1),
+              "1x1_odd_k_tma": (1, 40, 5, 5, 24, 1, 1, 0, 1, 1),
+              "3x3s1_tma": (2, 64, 6, 6, 40, 3, 1, 1, 1, 1),
+              "3x3s2_tma": (1, 32, 7, 7, 24, 3, 2, 1, 1, 1)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("case,split", TMA_CASES, ids=lambda v: str(v))
+def test_tma_operands(device, case, split, dtype):
+    """Operands through tensor descriptors (Hopper's TMA; the interpreter emulates them) against
+    float64, with the residual and a NaN planted in x."""
+    n, c_in, h, w, c_out, k, stride, pad, dil, groups = TMA_SHAPES.get(case) or CASES[case]
+    config = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, GROUP_M=1, num_warps=4, num_stages=2,
+                  SPLIT_K=split, TMA=True)
+    x, weight, scale, shift, res = make_problem(n, c_in, h, w, c_out, k, stride, pad, dil, groups,
+                                                dtype, device, residual=True, seed=19)
+    x[0, 3, 1, 1] = float("nan")
+    meta = torch.empty(n, c_out, *tconv.out_hw(h, w, (k, k), (stride,) * 2, (pad,) * 2, (1, 1)))
+    args = tconv.kernel_args(x, weight, scale, shift, res, meta, (stride,) * 2, (pad,) * 2,
+                             (1, 1), 1, True, True)
+    assert tconv.tma_operands(args, tconv.Config(16, 32, 16, 1, 4, 2, split, True)) == (
+        k == 1 and stride == 1, True)
+    check(x, weight, scale, shift, res, stride, pad, dil, groups, True, dtype, config=config)
+
+
+def test_tma_needs_16_bit_dense_operands(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    x = torch.zeros(1, 16, 5, 5).contiguous(memory_format=torch.channels_last)
+    s = torch.zeros(16)
+    config = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, GROUP_M=1, num_warps=4, TMA=True)
+    with pytest.raises(ValueError, match="a TMA config needs 16-bit operands.*torch.float32"):
+        tconv.conv_bn_act(x, torch.zeros(16, 16, 1, 1), s, s, None, (1, 1), (0, 0), (1, 1), 1,
+                          True, config=config)
+    args = tconv.kernel_args(x.half(), torch.zeros(16, 16, 3, 3).half(), s, s, None, x, (1, 1),
+                             (1, 1), (1, 1), 1, True, False)
+    assert tconv.tma_operands(args, tconv.Config(64, 64, 64, 8, 4, 3, 1, True)) == (False, False)
+    cands = tconv.candidates("hopper", torch.float16, 4096, 256, 132, dict(args, M=4096))
+    assert not any(c.tma for c in cands)  # NCHW weight: its K is not contiguous
+
+
 @pytest.mark.parametrize("family,sms", [("hopper", 132), ("ampere", 108)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=lambda d: str(d)[6:])
 def test_every_resnet50_layer_fills_a_wave_at_batch_1(family, sms, dtype):

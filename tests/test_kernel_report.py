@@ -1,8 +1,8 @@
 """The static kernel report (`python -m resnet_fused kernels`, resnet_fused/tools/kernels.py):
 every candidate config of every conv layer compiled for sm_90 without a GPU, and the invariants
 the kernel is held to: no register spills in any candidate, a candidate that fills one wave of
-SMs for every layer at batch 1 (split-K), wgmma on every Hopper tile of 64 rows or more, and a
-main-loop instruction count for every kernel. The committed table is
+SMs for every layer at batch 1 (split-K), wgmma on every Hopper tile of 64 rows or more, TMA in
+exactly the TMA candidates, and a main-loop instruction count for every kernel. The committed table is
 benchmarks/results/triton_kernel_report_sm90.md (`make kernel-report`)."""
 from __future__ import annotations
 
@@ -34,6 +34,8 @@ def _check_invariants(rep):
         assert r["roofline_us"] > 0
     split = [r for r in rows if r["split_k"] > 1]
     assert all(r["batch"] == 1 and r["kernels"] == 2 for r in split)  # split + reduction
+    tma = [r for r in rows if r["config"].endswith(" tma")]
+    assert tma and all(r["tma"] for r in tma) and not any(r["tma"] for r in rows if r not in tma)
     return rows
 
 
@@ -54,6 +56,9 @@ def test_report_invariants_on_representative_layers(tmp_path):
                      "layer4.0.conv2", "layer4.0.conv3"}
     assert rep["summary"]["layers"] == 2 * len(names)
     assert any(r["split_k"] > 1 for r in rows if r["layer"] == "layer4.0.conv2")
+    # TMA candidates: both operands on 1x1 stride-1 layers, the weight on 3x3 ones
+    assert {"layer1.0.conv1", "layer1.0.conv2", "layer4.0.conv1"} <= {
+        r["layer"] for r in rows if r["tma"]}
     assert "| 1 | layer4.0.conv2 |" in md.read_text()
 
 

@@ -94,7 +94,7 @@ DTYPES = {"fp16": (torch.float16, "ieee"), "bf16": (torch.bfloat16, "ieee"),
 
 def _shared_estimate(cfg) -> int:
     """Relative shared-memory footprint of a config: the A and B tiles times the stages."""
-    bm, bn, bk, _, _, stages, _ = cfg
+    bm, bn, bk, stages = cfg.block_m, cfg.block_n, cfg.block_k, cfg.stages
     return (bm * bk + bk * bn) * stages
 
 
@@ -146,7 +146,7 @@ def _write_report(rows: List[dict]) -> None:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        bm, bn, bk, gm, w, s, _ = r["config"]
+        bm, bn, bk, gm, w, s = r["config"][:6]
         lines.append(f"| sm_{r['cap']} | {r['dtype']} | {r['variant']} | {bm}x{bn}x{bk} g{gm} "
                      f"w{w} s{s} | {r['regs'] if r['regs'] is not None else 'n/a'} | "
                      f"{r['spill'] if r['spill'] is not None else 'n/a'} | {r['shared']} | "
@@ -210,7 +210,7 @@ def _jit_cache_key(args: dict, config: tuple, capability: int) -> str:
     kernel = tconv.jit_kernel(False)
     backend = make_backend(GPUTarget("cuda", capability, 32))
     binder = triton_jit.create_function_from_signature(kernel.signature, kernel.params, backend)
-    bm, bn, bk, gm, warps, stages, _ = config
+    bm, bn, bk, gm, warps, stages = config[:6]
     kwargs = {"num_warps": warps, "num_stages": stages, "debug": False}
     if "instrumentation_mode" in inspect.getsource(triton_jit.JITFunction.run):
         kwargs["instrumentation_mode"] = triton.knobs.compilation.instrumentation_mode
@@ -258,13 +258,15 @@ def test_aot_source_is_what_the_jit_would_compile(batch, residual):
     assert len(keys) == 2
 
 
-def test_fallback_specialisation_compiles_the_same_code(monkeypatch, tmp_path):
+@pytest.mark.parametrize("tma", [False, True])
+def test_fallback_specialisation_compiles_the_same_code(monkeypatch, tmp_path, tma):
     """Without Triton's binder, aot.job derives the specialisation from public facts: the same
     signature and constants, and the same code (the JIT's extra empty attribute lists change only
-    the cache key)."""
+    the cache key). With TMA: tensor-descriptor arguments, and the PTX uses the TMA unit."""
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
     args = problem_args("1x1 +res", torch.float16, "ieee")
-    config = tconv.config_tuples("hopper", torch.float16)[-1]
+    config = (tconv.Config(64, 64, 64, 8, 4, 3, 1, True) if tma else
+              tconv.config_tuples("hopper", torch.float16)[-1])
     exact = aot.job(args, config, 90)
     monkeypatch.setattr(aot, "_jit_specialisation", lambda *a: 1 / 0)
     derived = aot.job(args, config, 90)
@@ -273,7 +275,9 @@ def test_fallback_specialisation_compiles_the_same_code(monkeypatch, tmp_path):
     assert src_exact.constants == src_derived.constants
     assert ({k: v for k, v in src_exact.attrs.items() if v}
             == {k: v for k, v in src_derived.attrs.items() if v})
-    assert aot.compile_job(exact).asm["ptx"] == aot.compile_job(derived).asm["ptx"]
+    ptx = aot.compile_job(exact).asm["ptx"]
+    assert ptx == aot.compile_job(derived).asm["ptx"]
+    assert sass.uses_tma(ptx) == tma
 
 
 def test_compile_all_in_parallel(tmp_path, monkeypatch):

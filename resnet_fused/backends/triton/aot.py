@@ -82,8 +82,11 @@ def _derived_specialisation(values: Dict):
     attrs: Dict[Tuple[int, ...], List] = {}
     for i, param in enumerate(conv.jit_kernel(False).params):
         name, value = param.name, values[param.name]
-        if param.is_constexpr:
+        if param.is_constexpr or value is None:
             signature[name], constexprs[name] = "constexpr", value
+        elif type(value).__name__ == "TensorDescriptor":
+            block = ", ".join(map(str, value.block_shape))
+            signature[name] = f"tensordesc<{_PTR[value.base.dtype][1:]}[{block}]>"
         elif isinstance(value, torch.Tensor):
             signature[name] = _PTR[value.dtype]
             attrs[(i,)] = [["tt.divisibility", 16]]  # torch allocations are 16-byte aligned

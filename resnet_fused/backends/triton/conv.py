@@ -36,8 +36,12 @@ group by group in IEEE precision (other programs exit at once). A separate launc
 recompute inside the main kernel raised its register pressure and spilled inside the K loop.
 
 Trade-offs
-    - A is gathered with pointer arithmetic, not TMA descriptors: works for any stride/padding/
-      dilation and any input strides (NCHW included, slower but correct) on Ampere and Hopper alike.
+    - A is gathered with pointer arithmetic: works for any stride/padding/dilation and any input
+      strides (NCHW included, slower but correct) on Ampere and Hopper alike. On Hopper, TMA
+      candidates (Config.tma) load the weight through a tensor descriptor in every dense layer
+      with a channels_last weight, and x too where the conv is a plain GEMM (1x1, stride 1, no
+      padding, dense channels_last x); the descriptor zero-fills past M and C_in, so no masks.
+      Tuning times them against the cp.async configs; which wins is a GPU measurement.
       For dense 1x1/KxK convs on channels_last input both operands move with 16-byte cp.async and
       the MMA is wgmma on sm_90 for BLOCK_M >= 64 (mma.sync below that, and on sm_80). The stem's
       per-element gather and the block-diagonal weight tile of grouped convs are scalar loads and
@@ -77,6 +81,8 @@ def conv_bn_act_kernel(
     x_ptr, w_ptr, scale_ptr, shift_ptr, res_ptr, out_ptr,
     flag_ptr,                    # EXACT_NONFINITE: one int32 per tile, "this tile met NaN/Inf"
     ws_ptr,                      # SPLIT_K > 1: fp32 partial tiles, [SPLIT_K, M, C_out]
+    a_desc, b_desc,              # TMA_A / TMA_B: tensor descriptors of x as [M, C_in] and of the
+                                 # weight as [C_out, KH*KW*C_in] (None otherwise)
     # problem shape (M is not specialised: a new batch size reuses the compiled kernel)
     M, C_in, C_out, groups, CIN_G, COUT_G,
     H, W, OH, OW,
@@ -103,6 +109,8 @@ def conv_bn_act_kernel(
     IN_IMAGE: tl.constexpr,      # 1x1 without padding: every tap lies inside the image
     SPLIT_K: tl.constexpr,       # programs per tile along K (grid axis 1); 1: no split
     REDUCE: tl.constexpr,        # split-K's second launch: sum the partials, then the epilogue
+    TMA_A: tl.constexpr,         # dense 1x1 stride-1 on a dense channels_last x: A by TMA
+    TMA_B: tl.constexpr,         # dense, weight K-contiguous: B by TMA (Hopper)
     # tile configuration (autotuned)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -212,16 +220,22 @@ def conv_bn_act_kernel(
             a_ptrs += it0 * BLOCK_K * sx_c
             b_ptrs += it0 * BLOCK_K * sw_i
             for it in range(it0, it1):
-                if EVEN_K and IN_IMAGE:
+                # (TMA zero-fills rows past M and channels past C_in: no masks either way)
+                if TMA_A:
+                    a = a_desc.load([pid_m * BLOCK_M, it * BLOCK_K])
+                elif EVEN_K and IN_IMAGE:
                     a = tl.load(a_ptrs)
-                    b = tl.load(b_ptrs)
                 elif EVEN_K:
                     a = tl.load(a_ptrs, mask=row_ok, other=0.0)
+                else:
+                    a = tl.load(a_ptrs, mask=row_ok & (it * BLOCK_K + rk < C_in)[None, :],
+                                other=0.0)
+                if TMA_B:
+                    b = b_desc.load([pid_n * BLOCK_N, it * BLOCK_K]).T
+                elif EVEN_K:
                     b = tl.load(b_ptrs)
                 else:
-                    k_ok = it * BLOCK_K + rk < C_in
-                    a = tl.load(a_ptrs, mask=row_ok & k_ok[None, :], other=0.0)
-                    b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
+                    b = tl.load(b_ptrs, mask=(it * BLOCK_K + rk < C_in)[:, None], other=0.0)
                 if UPCAST:
                     a = a.to(tl.float32)
                     b = b.to(tl.float32)
@@ -245,7 +259,10 @@ def conv_bn_act_kernel(
                 a_off = ((kh * dil_h).to(tl.int64) * sx_h + (kw * dil_w).to(tl.int64) * sx_w
                          + c0 * sx_c)
                 b_off = kh * sw_h + kw * sw_w + c0 * sw_i
-                if EVEN_K:
+                if TMA_B:  # (EVEN_K: a channel block never crosses into the next tap)
+                    a = tl.load(a_ptrs + a_off, mask=row_ok, other=0.0)
+                    b = b_desc.load([pid_n * BLOCK_N, tap * C_in + c0]).T
+                elif EVEN_K:
                     a = tl.load(a_ptrs + a_off, mask=row_ok, other=0.0)
                     b = tl.load(b_ptrs + b_off)
                 else:
@@ -367,18 +384,20 @@ class Config(NamedTuple):
     warps: int
     stages: int
     split_k: int = 1
+    tma: bool = False        # operands by TMA where the problem allows (Hopper; tma_operands)
 
     @property
     def label(self) -> str:
         """128x64x64 g8 w4 s4 (k4 with a K split)."""
         return (f"{self.block_m}x{self.block_n}x{self.block_k} g{self.group_m} w{self.warps} "
-                f"s{self.stages}" + (f" k{self.split_k}" if self.split_k > 1 else ""))
+                f"s{self.stages}" + (f" k{self.split_k}" if self.split_k > 1 else "")
+                + (" tma" if self.tma else ""))
 
     def launch_dict(self) -> Dict[str, int]:
         """The `config` argument of conv_bn_act."""
         return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_K=self.block_k,
                     GROUP_M=self.group_m, num_warps=self.warps, num_stages=self.stages,
-                    SPLIT_K=self.split_k)
+                    SPLIT_K=self.split_k, TMA=self.tma)
 
 
 # SMs of the GPUs the tile lists are tuned for (H100 SXM, A100): what split-K aims to fill when
@@ -452,7 +471,39 @@ def tile_args(args: Dict, config: Sequence[int]) -> Dict[str, int]:
             "NCK": triton.cdiv(args["C_in"], cfg.block_k) if taps else 1,
             "IN_IMAGE": (dense and args["KH"] * args["KW"] == 1 and args["pad_h"] == 0
                          and args["pad_w"] == 0),
+            **dict(zip(("TMA_A", "TMA_B"), tma_operands(args, cfg))),
             "SPLIT_K": cfg.split_k}
+
+
+def tma_operands(args: Dict, config: Sequence[int]) -> Tuple[bool, bool]:
+    """(A by TMA, B by TMA) for a TMA config: B wherever the weight is K-contiguous (a
+    channels_last weight: [C_out, KH*KW*C_in] rows) with 16-byte aligned rows and, for KxK, whole
+    channel blocks per tap; A for 1x1 stride-1 unpadded convs on a dense channels_last x ([M, C_in]
+    rows). 16-bit operands only. (False, False) for other configs and problems."""
+    cfg = Config(*config)
+    x, w = args["x_ptr"], args["w_ptr"]
+    if (not cfg.tma or args["groups"] != 1 or args["FLAT_K"] or x.element_size() != 2
+            or x.dtype not in (torch.float16, torch.bfloat16)):
+        return False, False
+    kh, kw, c_in = args["KH"], args["KW"], args["C_in"]
+    row = kh * kw * c_in
+    b = (dense_strides(w, (1, 3, 2, 0)) and row * 2 % 16 == 0 and w.data_ptr() % 16 == 0
+         and (kh * kw == 1 or c_in % cfg.block_k == 0))
+    a = (b and kh * kw == 1 and (args["stride_h"], args["stride_w"], args["pad_h"],
+                                 args["pad_w"]) == (1, 1, 0, 0)
+         and dense_strides(x, (1, 3, 2, 0)) and c_in * 2 % 16 == 0 and x.data_ptr() % 16 == 0)
+    return a, b
+
+
+def dense_strides(t: torch.Tensor, order: Sequence[int]) -> bool:
+    """Whether `t` is densely packed with its dims nested in `order` (innermost first), ignoring
+    the strides of size-1 dims (which are arbitrary)."""
+    expected = 1
+    for d in order:
+        if t.shape[d] != 1 and t.stride(d) != expected:
+            return False
+        expected *= t.shape[d]
+    return True
 
 
 def k_iterations(args: Dict, config: Sequence[int]) -> int:
@@ -504,7 +555,8 @@ def candidates(family: str, dtype: torch.dtype, m: int, c_out: int, sms: Optiona
     (M = 49 needs no 256-row tile); at least one. With the kernel `args`, also fewer pipeline
     stages where K is too short to fill them, and (given `sms`) the two smallest tiles split along
     K where no tile gives every SM a program (batch 1). Pruned on the bucket, so every batch size
-    in a bucket has the same candidates."""
+    in a bucket has the same candidates. On Hopper, the wgmma tiles also with TMA operands
+    (tma_operands) where the problem allows."""
     configs = config_tuples(family, dtype)
     if args is not None and family != "interpreter":
         configs = [c for c in configs if not spills(args, c)] or configs
@@ -524,6 +576,9 @@ def candidates(family: str, dtype: torch.dtype, m: int, c_out: int, sms: Optiona
         split = [c._replace(split_k=k) for c in smallest
                  if (k := split_k_for(bucketed, c, sms)) > 1]
         kept += [c for c in split if not spills(args, c)]
+    if family == "hopper":  # the wgmma tiles again with TMA operands, where the problem allows
+        kept += [t for c in kept if c.block_m >= 64 and c.split_k == 1
+                 and tma_operands(args, t := c._replace(tma=True))[1]]
     return kept
 
 
@@ -606,6 +661,19 @@ def launches(args: Dict, config: Sequence[int]) -> List[Tuple[Tuple[int, ...], D
     out = args["out_ptr"]
     grid = (tiles(args, cfg),)
     run = dict(args, **meta)
+    if cfg.tma and not meta["TMA_B"]:
+        raise ValueError(f"triton conv_bn_act: a TMA config needs 16-bit operands, groups == 1 "
+                         f"and a K-contiguous weight with 16-byte aligned rows, got "
+                         f"{args['x_ptr'].dtype}, groups={args['groups']}, weight strides "
+                         f"{tuple(args['w_ptr'].stride())}")
+    if meta["TMA_B"]:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+        row = args["KH"] * args["KW"] * args["C_in"]
+        run["b_desc"] = TensorDescriptor(args["w_ptr"], [args["C_out"], row], [row, 1],
+                                         [cfg.block_n, cfg.block_k])
+        if meta["TMA_A"]:
+            run["a_desc"] = TensorDescriptor(args["x_ptr"], [args["M"], args["C_in"]],
+                                             [args["C_in"], 1], [cfg.block_m, cfg.block_k])
     if meta["EXACT_NONFINITE"]:  # every program of the flagging launch writes its tile's flag
         run["flag_ptr"] = torch.empty(grid[0], dtype=torch.int32, device=out.device)
     steps = []
@@ -679,6 +747,7 @@ def kernel_args(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shif
     return dict(
         x_ptr=x, w_ptr=weight, scale_ptr=scale, shift_ptr=shift, res_ptr=res, out_ptr=out,
         flag_ptr=out, ws_ptr=out,   # launches() passes buffers where a config needs them
+        a_desc=None, b_desc=None,   # and tensor descriptors (TMA configs)
         M=n * oh * ow, C_in=c_in, C_out=c_out, groups=groups, CIN_G=cin_g, COUT_G=c_out // groups,
         H=h, W=w, OH=oh, OW=ow,
         stride_h=stride[0], stride_w=stride[1], pad_h=padding[0], pad_w=padding[1],
@@ -739,6 +808,6 @@ def conv_bn_act(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shif
         else:
             cfg = Config(*(config[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")),
                          config.get("num_warps", 4), config.get("num_stages", 1),
-                         config.get("SPLIT_K", 1))
+                         config.get("SPLIT_K", 1), config.get("TMA", False))
         launch(args, cfg, interpret)
     return out
