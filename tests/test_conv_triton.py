@@ -214,6 +214,26 @@ def test_k_loop_kinds_agree(device, case, flat_k):
     check(x, weight, scale, shift, res, stride, pad, dil, groups, True, dtype, flat_k=flat_k)
 
 
+@pytest.mark.parametrize("block_k", [32, 16], ids=["row_loop", "flat_gather"])
+@pytest.mark.parametrize("layout", ["channels_last", "nchw"])
+@pytest.mark.parametrize("case", ["stem_7x7s2", "dilated_3x3s2", "odd_channels_3x3"])
+def test_stem_row_loop_and_flat_gather(device, case, layout, block_k):
+    """Small-C_in convs: the row loop (ROW_K: a kernel row's taps fit one K block: 7 x 3 = 21 <=
+    32) and the per-element gather (FLAT_K: 21 > 16), with the residual, fp16, either layout of
+    x, against float64."""
+    n, c_in, h, w, c_out, k, stride, pad, dil, groups = CASES[case]
+    x, weight, scale, shift, res = make_problem(n, c_in, h, w, c_out, k, stride, pad, dil, groups,
+                                                torch.float16, device, residual=True, seed=23)
+    if layout == "nchw":
+        x = x.contiguous()
+    args = tconv.kernel_args(x, weight, scale, shift, res, res, (stride,) * 2, (pad,) * 2,
+                             (dil,) * 2, groups, True, True, flat_k=True)
+    assert tconv.row_k(args, tconv.Config(16, 32, block_k, 1, 4, 2)) == (k * c_in <= block_k)
+    config = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=block_k, GROUP_M=1, num_warps=4, num_stages=2)
+    check(x, weight, scale, shift, res, stride, pad, dil, groups, True, torch.float16,
+          config=config, flat_k=True)
+
+
 # Split-K: (case, split). The tile is 16x32 with BLOCK_K = 16 so that every case has several K
 # iterations to split (and, for odd C_in, a partial last channel block: EVEN_K off); a split
 # larger than the iterations leaves some splits an empty K range (they write zero partials).

@@ -1,9 +1,9 @@
 """The static kernel report (`python -m resnet_fused kernels`, resnet_fused/tools/kernels.py):
 every candidate config of every conv layer compiled for sm_90 without a GPU, and the invariants
 the kernel is held to: no register spills in any candidate, a candidate that fills one wave of
-SMs for every layer at batch 1 (split-K), wgmma on every Hopper tile of 64 rows or more, TMA in
-exactly the TMA candidates, and a main-loop instruction count for every kernel. The committed table is
-benchmarks/results/triton_kernel_report_sm90.md (`make kernel-report`)."""
+SMs for every layer at batch 1 (split-K), wgmma on every Hopper tile of 64 rows or more, TMA
+in exactly the TMA candidates, and a main-loop instruction count for every kernel. The committed
+table is benchmarks/results/triton_kernel_report_sm90.md (`make kernel-report`)."""
 from __future__ import annotations
 
 import json

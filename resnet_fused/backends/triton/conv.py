@@ -20,8 +20,11 @@ Constexpr-selected K loops, all in the same kernel:
                 epilogue once (batch 1: layer3/4 have too few tiles to fill the GPU otherwise).
     grouped     the general 1x1 and (tap, channel block) loops with the block-diagonal weight
                 mask (below).
-    FLAT_K      K = (kh, kw, c) decomposed per element: the stem (7x7/2, C_in = 3) wastes nothing
-                on padding C_in up to BLOCK_K.
+    ROW_K       the stem (7x7/2, C_in = 3): one K iteration per kernel row, k = kw * C_in + c
+                within it (21 of a 32-wide block), so offsets, weight columns and the
+                image-column mask are computed once and each iteration only steps a pointer.
+    FLAT_K      K = (kh, kw, c) decomposed per element, for small C_in whose kernel row does not
+                fit one K block: no channel padding.
 
 Grouped convs (ResNeXt) are fused, not looped: an N tile covers either part of one group's output
 channels (C_out/groups >= BLOCK_N) or several whole groups (C_out/groups < BLOCK_N). In the second
@@ -111,6 +114,7 @@ def conv_bn_act_kernel(
     REDUCE: tl.constexpr,        # split-K's second launch: sum the partials, then the epilogue
     TMA_A: tl.constexpr,         # dense 1x1 stride-1 on a dense channels_last x: A by TMA
     TMA_B: tl.constexpr,         # dense, weight K-contiguous: B by TMA (Hopper)
+    ROW_K: tl.constexpr,         # FLAT_K with KW * C_in <= BLOCK_K: a K iteration per kernel row
     # tile configuration (autotuned)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -200,6 +204,31 @@ def conv_bn_act_kernel(
         for s in range(0, SPLIT_K):   # (SPLIT_K * M fits int32: MAX_SPLIT_M)
             ws_off = (offs_m + s * M).to(tl.int64)[:, None] * C_out + co[None, :]
             acc += tl.load(ws_ptr + ws_off, mask=ws_mask, other=0.0)
+    elif ROW_K:
+        # The stem (C_in = 3): one K iteration per kernel row kh, k = kw * C_in + c within it
+        # (contiguous in a channels_last x). Offsets, weight columns and the image-column mask
+        # are the same for every row: computed once; per iteration a pointer step and the row
+        # mask. (BLOCK_K >= KW * C_in; the rest of the block is masked off.)
+        kw_k = rk // C_in
+        c_k = rk - kw_k * C_in
+        k_ok = rk < KW * C_in
+        iw = iw0[:, None] + (kw_k * dil_w)[None, :]
+        col_ok = k_ok[None, :] & (iw >= 0) & (iw < W)
+        a_ptrs = x_ptr + (x_row[:, None] + ((kw_k * dil_w).to(tl.int64) * sx_w
+                                             + c_k * sx_c)[None, :])
+        b_ptrs = (w_ptr + (tl.minimum(co, C_out - 1).to(tl.int64) * sw_o)[None, :]
+                  + (kw_k * sw_w + c_k * sw_i)[:, None])
+        ih = ih0
+        for _ in range(0, KH):
+            a = tl.load(a_ptrs, mask=col_ok & ((ih >= 0) & (ih < H))[:, None], other=0.0)
+            b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+            a_ptrs += dil_h * sx_h
+            b_ptrs += sw_h
+            ih += dil_h
     elif DENSE and not FLAT_K:
         # groups == 1: the lean loops. The operand pointer tiles are built once; per iteration
         # only a scalar offset changes, masks are loop-invariant (1x1) or per-tap rows only (KxK),
@@ -472,7 +501,14 @@ def tile_args(args: Dict, config: Sequence[int]) -> Dict[str, int]:
             "IN_IMAGE": (dense and args["KH"] * args["KW"] == 1 and args["pad_h"] == 0
                          and args["pad_w"] == 0),
             **dict(zip(("TMA_A", "TMA_B"), tma_operands(args, cfg))),
+            "ROW_K": row_k(args, cfg),
             "SPLIT_K": cfg.split_k}
+
+
+def row_k(args: Dict, config: Sequence[int]) -> bool:
+    """The stem's loop (one K iteration per kernel row) where a row's taps fit one K block."""
+    return (bool(args["FLAT_K"]) and args["groups"] == 1
+            and args["KW"] * args["C_in"] <= Config(*config).block_k)
 
 
 def tma_operands(args: Dict, config: Sequence[int]) -> Tuple[bool, bool]:
@@ -539,10 +575,13 @@ def split_k_for(args: Dict, config: Config, sms: int) -> int:
 def spills(args: Dict, config: Config) -> bool:
     """Configs the static report (tools/kernels.py; triton 3.6, sm_90) shows spilling registers
     on this kind of problem: the residual epilogue on tiles past 128x128 (184-480 B), the stem's
-    per-element gather on tiles past 64x64 or 32x64 with BLOCK_K 128 (88-1008 B), and the split
-    1x1 loop on tiles past 16x32 (8 B: one value kept across the loop)."""
+    row loop past 128x128 (96 B), the per-element K gather (FLAT_K without ROW_K) past 64x64 or
+    32x64 with BLOCK_K 128 (88-1008 B), and the split 1x1 loop past 16x32 (8 B: one value kept
+    across the loop)."""
     area = config.block_m * config.block_n
     if args["FLAT_K"]:
+        if row_k(args, config):  # the stem's row loop: 96 B past 128x128
+            return area > 128 * 128
         return area > 64 * 64 or (config.block_k > 64 and area > 16 * 32)
     if config.split_k > 1 and args["KH"] * args["KW"] == 1 and area > 16 * 32:
         return True
@@ -568,6 +607,12 @@ def candidates(family: str, dtype: torch.dtype, m: int, c_out: int, sms: Optiona
     # planned on the smallest M of the bucket: every batch size in it gets the same candidates,
     # and a split wherever the smallest needs one
     bucketed = dict(args, M=tuning.bucket(m) // 2 + 1)
+    if args["FLAT_K"] and args["groups"] == 1:
+        # the stem: K blocks as wide as a kernel row's taps (7 x 3 -> 32), so ROW_K runs
+        row = 1 << max(4, (args["KW"] * args["C_in"] - 1).bit_length())
+        if row <= 128:
+            kept = list(dict.fromkeys(c._replace(block_k=row, stages=min(c.stages, args["KH"]))
+                                      for c in kept))
     if splittable(args):
         kept = [c._replace(stages=max(2, min(c.stages, k_iterations(bucketed, c) + 1)))
                 for c in kept]
