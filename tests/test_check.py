@@ -47,6 +47,28 @@ def test_problems_are_distinct_and_cover_the_chain_kinds():
     assert {p.n for p in probs} == {1, 256}
 
 
+def test_sweep_runs_every_candidate_variant():
+    """The GPU sweep covers what tuning can pick, variants included: the stem's 32-wide K block,
+    split-K at batch 1, TMA on Hopper; every candidate belongs to exactly one job."""
+    from resnet_fused.backends.triton import conv
+    probs = {str(p): p for p in check.problems(["resnet50"], [1], 224)}
+    dtype = torch.float16
+
+    def swept(p):
+        return [c for i in check.tunable(p, "hopper", dtype)
+                for c in check.variants(p, "hopper", dtype, i)]
+    stem = swept(probs["1x3x224x224 -> 64 7x7/2"])
+    assert stem and all(c.block_k == 32 for c in stem)
+    late = swept(probs["1x2048x7x7 -> 512 1x1/1"])
+    assert any(c.split_k > 1 for c in late) and any(c.tma for c in late)
+    for p in probs.values():
+        got = swept(p)
+        assert len(got) == len(set(got))
+        args = check.kernel_args_for(p, dtype, "hopper")
+        assert set(got) == set(conv.candidates("hopper", dtype, p.m, p.c_out,
+                                               conv.FAMILY_SMS["hopper"], args))
+
+
 def test_nan_stays_in_its_group(monkeypatch, one_thread):
     """A grouped conv whose N tile spans several groups: a NaN input must not spread to the
     other groups of the tile through the zero weights of the block-diagonal B tile (the H200

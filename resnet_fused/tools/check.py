@@ -109,23 +109,31 @@ def config_name(cfg) -> str:
     return conv.Config(*cfg).label
 
 
-def variants(problem: Problem, family: str, dtype: torch.dtype, index: int) -> List[Any]:
-    """The candidates tuning times for `problem` that derive from base config `index` (itself,
-    with fewer stages on short K, and split along K on batch-1 shapes)."""
+def kernel_args_for(problem: Problem, dtype: torch.dtype, family: str) -> Dict[str, Any]:
+    """conv.kernel_args of the problem on meta tensors, laid out as make_inputs lays them out
+    (channels_last)."""
     from ..backends.triton import conv
-    base = candidate_configs(family, dtype)[index]
-    meta = dict(device="meta", dtype=dtype)
-    out = torch.empty(problem.out_shape, **meta)
-    x = torch.empty(problem.n, problem.c_in, problem.h, problem.w, **meta)
+    cl = dict(device="meta", dtype=dtype, memory_format=torch.channels_last)
+    out = torch.empty(problem.out_shape, **cl)
+    x = torch.empty(problem.n, problem.c_in, problem.h, problem.w, **cl)
     weight = torch.empty(problem.c_out, problem.c_in // problem.groups, problem.kh, problem.kw,
-                         **meta)
+                         **cl)
     scale = torch.empty(problem.c_out, device="meta")
-    args = conv.kernel_args(x, weight, scale, scale, out if problem.residual else None, out,
+    return conv.kernel_args(x, weight, scale, scale, out if problem.residual else None, out,
                             problem.stride, problem.padding, problem.dilation, problem.groups,
                             problem.relu, interpret=family == "interpreter")
+
+
+def variants(problem: Problem, family: str, dtype: torch.dtype, index: int) -> List[Any]:
+    """The candidates tuning times for `problem` that derive from base config `index` (itself,
+    with fewer stages on short K, the stem's K block, split along K on batch-1 shapes, TMA): the
+    same tile and warps."""
+    from ..backends.triton import conv
+    base = candidate_configs(family, dtype)[index]
     kept = conv.candidates(family, dtype, problem.m, problem.c_out,
-                           conv.FAMILY_SMS.get(family), args)
-    return [c for c in kept if c[:5] == base[:5]]
+                           conv.FAMILY_SMS.get(family), kernel_args_for(problem, dtype, family))
+    tile = (base.block_m, base.block_n, base.warps)
+    return [c for c in kept if (c.block_m, c.block_n, c.warps) == tile]
 
 
 def tunable(problem: Problem, family: str, dtype: torch.dtype) -> List[int]:
