@@ -243,11 +243,12 @@ SPLIT_CASES = [("3x3s1", 2), ("3x3s1", 4), ("1x1s1", 3), ("map_7x7_batch1", 16),
                ("batch0", 2)]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
-@pytest.mark.parametrize("case,split", SPLIT_CASES, ids=lambda v: str(v))
+@pytest.mark.parametrize("case,split,dtype", [
+    pytest.param(case, split, dtype, id=f"{case}-k{split}-{str(dtype)[6:]}")
+    for i, (case, split) in enumerate(SPLIT_CASES) for dtype in [DTYPES[i % len(DTYPES)]]])
 def test_split_k(device, case, split, dtype):
     """Split-K (partial tiles, then the reduction with the epilogue) against float64, with and
-    without the residual, ReLU on."""
+    without the residual, ReLU on; the dtypes rotate over the cases."""
     n, c_in, h, w, c_out, k, stride, pad, dil, groups = CASES[case]
     config = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, GROUP_M=1, num_warps=4, num_stages=2,
                   SPLIT_K=split)
