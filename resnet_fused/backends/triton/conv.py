@@ -218,17 +218,25 @@ def conv_bn_act_kernel(
                                              + c_k * sx_c)[None, :])
         b_ptrs = (w_ptr + (tl.minimum(co, C_out - 1).to(tl.int64) * sw_o)[None, :]
                   + (kw_k * sw_w + c_k * sw_i)[:, None])
+        # 2-byte elements cannot go through cp.async, so Triton's pipeliner leaves these loads
+        # alone: the next row is prefetched into registers by hand while this one multiplies.
         ih = ih0
-        for _ in range(0, KH):
-            a = tl.load(a_ptrs, mask=col_ok & ((ih >= 0) & (ih < H))[:, None], other=0.0)
-            b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
+        a_next = tl.load(a_ptrs, mask=col_ok & ((ih >= 0) & (ih < H))[:, None], other=0.0)
+        b_next = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
+        for r in range(0, KH):
+            a = a_next
+            b = b_next
+            a_ptrs += dil_h * sx_h
+            b_ptrs += sw_h
+            ih += dil_h
+            more = r + 1 < KH   # the last prefetch is masked off: no memory access
+            a_next = tl.load(a_ptrs, mask=col_ok & ((ih >= 0) & (ih < H) & more)[:, None],
+                             other=0.0)
+            b_next = tl.load(b_ptrs, mask=k_ok[:, None] & more, other=0.0)
             if UPCAST:
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
-            a_ptrs += dil_h * sx_h
-            b_ptrs += sw_h
-            ih += dil_h
     elif DENSE and not FLAT_K:
         # groups == 1: the lean loops. The operand pointer tiles are built once; per iteration
         # only a scalar offset changes, masks are loop-invariant (1x1) or per-tap rows only (KxK),
