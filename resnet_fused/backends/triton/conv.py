@@ -581,15 +581,15 @@ def split_k_for(args: Dict, config: Config, sms: int) -> int:
 
 
 def spills(args: Dict, config: Config) -> bool:
-    """Configs the static report (tools/kernels.py; triton 3.6, sm_90) shows spilling registers
-    on this kind of problem: the residual epilogue on tiles past 128x128 (184-480 B), the stem's
-    row loop past 128x128 (96 B), the per-element K gather (FLAT_K without ROW_K) past 64x64 or
-    32x64 with BLOCK_K 128 (88-1008 B), and the split 1x1 loop past 16x32 (8 B: one value kept
-    across the loop)."""
+    """Configs the static report (tools/kernels.py; sm_90, triton 3.6 or 3.8) shows spilling
+    registers on this kind of problem: the residual epilogue on tiles past 128x128 (184-480 B),
+    the stem's row loop past 128x128 (64-496 B) or past 64x64 on 4 warps (224 B, triton 3.8),
+    the per-element K gather (FLAT_K without ROW_K) past 64x64 or 32x64 with BLOCK_K 128
+    (88-1008 B), and the split 1x1 loop past 16x32 (8 B: one value kept across the loop)."""
     area = config.block_m * config.block_n
     if args["FLAT_K"]:
-        if row_k(args, config):  # the stem's row loop: 96 B past 128x128
-            return area > 128 * 128
+        if row_k(args, config):  # the stem's row loop: past 128x128, or past 64x64 on 4 warps
+            return area > 128 * 128 or (area > 64 * 64 and config.warps < 8)
         return area > 64 * 64 or (config.block_k > 64 and area > 16 * 32)
     if config.split_k > 1 and args["KH"] * args["KW"] == 1 and area > 16 * 32:
         return True
