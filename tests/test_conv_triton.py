@@ -331,6 +331,9 @@ def test_tma_needs_16_bit_dense_operands(monkeypatch):
     args = tconv.kernel_args(x.half(), torch.zeros(16, 16, 3, 3).half(), s, s, None, x, (1, 1),
                              (1, 1), (1, 1), 1, True, False)
     assert tconv.tma_operands(args, tconv.Config(64, 64, 64, 8, 4, 3, 1, True)) == (False, False)
+    # a remembered TMA decision meeting such a problem runs without descriptors, not an error
+    (_, run), = tconv.launches(dict(args, M=4096), tconv.Config(64, 64, 64, 8, 4, 3, 1, True))
+    assert run["b_desc"] is None and not run["TMA_B"] and not run["TMA_A"]
     cands = tconv.candidates("hopper", torch.float16, 4096, 256, 132, dict(args, M=4096))
     assert not any(c.tma for c in cands)  # NCHW weight: its K is not contiguous
 

@@ -714,12 +714,7 @@ def launches(args: Dict, config: Sequence[int]) -> List[Tuple[Tuple[int, ...], D
     out = args["out_ptr"]
     grid = (tiles(args, cfg),)
     run = dict(args, **meta)
-    if cfg.tma and not meta["TMA_B"]:
-        raise ValueError(f"triton conv_bn_act: a TMA config needs 16-bit operands, groups == 1 "
-                         f"and a K-contiguous weight with 16-byte aligned rows, got "
-                         f"{args['x_ptr'].dtype}, groups={args['groups']}, weight strides "
-                         f"{tuple(args['w_ptr'].stride())}")
-    if meta["TMA_B"]:
+    if meta["TMA_B"]:  # (a TMA config on a problem that cannot use it runs without: tma_operands)
         from triton.tools.tensor_descriptor import TensorDescriptor
         row = args["KH"] * args["KW"] * args["C_in"]
         run["b_desc"] = TensorDescriptor(args["w_ptr"], [args["C_out"], row], [row, 1],
@@ -862,5 +857,10 @@ def conv_bn_act(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shif
             cfg = Config(*(config[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")),
                          config.get("num_warps", 4), config.get("num_stages", 1),
                          config.get("SPLIT_K", 1), config.get("TMA", False))
+            if cfg.tma and not tma_operands(args, cfg)[1]:
+                raise ValueError(
+                    f"triton conv_bn_act: a TMA config needs 16-bit operands, groups == 1 and a "
+                    f"K-contiguous weight with 16-byte aligned rows, got {x.dtype}, "
+                    f"groups={groups}, weight strides {tuple(weight.stride())}")
         launch(args, cfg, interpret)
     return out
