@@ -200,8 +200,14 @@ def test_compile_every_config_for_sm90_and_sm80():
 
 
 def _jit_cache_key(args: dict, config: tuple, capability: int) -> str:
-    """The on-disk cache key triton.jit computes when it launches `args` with `config`: its own
-    binder and argument packing with the options JITFunction.run adds (private API, test only)."""
+    """The on-disk cache key triton.jit computes for the first launch of `config` on `args`."""
+    return _jit_launch_key(tconv.launches(args, config)[0][1], capability)
+
+
+def _jit_launch_key(run: dict, capability: int) -> str:
+    """The on-disk cache key triton.jit computes for one launch with keyword arguments `run`
+    (conv.launches): its own binder and argument packing with the options JITFunction.run adds
+    (private API, test only)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
     from triton.compiler.compiler import get_cache_key
@@ -210,12 +216,12 @@ def _jit_cache_key(args: dict, config: tuple, capability: int) -> str:
     kernel = tconv.jit_kernel(False)
     backend = make_backend(GPUTarget("cuda", capability, 32))
     binder = triton_jit.create_function_from_signature(kernel.signature, kernel.params, backend)
-    bm, bn, bk, gm, warps, stages = config[:6]
-    kwargs = {"num_warps": warps, "num_stages": stages, "debug": False}
+    values = dict(run)
+    kwargs = {"num_warps": values.pop("num_warps"), "num_stages": values.pop("num_stages"),
+              "debug": False}
     if "instrumentation_mode" in inspect.getsource(triton_jit.JITFunction.run):
         kwargs["instrumentation_mode"] = triton.knobs.compilation.instrumentation_mode
-    bound, specialization, options = binder(**args, **tconv.tile_args(args, config), BLOCK_M=bm,
-                                            BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, **kwargs)
+    bound, specialization, options = binder(**values, **kwargs)
     options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound,
                                                               specialization, options)
     return get_cache_key(ASTSource(kernel, signature, constexprs, attrs), backend, options,
@@ -256,6 +262,29 @@ def test_aot_source_is_what_the_jit_would_compile(batch, residual):
         assert key == _jit_cache_key(args, config, cap)
         keys.add(key)
     assert len(keys) == 2
+
+
+@pytest.mark.parametrize("config", [tconv.Config(16, 32, 128, 1, 4, 4, split_k=4),
+                                    tconv.Config(64, 64, 64, 8, 4, 3, tma=True)],
+                         ids=["split_k", "tma"])
+def test_aot_keys_match_the_jit_for_every_launch(config):
+    """Split-K (main + REDUCE) and TMA launches (tensor-descriptor arguments): every kernel the
+    warmup compiles is the one each launch looks up, and the TMA kernel uses the TMA unit."""
+    x = torch.zeros(1, 512, 7, 7, dtype=torch.float16).contiguous(
+        memory_format=torch.channels_last)
+    w = torch.zeros(256, 512, 1, 1, dtype=torch.float16).contiguous(
+        memory_format=torch.channels_last)
+    out = torch.empty(1, 256, 7, 7, dtype=torch.float16).contiguous(
+        memory_format=torch.channels_last)
+    s = torch.zeros(256)
+    args = tconv.kernel_args(x, w, s, s, None, out, (1, 1), (0, 0), (1, 1), 1, True,
+                             interpret=False)
+    runs = tconv.launches(args, config)
+    jobs = aot.jobs(args, config, 90)
+    assert len(runs) == len(jobs) == (2 if config.split_k > 1 else 1)
+    for (_, run), j in zip(runs, jobs):
+        assert _aot_cache_key(j) == _jit_launch_key(run, 90)
+    assert sass.uses_tma(aot.compile_job(jobs[0]).asm["ptx"]) == config.tma
 
 
 @pytest.mark.parametrize("tma", [False, True])
