@@ -37,6 +37,13 @@ class Layer:
     residual: bool = False
     modules: Tuple[nn.Module, ...] = field(default=(), repr=False, compare=False)
 
+    @property
+    def problem(self) -> Tuple:
+        """What a conv_bn_act kernel sees of this layer: layers with equal problems run the same
+        launch."""
+        return (self.in_shape, self.weight_shape, self.stride, self.padding, self.dilation,
+                self.groups, self.relu, self.residual)
+
     def min_bytes(self, element_size: int) -> int:
         """Fewest bytes a kernel must move: each input read once, the output written once."""
         n = math.prod(self.in_shape) + math.prod(self.out_shape) + math.prod(self.weight_shape)

@@ -80,9 +80,7 @@ def problems(model: nn.Module, input_shapes: Iterable[Shape],
                 if layer.kind != "conv_bn_act":
                     continue
                 for dtype in dtypes:
-                    key = (layer.in_shape, layer.weight_shape, layer.stride, layer.padding,
-                           layer.dilation, layer.groups, layer.relu, layer.residual, dtype)
-                    seen.setdefault(key, (layer, dtype))
+                    seen.setdefault((layer.problem, dtype), (layer, dtype))
     return list(seen.values())
 
 

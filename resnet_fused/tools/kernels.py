@@ -84,17 +84,14 @@ def _problems(arch: str, batches: Sequence[int], size: int, only: Sequence[str] 
     model = meta_model(arch)
     found = []
     for batch in batches:
-        seen: Dict[tuple, list] = {}
+        names: Dict[tuple, List[str]] = {}   # problem -> the names of its layers
         for layer in layers(model, (batch, 3, size, size)):
             if layer.kind != "conv_bn_act" or (only and not layer.name.startswith(tuple(only))):
                 continue
-            key = (layer.in_shape, layer.weight_shape, layer.stride, layer.padding,
-                   layer.dilation, layer.groups, layer.relu, layer.residual)
-            if key in seen:
-                seen[key][1].append(layer.name)
-            else:
-                seen[key] = [layer, [layer.name]]
-                found.append((batch, seen[key][1], layer))
+            if layer.problem not in names:
+                names[layer.problem] = []
+                found.append((batch, names[layer.problem], layer))
+            names[layer.problem].append(layer.name)
     return found
 
 
@@ -116,9 +113,10 @@ def report(arch: str, batches: Sequence[int], dtype_name: str, capability: int,
     for batch, names, layer, args, config, jobs in plan:
         kernels = [aot.compile_job(j) for j in jobs]     # cache hits now
         main = kernels[0]
-        usage = sass.resource_usage(main.asm["cubin"])
+        usages = [sass.resource_usage(k.asm["cubin"]) for k in kernels]
+        usage = usages[0]
         loop = sass.main_loop(main.asm["cubin"],
-                              -(-conv.k_iterations(args, config) // config.split_k))
+                              conv.ceil_div(conv.k_iterations(args, config), config.split_k))
         shared = int(main.metadata.shared)
         ctas = conv.programs(args, config)
         per_sm = ctas_per_sm(target, usage.get("REG", 0), config.warps, shared)
@@ -129,8 +127,7 @@ def report(arch: str, batches: Sequence[int], dtype_name: str, capability: int,
             config=config.label, split_k=config.split_k, warps=config.warps, stages=config.stages,
             kernels=len(kernels),
             regs=usage.get("REG"),
-            spill_bytes=max(sass.spill_bytes(sass.resource_usage(k.asm["cubin"]))
-                            for k in kernels),
+            spill_bytes=max(sass.spill_bytes(u) for u in usages),
             shared_bytes=shared, mma=sass.mma_kind(main.asm["ptx"]),
             tma=sass.uses_tma(main.asm["ptx"]),
             loop_instructions=loop.instructions if loop else None,

@@ -499,18 +499,29 @@ def tile_args(args: Dict, config: Sequence[int]) -> Dict[str, int]:
     fix-up launch (several groups per tile, or 3xTF32), and the dense loop's DENSE / EVEN_K / NCK
     (NCK only for KxK and split 1x1 loops, so unsplit 1x1 kernels are shared across C_in)."""
     cfg = Config(*config)
-    gpt = max(cfg.block_n // args["COUT_G"], 1)
+    gpt = groups_per_tile(args, cfg.block_n)
     exact = (gpt > 1 and args["groups"] > 1) or args["PRECISION"] == "tf32x3"
     dense = args["groups"] == 1
     taps = dense and not args["FLAT_K"] and (args["KH"] * args["KW"] > 1 or cfg.split_k > 1)
     return {"GPT": gpt, "KC_TILE": gpt * args["CIN_G"], "EXACT_NONFINITE": exact,
             "DENSE": dense, "EVEN_K": dense and args["C_in"] % cfg.block_k == 0,
-            "NCK": triton.cdiv(args["C_in"], cfg.block_k) if taps else 1,
+            "NCK": ceil_div(args["C_in"], cfg.block_k) if taps else 1,
             "IN_IMAGE": (dense and args["KH"] * args["KW"] == 1 and args["pad_h"] == 0
                          and args["pad_w"] == 0),
             **dict(zip(("TMA_A", "TMA_B"), tma_operands(args, cfg))),
             "ROW_K": row_k(args, cfg),
             "SPLIT_K": cfg.split_k}
+
+
+def ceil_div(a: int, b: int) -> int:
+    """Host-side integer ceil division (triton.cdiv is a JIT function: ~5 us per call from
+    Python, and candidates() runs on every tuned launch)."""
+    return -(-a // b)
+
+
+def groups_per_tile(args: Dict, block_n: int) -> int:
+    """GPT: whole groups an N tile of `block_n` columns covers (1: it lies within one group)."""
+    return max(block_n // args["COUT_G"], 1)
 
 
 def row_k(args: Dict, config: Sequence[int]) -> bool:
@@ -552,7 +563,7 @@ def dense_strides(t: torch.Tensor, order: Sequence[int]) -> bool:
 
 def k_iterations(args: Dict, config: Sequence[int]) -> int:
     """K-loop iterations of one tile without a split (dense loops)."""
-    return args["KH"] * args["KW"] * triton.cdiv(args["C_in"], Config(*config).block_k)
+    return args["KH"] * args["KW"] * ceil_div(args["C_in"], Config(*config).block_k)
 
 
 # Split-K: at most this many splits, each with at least MIN_SPLIT_ITERATIONS K iterations, and
@@ -596,6 +607,11 @@ def spills(args: Dict, config: Config) -> bool:
     return bool(args["HAS_RES"]) and area > 128 * 128
 
 
+# candidates() per problem class: pick_config calls it on every tuned launch, and the planning
+# below costs 20-45 us of Python per call.
+_candidate_lists: Dict[tuple, List[Config]] = {}
+
+
 def candidates(family: str, dtype: torch.dtype, m: int, c_out: int, sms: Optional[int] = None,
                args: Optional[Dict] = None) -> List[Config]:
     """The configs worth timing for a problem: tiles not far larger than its M bucket and C_out
@@ -604,6 +620,21 @@ def candidates(family: str, dtype: torch.dtype, m: int, c_out: int, sms: Optiona
     K where no tile gives every SM a program (batch 1). Pruned on the bucket, so every batch size
     in a bucket has the same candidates. On Hopper, the wgmma tiles also with TMA operands
     (tma_operands) where the problem allows."""
+    if args is None or family == "interpreter":
+        return _candidates(family, dtype, m, c_out, sms, args)
+    # the class: the tuning key (M bucket, shapes, geometry, epilogue, dtype, layout) and what
+    # the planning reads beyond it: padding, the operands' strides and 16-byte alignment (TMA)
+    x, w = args["x_ptr"], args["w_ptr"]
+    klass = (family, sms, tuning.bucket(m), c_out, tuning_key(args, dtype), args["pad_h"],
+             args["pad_w"], x.stride(), w.stride(), x.data_ptr() % 16, w.data_ptr() % 16)
+    found = _candidate_lists.get(klass)
+    if found is None:
+        found = _candidate_lists.setdefault(klass, _candidates(family, dtype, m, c_out, sms, args))
+    return list(found)
+
+
+def _candidates(family: str, dtype: torch.dtype, m: int, c_out: int, sms: Optional[int],
+                args: Optional[Dict]) -> List[Config]:
     configs = config_tuples(family, dtype)
     if args is not None and family != "interpreter":
         configs = [c for c in configs if not spills(args, c)] or configs
@@ -638,9 +669,9 @@ def candidates(family: str, dtype: torch.dtype, m: int, c_out: int, sms: Optiona
 def tiles(args: Dict, config: Sequence[int]) -> int:
     """Output tiles of `config` on the problem; must agree with the tile mapping in the kernel."""
     bm, bn = config[0], config[1]
-    gpt = tile_args(args, config)["GPT"]
-    n_tiles = triton.cdiv(args["groups"], gpt) * triton.cdiv(args["COUT_G"], bn)
-    return triton.cdiv(args["M"], bm) * n_tiles
+    gpt = groups_per_tile(args, bn)
+    n_tiles = ceil_div(args["groups"], gpt) * ceil_div(args["COUT_G"], bn)
+    return ceil_div(args["M"], bm) * n_tiles
 
 
 def programs(args: Dict, config: Sequence[int]) -> int:
@@ -759,10 +790,11 @@ def _sm_count(device: torch.device) -> int:
 
 def pick_config(args: Dict, family: str, dtype: torch.dtype, device: torch.device) -> Config:
     """The tile config for this problem: remembered per bucket, else measured (tuning.decide)."""
-    cands = candidates(family, dtype, args["M"], args["C_out"], _sm_count(device), args)
+    sms = _sm_count(device)
+    cands = candidates(family, dtype, args["M"], args["C_out"], sms, args)
     return tuning.decide(device, tuning_key(args, dtype), cands,
                          measure=lambda c: time_config(args, c),
-                         heuristic=lambda: heuristic_config(cands, args, _sm_count(device)))
+                         heuristic=lambda: heuristic_config(cands, args, sms))
 
 
 # ----------------------------------------------------------------------------------------------
