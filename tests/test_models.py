@@ -247,9 +247,9 @@ def test_eval_runs_one_fused_op_per_chain(name, blocks, convs_per_block, downsam
 
 
 def test_auto_runs_stock_ops_where_the_backend_does_not_win(monkeypatch):
-    """CPU bf16: the onednn backend would hand the chain to the stock composition (slower than
+    """CPU fp16: the onednn backend would hand the chain to the stock composition (slower than
     stock's own modules), so `auto` runs stock's conv -> BN -> ReLU on the cached channels_last
-    weight: torchvision's exact numbers in bf16. fp32 stays fused; an explicit backend is
+    weight: torchvision's exact numbers in fp16. fp32 stays fused; an explicit backend is
     honoured."""
     from resnet_fused import backends, ops
     if backends.device_choice(torch.device("cpu")) != "onednn":
@@ -263,14 +263,15 @@ def test_auto_runs_stock_ops_where_the_backend_does_not_win(monkeypatch):
     ours = resnet_fused.resnet18(num_classes=10).eval()
     ours.load_state_dict(tv.state_dict())
     x = torch.randn(2, 3, 32, 32)
+    half = torch.float16
     with torch.no_grad():
-        out = ours.bfloat16()(x.bfloat16())
+        out = ours.to(half)(x.to(half))
         assert calls == []
-        want = tv.bfloat16().to(memory_format=torch.channels_last)(
-            x.bfloat16().contiguous(memory_format=torch.channels_last))
+        want = tv.to(half).to(memory_format=torch.channels_last)(
+            x.to(half).contiguous(memory_format=torch.channels_last))
         assert torch.equal(out, want)
         with resnet_fused.backend("onednn"):
-            ours(x.bfloat16())
+            ours(x.to(half))
         assert calls == ["onednn"] * 20
         calls.clear()
         ours.float()(x)

@@ -30,7 +30,8 @@ PLANTS = ["nan", "+inf", "-inf", "+inf-inf", "nan residual"]
 
 
 def _backends():
-    names = [("torch", None), ("onednn", None), ("triton", "interpreter")]
+    # ("onednn", "bf16"): CPU bf16 (oneDNN where the CPU has it natively, else stock's ops)
+    names = [("torch", None), ("onednn", None), ("onednn", "bf16"), ("triton", "interpreter")]
     if torch.cuda.is_available():
         names += [("triton", "cuda"), ("cuda", "cuda")]
     return names
@@ -80,7 +81,7 @@ def test_nonfinite_as_stock(monkeypatch, one_thread, name, where, case, plant, r
     reason = backends.unavailable_reason(name, device)
     if reason is not None:
         components.require(components.BACKEND_COMPONENT[name], f"{name} unavailable here: {reason}")
-    dtype = torch.float32
+    dtype = torch.bfloat16 if where == "bf16" else torch.float32
     x, weight, scale, shift, res, conv = _problem(case, plant, device, dtype)
     with resnet_fused.backend(name):
         out = conv_bn_act(x, weight, scale, shift, residual=res, relu=relu, **conv)

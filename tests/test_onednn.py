@@ -17,7 +17,8 @@ from resnet_fused.fold import fold_scale_shift
 from resnet_fused.ops import channels_last_strides, conv_bn_act
 
 import components
-from numerics import assert_within_rule, conv_bn_act_ref, max_err, randomize_bn
+from numerics import (assert_within_rule, conv_bn_act_ref, max_err, randomize_bn,
+                      stock_outputs)
 
 CPU = torch.device("cpu")
 REASON = backends.unavailable_reason("onednn", CPU)
@@ -119,8 +120,23 @@ def test_layouts(x_layout, res_layout):
     assert raw.stride() == channels_last_strides(raw.shape)
 
 
+def _native_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+BF16_NATIVE = _native_bf16() and REASON is None and onednn.bf16_unavailable_reason() is None
+# bf16 runs fused on CPUs with native bf16: one without skips (strict mode too: hardware, not a
+# defect); a failing bf16 self-check on one with it fails in strict mode.
+needs_bf16 = (components.needs("onednn", REASON or onednn.bf16_unavailable_reason())
+              if _native_bf16() else pytest.mark.skip(reason="this CPU has no native bf16"))
+
+
 @needs_onednn
-@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16] + (
+    [] if BF16_NATIVE else [torch.bfloat16]))
 def test_other_dtypes_delegate_to_stock(dtype):
     conv, bn, x, _, _ = _case(8, 16, 3, 1, 1, 1, 1, (7, 7))
     with torch.no_grad():
@@ -133,6 +149,91 @@ def test_other_dtypes_delegate_to_stock(dtype):
             want = conv_bn_act(x, w, scale, shift, padding=1)
     assert got.dtype == dtype
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert not onednn.accelerates(CPU, dtype)
+
+
+def _stock_chain(x, w, bn, res, relu, **conv):
+    """torchvision's module sequence in x's dtype: conv, BN, + residual, ReLU."""
+    y = bn.to(x.dtype)(torch.nn.functional.conv2d(x, w, None, **conv))
+    y = y if res is None else y + res
+    return torch.relu(y) if relu else y
+
+
+@needs_bf16
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[:7])))
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("relu", [True, False])
+def test_bf16_matches_float64_reference(shape, residual, relu):
+    """bf16 on oneDNN (scale folded in fp32, one rounding; fp32 accumulation, bias and residual
+    add; one rounding of the output) against float64, judged by the rule against stock's bf16
+    module sequence."""
+    cin, cout, k, s, p, d, g, hw = shape
+    conv, bn, x, scale, shift = _case(cin, cout, k, s, p, d, g, hw)
+    bf = torch.bfloat16
+    x = x.to(bf).contiguous(memory_format=torch.channels_last)
+    w = conv.weight.detach().to(bf)
+    kw = dict(stride=s, padding=p, dilation=d, groups=g)
+    res = None
+    if residual:
+        oh = (hw[0] + 2 * p - d * (k - 1) - 1) // s + 1
+        ow = (hw[1] + 2 * p - d * (k - 1) - 1) // s + 1
+        res = torch.randn(x.shape[0], cout, oh, ow).to(bf)
+    with torch.no_grad():
+        with resnet_fused.backend("onednn"):
+            got = conv_bn_act(x, w, scale, shift, residual=res, relu=relu, **kw)
+        stock = _stock_chain(x, w, copy.deepcopy(bn), res, relu, **kw)
+    ref = conv_bn_act_ref(x, w, scale, shift, residual=res, relu=relu, **kw)
+    assert got.dtype == bf and got.stride() == channels_last_strides(got.shape)
+    assert onednn.accelerates(CPU, bf)
+    assert_within_rule(got, stock, ref, bf)
+
+
+@needs_bf16
+def test_bf16_relu_keeps_every_nan_as_stock():
+    """relu_ on bf16 works on the bit patterns: all 65536 of them give stock's value (NaNs stay
+    NaN with their bits; only -0.0 differs in the sign of its zero)."""
+    bits = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
+    values = bits.view(torch.bfloat16)
+    got = onednn.relu_(values.clone())
+    want = torch.relu(values)
+    nan = torch.isnan(want)
+    assert torch.equal(torch.isnan(got), nan)
+    assert torch.equal(got.view(torch.int16)[nan], bits[nan])  # every NaN unchanged
+    assert torch.equal(got[~nan], want[~nan])  # numbers, +-Inf, +-0 (equal as values)
+    assert (got.view(torch.int16)[~nan & (values <= 0)] == 0).all()  # +0.0, not -0.0
+    x = torch.randn(2, 8, 3, 5)
+    assert torch.equal(onednn.relu_(x.clone()), torch.relu(x))  # fp32: torch.relu_
+
+
+@needs_bf16
+@pytest.mark.parametrize("how", ["autocast", "bf16 model"])
+def test_bf16_model_parity(how):
+    """resnet50 under autocast(bf16) and as a bf16 model runs every chain on oneDNN in bf16 and
+    stays within the rule against torchvision in the same mode (both layouts as "stock")."""
+    torch.manual_seed(0)
+    tv = randomize_bn(torchvision.models.resnet50(num_classes=10)).eval()
+    ours = resnet_fused.resnet50(num_classes=10).eval()
+    ours.load_state_dict(tv.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    ref = copy.deepcopy(tv).double()(x.double())
+    calls = []
+    real = onednn.run
+
+    def counted(prepared, x, *a):
+        calls.append(isinstance(prepared, onednn.Scaled) and x.dtype == torch.bfloat16)
+        return real(prepared, x, *a)
+
+    with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(onednn, "run", counted)
+        if how == "autocast":
+            with torch.autocast("cpu", torch.bfloat16):
+                got = ours(x)
+                stock = stock_outputs(tv, x)
+        else:
+            got = ours.bfloat16()(x.bfloat16())
+            stock = stock_outputs(tv.bfloat16(), x.bfloat16())
+    assert got.dtype == torch.bfloat16 and calls == [True] * 53
+    assert_within_rule(got, stock, ref, torch.bfloat16)
 
 
 @needs_onednn

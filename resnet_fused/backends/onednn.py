@@ -2,9 +2,9 @@
 
 What is fused: oneDNN runs conv + bias, then (optionally) `+ residual` as a binary post-op, in one
 primitive over channels_last activations and a weight prepacked once into oneDNN's blocked layout
-(no per-call weight reorder). ReLU is an in-place torch.relu_ on the output, not oneDNN's eltwise
-post-op: every eltwise post-op tried (relu, leaky_relu(0), hardtanh(0, inf); torch 2.14) turns NaN
-into 0, where stock ReLU keeps it.
+(no per-call weight reorder). ReLU is an in-place pass over the output (`relu_`), not oneDNN's
+eltwise post-op: every eltwise post-op tried (relu, leaky_relu(0), hardtanh(0, inf); fp32 and
+bf16, torch 2.14) turns NaN into 0, where stock ReLU keeps it.
 
 How the contract maps onto it (numerics):
     relu?(conv(x, W) * scale[c] + shift[c] + residual)
@@ -15,8 +15,13 @@ is exact algebra; only the placement of one rounding differs from the reference 
 is far below the conv's own accumulation error (tests/test_onednn.py checks it against the float64
 reference with randomised BatchNorm under the numerics rule, docs/design.md).
 
-Scope: CPU, float32. Other dtypes (fp64, bf16, fp16) are delegated to the stock `torch` backend, so
-that scale is never folded into a low-precision weight and fp64 stays fp64 (docs/design.md).
+Scope: CPU, float32, and bfloat16 where the CPU has native bf16 instructions (AVX512-BF16 or AMX;
+`bf16_unavailable_reason`). bf16 is fp32's exponent range with 8 bits of mantissa, so the scale
+folds into the weight as in fp32 (computed in fp32, ONE rounding to bf16 per element: the
+rounding stock autocast makes of the unscaled weight anyway); the bias (shift) stays fp32, the
+accumulation, bias and residual add are fp32 inside oneDNN and the output is rounded once. fp16
+(whose range a folded scale could overflow) and fp64 are delegated to the stock `torch` backend
+(docs/design.md).
 
 The trade-off: the ops used are PyTorch's own oneDNN ops, which live in the private namespace
 `torch.ops.mkldnn` (`_convolution_pointwise`, `_reorder_convolution_weight`; present with these
@@ -47,6 +52,7 @@ import torch
 from ..ops import channels_last_strides
 from . import Prepared, prepare_default, stock
 
+F32, BF16 = torch.float32, torch.bfloat16
 _MAX_SHAPES = 4  # blocked weights kept per conv (one per input shape): older ones are dropped
 _MAX_FAILED = 256  # problem shapes remembered as failing (oldest forgotten: retried, logged again)
 
@@ -77,21 +83,27 @@ _EDGE_CASES = (
 _limitations: List[str] = []  # edge cases the self-check saw raise (handled by the fallback)
 
 
-def _probe_case(ops, g, cin, cout, k, stride, padding, groups, hw, residual, relu=True):
-    """Run one fused conv and the stock composition; (got, want)."""
+def _probe_case(ops, g, cin, cout, k, stride, padding, groups, hw, residual, relu=True,
+                dtype=torch.float32):
+    """Run one fused conv in `dtype` (fp32 bias) and the fp32 composition of the same rounded
+    operands; (got in fp32, want)."""
     act = torch.relu if relu else (lambda t: t)
     unary, binary, reorder = ops
-    x = torch.randn(1, cin, hw, hw, generator=g).contiguous(memory_format=torch.channels_last)
-    w = torch.randn(cout, cin // groups, k, k, generator=g)
-    b = torch.randn(cout, generator=g)
+
+    def rand(*shape):  # values representable in `dtype`, channels_last where 4-D
+        t = torch.randn(*shape, generator=g).to(dtype)
+        return t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t
+
+    x, w, b = rand(1, cin, hw, hw), rand(cout, cin // groups, k, k), rand(cout).float()
     args = ([padding] * 2, [stride] * 2, [1, 1], groups)
     with torch.no_grad():
-        want = torch.nn.functional.conv2d(x, w, b, stride, padding, 1, groups)
+        want = torch.nn.functional.conv2d(x.float(), w.float(), b, stride, padding, 1, groups)
         packed = reorder(w, *args, list(x.shape))
         if not residual:
-            return act(unary(x, packed, b, *args, "none", [], None)), act(want)
-        r = torch.randn(want.shape, generator=g).contiguous(memory_format=torch.channels_last)
-        return act(binary(x, r, packed, b, *args, "add", None, None, [], None)), act(want + r)
+            return act(unary(x, packed, b, *args, "none", [], None)).float(), act(want)
+        r = rand(*want.shape)
+        got = binary(x, r, packed, b.to(dtype), *args, "add", None, None, [], None)
+        return act(got).float(), act(want + r.float())
 
 
 @functools.lru_cache(maxsize=None)
@@ -127,7 +139,7 @@ def _self_check() -> Optional[str]:
 
     try:
         for residual, relu in ((True, True), (True, False), (False, True), (False, False)):
-            if not close(*_probe_case(ops, g, 4, 8, 3, 1, 1, 1, 5, residual, relu)):
+            if not close(*_probe_case(ops, g, 4, 8, 3, 1, 1, 1, 5, residual, relu, F32)):
                 return "the oneDNN fused convolution gave wrong results in a self-check"
     except Exception as e:  # any failure of a private op means: do not use it
         return f"the oneDNN fused convolution failed a self-check: {type(e).__name__}: {e}"
@@ -152,6 +164,34 @@ def _self_check() -> Optional[str]:
     return None
 
 
+@functools.lru_cache(maxsize=None)
+def bf16_unavailable_reason() -> Optional[str]:
+    """None when bf16 convs run fused here (native bf16 in the CPU and a right self-check),
+    else why not (then bf16 chains run stock's path). Asked when a bf16 chain first resolves."""
+    reason = _probe()
+    if reason is not None:
+        return reason
+    try:
+        native = torch.ops.mkldnn._is_mkldnn_bf16_supported()  # private: any failure means no
+    except (AttributeError, RuntimeError) as e:
+        return f"torch {torch.__version__} cannot say whether this CPU has native bf16 ({e})"
+    if not native:
+        return "this CPU has no native bf16 instructions (AVX512-BF16 or AMX)"
+    g = torch.Generator().manual_seed(0)
+    try:
+        with torch.autocast("cpu", enabled=False), torch.no_grad():
+            for residual, relu in ((True, True), (False, False)):
+                got, want = _probe_case(_ops(), g, 4, 8, 3, 1, 1, 1, 5, residual, relu, BF16)
+                # fp32 accumulation, one rounding of the output: within 2 bf16 steps
+                if got.dtype != want.dtype or not torch.allclose(got, want, rtol=2 ** -7,
+                                                                 atol=2 ** -7):
+                    return "the oneDNN bf16 fused convolution gave wrong results in a self-check"
+    except Exception as e:  # any failure of a private op means: do not use it
+        return (f"the oneDNN bf16 fused convolution failed a self-check: "
+                f"{type(e).__name__}: {e}")
+    return None
+
+
 def limitations() -> List[str]:
     """Self-check edge cases that this torch's oneDNN refuses (they run on the stock backend)."""
     _probe()
@@ -167,17 +207,19 @@ def unavailable_reason(device: Optional[torch.device] = None) -> Optional[str]:
 
 
 class Scaled(Prepared):
-    """W * scale (fp32, one rounding per element) and the bias, plus its blocked copies per
-    geometry (input shape, padding, stride, dilation, groups). `.weight/.scale/.shift` are the
-    contract's tensors, for the stock fallback and graph paths."""
-    __slots__ = ("scaled", "bias", "blocked")
+    """W * scale (computed in fp32, one rounding to the weight's dtype per element) and the fp32
+    bias, plus its blocked copies per geometry (input shape, padding, stride, dilation, groups).
+    `.weight/.scale/.shift` are the contract's tensors, for the stock fallback and graph paths."""
+    __slots__ = ("scaled", "bias", "binary_bias", "blocked")
 
     def __init__(self, weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor):
         super().__init__(weight.contiguous(memory_format=torch.channels_last), scale, shift)
         with torch.no_grad():
-            self.scaled = (weight.detach() * scale.detach().view(-1, 1, 1, 1)).contiguous(
-                memory_format=torch.channels_last)
+            scaled = weight.detach().float() * scale.detach().float().view(-1, 1, 1, 1)
+            self.scaled = scaled.to(weight.dtype).contiguous(memory_format=torch.channels_last)
         self.bias = shift.detach().contiguous()
+        # the residual-add op wants the bias in x's dtype (bf16: one rounding of the shift)
+        self.binary_bias = self.bias.to(weight.dtype)
         self.blocked: Dict[Tuple, torch.Tensor] = {}
 
     @staticmethod
@@ -197,9 +239,15 @@ class Scaled(Prepared):
         return blocked
 
 
+def _runs(dtype: torch.dtype) -> bool:
+    """Whether oneDNN runs CPU convs of `dtype` here (else the stock backend does)."""
+    return dtype == F32 or (dtype == BF16 and bf16_unavailable_reason() is None)
+
+
 def prepare(weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor):
-    """A Scaled for CPU fp32 (what oneDNN runs); the default form for what goes to stock."""
-    if weight.device.type != "cpu" or weight.dtype != torch.float32:
+    """A Scaled for what oneDNN runs (CPU fp32, bf16 where native); the default form for what
+    goes to stock."""
+    if weight.device.type != "cpu" or not _runs(weight.dtype):
         return prepare_default(weight, scale, shift)
     return Scaled(weight, scale, shift)
 
@@ -245,10 +293,25 @@ def _remember_failure(key, error: RuntimeError) -> None:
 
 
 def accelerates(device: torch.device, dtype: torch.dtype) -> bool:
-    """fp32 on CPU only: other dtypes go to the stock composition, which is slower than stock's
-    own module sequence (bf16 resnet50 batch 8: 0.49x eager channels_last, benchmarks/RESULTS.md),
-    so under `auto` those run stock's path."""
-    return device.type == "cpu" and dtype == torch.float32
+    """CPU fp32, and bf16 where the CPU has it natively (benchmarks/RESULTS.md, "CPU bf16").
+    Other dtypes would go to the stock composition, which is slower than stock's own module
+    sequence (bf16 through it: 0.49x eager channels_last), so under `auto` those run stock's
+    path."""
+    return device.type == "cpu" and _runs(dtype)
+
+
+def relu_(out: torch.Tensor) -> torch.Tensor:
+    """In-place ReLU that keeps NaN, as torch.relu_ does. bf16 works on the bit patterns viewed
+    as int16: torch's bf16 relu_ widens every element to fp32 and back (8x256x56x56 channels_last,
+    2 threads: 1.2 ms, a quarter of a bf16 resnet50's time), the integer select takes 0.3 ms. The
+    negative numbers, -0.0 and -inf are exactly the int16 values below -127 (sign bit set, not a
+    NaN: negative NaNs are -127..-1), so threshold(bits, -128, 0) zeroes them and nothing else:
+    every NaN keeps its bits, -0.0 becomes +0.0 (stock keeps -0.0: equal, tests/test_onednn.py
+    checks all 65536 patterns)."""
+    if out.dtype == BF16:
+        torch.threshold_(out.view(torch.int16), -128, 0)
+        return out
+    return torch.relu_(out)
 
 
 # Below this much work (N*H*W*C_in*C_out*KH*KW/groups: the multiply-adds at stride 1) the
@@ -263,19 +326,23 @@ def _small(prepared, x, residual, stride, padding, dilation, groups, relu) -> to
                                      dilation, groups)
     if residual is not None:
         out.add_(residual)
-    return torch.relu_(out) if relu else out  # (ops.run makes the layout the contract's)
+    return relu_(out) if relu else out  # (ops.run makes the layout the contract's)
 
 
 def run(prepared, x: torch.Tensor, residual: Optional[torch.Tensor], stride: Sequence[int],
         padding: Sequence[int], dilation: Sequence[int], groups: int, relu: bool) -> torch.Tensor:
     weight, scale, shift = prepared
-    if not isinstance(prepared, Scaled) or x.device.type != "cpu" or x.dtype != torch.float32:
+    if (not isinstance(prepared, Scaled) or x.device.type != "cpu"
+            or x.dtype != prepared.scaled.dtype):
         return stock.conv_bn_act(x, weight, scale, shift, residual, stride, padding, dilation,
                                  groups, relu)
     # oneDNN's output takes the input's layout; the op contract's output is channels_last.
     x = x.contiguous(memory_format=torch.channels_last)
     c_out, _, kh, kw = weight.shape
     if x.numel() * c_out * kh * kw // groups < _SMALL_WORK:  # multiply-adds x stride^2
+        if x.dtype != F32:  # (the fp32 bias cannot go to a bf16 F.conv2d)
+            return stock.conv_bn_act(x, weight, scale, shift, residual, stride, padding,
+                                     dilation, groups, relu)
         return _small(prepared, x, residual, stride, padding, dilation, groups, relu)
     padding, stride, dilation = list(padding), list(stride), list(dilation)
     key = _problem_key(x, weight, residual, stride, padding, dilation, groups, relu)
@@ -290,11 +357,11 @@ def run(prepared, x: torch.Tensor, residual: Optional[torch.Tensor], stride: Seq
                             [], None)
             else:
                 residual = residual.contiguous(memory_format=torch.channels_last)  # the output's
-                out = binary(x, residual, blocked, prepared.bias, padding, stride, dilation,
+                out = binary(x, residual, blocked, prepared.binary_bias, padding, stride, dilation,
                              groups, "add", None, None, [], None)
             # Not oneDNN's relu post-op: it turns NaN into 0 (every eltwise post-op we tried
-            # does); torch.relu_ keeps NaN, as stock, for one more pass over the output.
-            return torch.relu_(out) if relu else out
+            # does); relu_ keeps NaN, as stock, for one more pass over the output.
+            return relu_(out) if relu else out
     except RuntimeError as e:  # e.g. torch 2.11: "could not create a memory" for 1x1 outputs
         # a failed geometry's copy would only evict good ones
         prepared.blocked.pop(Scaled.geometry(x.shape, padding, stride, dilation, groups), None)
@@ -307,5 +374,5 @@ def fallback_shapes() -> Dict[Tuple, str]:
     return dict(_failed)
 
 
-__all__: List[str] = ["unavailable_reason", "prepare", "run", "accelerates", "limitations",
-                       "fallback_shapes"]
+__all__: List[str] = ["unavailable_reason", "bf16_unavailable_reason", "prepare", "run",
+                       "accelerates", "limitations", "fallback_shapes"]

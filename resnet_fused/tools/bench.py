@@ -22,6 +22,8 @@ hits every provider alike instead of whichever ran at the wrong moment. Reported
 TFLOP/s = 2 * multiply-adds / median. Each provider's output is compared with eager's
 (max |diff| / max |eager|) as a sanity check.
 
+With --autocast, fp16/bf16 rows keep fp32 models and inputs and run every call under
+torch.autocast(device, dtype) (mixed-precision inference); without it they convert the model.
 With --train, each call is one training step instead (forward, cross-entropy, backward; AMP for
 fp16/bf16) and the providers are bench_train's; TFLOP/s counts 3x the forward's work.
 """
@@ -175,9 +177,10 @@ def run_bench(arch: str = "resnet50", batches: Sequence[int] = (8,),
               size: int = 224, warmup: int = 1, min_reps: int = 5, max_reps: int = 100,
               min_time_s: Optional[float] = None, progress: bool = True, seed: int = 0,
               on_row: Optional[Callable[[Dict[str, Any]], None]] = None,
-              train: bool = False) -> Dict[str, Any]:
+              train: bool = False, autocast: bool = False) -> Dict[str, Any]:
     """Run the side-by-side benchmark; returns {"meta": ..., "results": [...]} (see module doc).
-    train=True: training steps with bench_train's providers.
+    train=True: training steps with bench_train's providers. autocast=True: fp16/bf16 inference
+    rows run fp32 models under torch.autocast.
 
     `on_row(report_so_far)` is called after every row (the CLI rewrites --json with it, so a run
     cut short by a timeout keeps the rows it finished)."""
@@ -194,6 +197,7 @@ def run_bench(arch: str = "resnet50", batches: Sequence[int] = (8,),
         torch.backends.cudnn.benchmark = True
     macs_per_image = count_macs(arch, size)
     meta = {"arch": arch, "image_size": size, "mode": "train" if train else "inference",
+            "autocast": bool(autocast and not train),
             "device": dev.type, "device_name": device_name(dev),
             "threads": torch.get_num_threads(), "versions": versions(),
             "auto_backend": backends.device_choice(dev),
@@ -230,13 +234,14 @@ def run_bench(arch: str = "resnet50", batches: Sequence[int] = (8,),
         dtype = cli.DTYPES[dtype_name]
         torch.manual_seed(seed)
         stock = getattr(torchvision.models, arch)()
-        # training: fp32 weights, fp16/bf16 as autocast (AMP)
-        amp = dtype if train and dtype != torch.float32 else None
-        stock = (stock.train().to(dev) if train else stock.eval().to(device=dev, dtype=dtype))
+        # training, and inference with --autocast: fp32 weights, fp16/bf16 as autocast (AMP)
+        amp = dtype if (train or autocast) and dtype != torch.float32 else None
+        weights = torch.float32 if amp is not None else dtype
+        stock = (stock.train().to(dev) if train else stock.eval().to(device=dev, dtype=weights))
         for batch in batches:
             gen = torch.Generator(device="cpu").manual_seed(seed + batch)
             x = torch.randn(batch, 3, size, size, generator=gen).to(
-                device=dev, dtype=torch.float32 if train else dtype)
+                device=dev, dtype=torch.float32 if train else weights)
             target = torch.randint(0, 1000, (batch,), generator=gen).to(dev)
             eager_out = None
             rows: List[Dict[str, Any]] = []
@@ -255,7 +260,7 @@ def run_bench(arch: str = "resnet50", batches: Sequence[int] = (8,),
                     if provider in GRAPHS and dev.type != "cuda":
                         raise RuntimeError("CUDA graphs need a CUDA device")
                     run = (bench_train.make_runner(provider, stock, x, target, amp) if train
-                           else make_runner(provider, stock, x, dev))
+                           else _under_autocast(make_runner(provider, stock, x, dev), dev, amp))
                     name = getattr(run, "backend", None)
                     mode = contextlib.nullcontext() if train else torch.inference_mode()
                     with mode, selected(name):
@@ -307,6 +312,19 @@ def run_bench(arch: str = "resnet50", batches: Sequence[int] = (8,),
     return {"meta": meta, "results": results}
 
 
+def _under_autocast(run: Callable[[], Any], device: torch.device,
+                    dtype: Optional[torch.dtype]) -> Callable[[], Any]:
+    """`run` with every call under torch.autocast(device, dtype) (dtype None: `run` itself)."""
+    if dtype is None:
+        return run
+
+    def autocast_run():
+        with torch.autocast(device.type, dtype=dtype):
+            return run()
+    autocast_run.backend = getattr(run, "backend", None)
+    return autocast_run
+
+
 def _set_speedup(rows: List[Dict[str, Any]]) -> None:
     eager = next((r["median_ms"] for r in rows if r["provider"] == "eager" and "median_ms" in r),
                  None)
@@ -320,7 +338,8 @@ def _set_speedup(rows: List[Dict[str, Any]]) -> None:
 def format_table(report: Dict[str, Any]) -> str:
     m = report["meta"]
     v = m["versions"]
-    lines = [f"{m['arch']} {m['image_size']}x{m['image_size']} on {m['device']}: "
+    mode = m["mode"] + (" under autocast" if m.get("autocast") else "")
+    lines = [f"{m['arch']} {m['image_size']}x{m['image_size']} {mode} on {m['device']}: "
              f"{m['device_name']}; "
              f"torch {v['torch']}, triton {v['triton']}; auto backend -> {m['auto_backend']}",
              f"timing: {m['timing']}",
@@ -406,6 +425,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", metavar="PATH", help="write all numbers as JSON")
     p.add_argument("--plot", metavar="PATH", help="write a PNG bar chart")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    p.add_argument("--autocast", action="store_true",
+                   help="fp16/bf16 inference as fp32 models under torch.autocast (default: the "
+                        "model converted to the dtype)")
     p.add_argument("--train", action="store_true",
                    help="time training steps (forward + loss + backward; AMP for fp16/bf16) "
                         "with the providers " + ", ".join(bench_train.PROVIDERS) +
@@ -436,7 +458,8 @@ def main(args: argparse.Namespace) -> int:
     report = run_bench(args.arch, batches, dtypes, providers,
                        str(dev), args.size, args.warmup, args.min_reps, args.max_reps,
                        args.min_time, progress=not args.quiet,
-                       on_row=write_json if args.json else None, train=args.train)
+                       on_row=write_json if args.json else None, train=args.train,
+                       autocast=args.autocast)
     print(format_table(report))
     if args.json:
         write_json(report)

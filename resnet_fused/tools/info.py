@@ -7,6 +7,7 @@ import platform
 import torch
 
 from .. import backends
+from . import cli
 
 
 def _version(dist: str) -> str:
@@ -50,7 +51,18 @@ def report() -> str:
             train = f"invalid: {e}"
         lines.append(f"training on {device.type}: {train}")
     for device in devices:
-        lines.append(f"backends on {device.type}: auto -> {backends.device_choice(device)}")
+        choice = backends.device_choice(device)
+        fused = [n for n, d in cli.DTYPES.items()
+                 if backends.auto_choice(device, d) != backends.MODULES]
+        stock = [n for n in cli.DTYPES if n not in fused]
+        lines.append(f"backends on {device.type}: auto -> {choice} for "
+                     f"{', '.join(fused) or 'no dtype'}"
+                     + (f"; stock modules for {', '.join(stock)}" if stock else ""))
+        if device.type == "cpu" and choice == "onednn":
+            from ..backends import onednn
+            bf16 = onednn.bf16_unavailable_reason()
+            lines.append("  onednn bf16: " + ("fused (native bf16)" if bf16 is None
+                                              else f"stock ({bf16})"))
         for name in backends.NAMES[1:]:
             reason = backends.unavailable_reason(name, device)
             lines.append(f"  {name:7s} "
