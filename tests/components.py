@@ -36,6 +36,7 @@ OPT_OUTS = {
     # the extension's CUDA kernels (a CUDA build of torch and a matching nvcc at build time)
     "cuda-kernels": ("RESNET_FUSED_NO_CUDA", "RESNET_FUSED_DISABLE_EXT", "RESNET_FUSED_NO_EXT"),
     "onnx": ("RESNET_FUSED_NO_ONNX",),  # onnx, onnxruntime, onnxscript
+    "openvino": (),  # the bench's opt-in CPU reference provider (requirements.txt)
     "triton": (),
     "onednn": (),  # torch's private oneDNN fused-conv ops (the `onednn` backend)
     "gloo": (),  # torch.distributed with the gloo backend

@@ -10,6 +10,8 @@ from resnet_fused import backends
 from resnet_fused.__main__ import main
 from resnet_fused.tools import bench, timing
 
+import components
+
 CPU = torch.device("cpu")
 
 
@@ -90,3 +92,27 @@ def test_bench_train_cli(tmp_path, capsys):
         assert "error" not in r, r
         assert r["reps"] >= 2 and r["max_rel_diff_vs_eager"] < 1e-4  # the loss
     assert "train fused" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_bench_openvino_and_autocast_rows(tmp_path, autocast):
+    """The opt-in OpenVINO provider (a test-time extra) next to eager and fused, in fp32 and
+    under autocast(bf16) (fp32 models, bf16 compute: OpenVINO's bf16 precision hint)."""
+    components.importorskip("openvino", "openvino")
+    js = tmp_path / "o.json"
+    args = ["bench", "--arch", "resnet18", "--batch", "1", "--size", "32", "--device", "cpu",
+            "--providers", "eager,openvino,fused", "--warmup", "0", "--min-reps", "2",
+            "--min-time", "0", "--quiet", "--json", str(js)]
+    if autocast:
+        args += ["--dtype", "bf16", "--autocast"]
+    assert main(args) == 0
+    report = json.loads(js.read_text())
+    assert report["meta"]["autocast"] is autocast
+    rows = {r["provider"]: r for r in report["results"]}
+    assert set(rows) == {"eager", "openvino", *(f"fused:{n}" for n in
+                                                bench.available_fused_backends(CPU))}
+    for r in rows.values():
+        assert "error" not in r, r
+        # fp32: ~1e-6 of rounding; bf16: a few bf16 steps, each provider rounding its own way
+        assert r["max_rel_diff_vs_eager"] < (5e-2 if autocast else 1e-4), r
+    assert "openvino" not in bench.expand_providers("all", CPU)

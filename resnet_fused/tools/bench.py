@@ -8,6 +8,9 @@ For each (batch, dtype) it times every provider on the same weights and the same
   compile_max    torch.compile(eager_cl model, max-autotune + inductor freezing [+ CUDA graphs])
   fused+compile  torch.compile(resnet_fused model), channels_last input as `compile` (opt-in)
   jit_ofi        torch.jit.optimize_for_inference(torch.jit.script(model)) (opt-in; deprecated API)
+  openvino       OpenVINO: openvino.convert_model(model) compiled for CPU with torch's thread count
+                 and the row's precision as INFERENCE_PRECISION_HINT (opt-in; CPU only; needs the
+                 `openvino` package, a test-time extra, not a dependency)
   fused:<name>   resnet_fused with backend <name>, for each backend available here
   fused+graphs   resnet_fused (auto backend) through resnet_fused.cuda_graphs in its lowest-latency
                  form: check_weights="fast", clone_output=False (CUDA only)
@@ -50,11 +53,13 @@ from . import bench_train, cli
 from .timing import (device_name, interleaved, measure, selected, summarize, synchronize,
                      versions)
 
-BASE_PROVIDERS = ("eager", "eager_cl", "compile", "compile_max", "jit_ofi")
+BASE_PROVIDERS = ("eager", "eager_cl", "compile", "compile_max", "jit_ofi", "openvino")
+OPT_IN = ("jit_ofi", "openvino")  # left out of `all`
 LABELS = {"eager": "eager (torchvision, NCHW)", "eager_cl": "eager (channels_last)",
           "compile": "torch.compile (default)",
           "compile_max": "torch.compile (max-autotune, freezing)",
           "jit_ofi": "torch.jit.optimize_for_inference",
+          "openvino": "OpenVINO (CPU)",
           "fused+graphs": "fused + CUDA graphs"}
 GRAPHS = ("fused+graphs", "fused+graphs_safe")  # providers that need CUDA
 
@@ -81,7 +86,7 @@ def expand_providers(spec: Optional[str], device: torch.device) -> List[str]:
         if not p:
             continue
         if p == "all":
-            out += [*(b for b in BASE_PROVIDERS if b != "jit_ofi"),
+            out += [*(b for b in BASE_PROVIDERS if b not in OPT_IN),
                     *(f"fused:{n}" for n in available_fused_backends(device)),
                     *(GRAPHS if device.type == "cuda" else [])]
         elif p == "default":
@@ -125,12 +130,44 @@ def _compile(model, max_autotune: bool, device: torch.device):
     return torch.compile(model, options=options)
 
 
-def make_runner(provider: str, stock, x: torch.Tensor, device: torch.device) -> Callable[[], Any]:
-    """A zero-argument callable running one forward of `provider` (built from `stock`)."""
+_OPENVINO_PRECISION = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
+
+
+def _openvino(stock, x: torch.Tensor, device: torch.device,
+              dtype: Optional[torch.dtype]) -> Callable[[], Any]:
+    """OpenVINO's CPU runtime on the stock model: fp32 in and out, `dtype` (default x's) as the
+    inference precision, torch's intra-op thread count."""
+    if device.type != "cpu":
+        raise RuntimeError("the openvino provider runs on CPU only")
+    try:
+        import openvino
+    except ImportError as e:
+        raise RuntimeError(f"the openvino provider needs the openvino package ({e})") from None
+    dtype = dtype or x.dtype
+    if dtype not in _OPENVINO_PRECISION:
+        raise RuntimeError(f"the openvino provider has no {dtype} precision")
+    model = copy.deepcopy(stock).float()
+    example = x.float()
+    with torch.no_grad():
+        converted = openvino.convert_model(model, example_input=example)
+    compiled = openvino.Core().compile_model(converted, "CPU", {
+        "INFERENCE_NUM_THREADS": torch.get_num_threads(),
+        "INFERENCE_PRECISION_HINT": _OPENVINO_PRECISION[dtype]})
+    request = compiled.create_infer_request()
+    array = example.numpy()
+    return lambda: torch.from_numpy(request.infer([array])[0].copy())
+
+
+def make_runner(provider: str, stock, x: torch.Tensor, device: torch.device,
+                autocast: Optional[torch.dtype] = None) -> Callable[[], Any]:
+    """A zero-argument callable running one forward of `provider` (built from `stock`);
+    `autocast`: the dtype the call will run under autocast (the openvino provider's precision)."""
     import resnet_fused
 
     if provider == "eager":
         return lambda: stock(x)
+    if provider == "openvino":
+        return _openvino(stock, x, device, autocast)
     if provider == "jit_ofi":  # deprecated in recent torch, still the CPU reference point
         import warnings
         with warnings.catch_warnings(), torch.no_grad():
@@ -260,7 +297,8 @@ def run_bench(arch: str = "resnet50", batches: Sequence[int] = (8,),
                     if provider in GRAPHS and dev.type != "cuda":
                         raise RuntimeError("CUDA graphs need a CUDA device")
                     run = (bench_train.make_runner(provider, stock, x, target, amp) if train
-                           else _under_autocast(make_runner(provider, stock, x, dev), dev, amp))
+                           else _under_autocast(make_runner(provider, stock, x, dev, amp), dev,
+                                                amp))
                     name = getattr(run, "backend", None)
                     mode = contextlib.nullcontext() if train else torch.inference_mode()
                     with mode, selected(name):
@@ -405,7 +443,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", nargs="+", choices=sorted(cli.DTYPES), default=None,
                    help="dtypes (default: fp32 on cpu, fp16 on cuda)")
     p.add_argument("--providers", default=None,
-                   help="comma list of: eager, eager_cl, compile, compile_max, jit_ofi, fused "
+                   help="comma list of: eager, eager_cl, compile, compile_max, jit_ofi, "
+                        "openvino, fused "
                         "(every available backend), fused:<backend>, fused+graphs, "
                         "fused+graphs_safe, default, all. Default: eager, eager_cl, fused:* "
                         "(+ compile, fused+graphs, fused+graphs_safe on cuda)")
