@@ -22,16 +22,20 @@ $(BUILT): $(DEPS) setup.py pyproject.toml $(EXT_SOURCES)
 
 install: $(BUILT)
 
+# pytest-xdist: one test worker per core, tests handed out as workers free up. XDIST= runs serially.
+XDIST ?= -n auto --dist worksteal
+
 # Writes the table, and (git-ignored) bench-out/bench.json and bench-out/bench.png; ARGS override.
 bench: $(BUILT)
 	$(PY) -m resnet_fused bench --json bench-out/bench.json --plot bench-out/bench.png $(ARGS)
 
 # The fast suite (under 5 min on 2 cores from cold caches): `slow` tests are left out; each
-# duplicates coverage of a faster default test (see pyproject's markers). CI=true (CI sets it) or
+# duplicates coverage of a faster default test (see pyproject's markers). pytest-xdist runs one
+# worker per core (tests/conftest.py splits the intra-op threads among them). CI=true (CI sets it) or
 # RESNET_FUSED_STRICT_TESTS=1: a missing component (extension, triton, oneDNN, ONNX) fails
 # instead of skipping, unless opted out (tests/components.py).
 test: $(BUILT)
-	$(PY) -m pytest tests benchmarks --benchmark-disable -q -m "not slow" $(ARGS)
+	$(PY) -m pytest tests benchmarks --benchmark-disable -q -m "not slow" $(XDIST) $(ARGS)
 
 # ruff (pyproject.toml: pyflakes + pycodestyle, 100 columns).
 lint: $(DEPS)
@@ -39,11 +43,11 @@ lint: $(DEPS)
 
 # Everything, slow tests included.
 test-all: $(BUILT)
-	$(PY) -m pytest tests benchmarks --benchmark-disable -q $(ARGS)
+	$(PY) -m pytest tests benchmarks --benchmark-disable -q $(XDIST) $(ARGS)
 
 # Only the slow tests (CI runs them after `make test`, so together they are `make test-all`).
 test-slow: $(BUILT)
-	$(PY) -m pytest tests benchmarks --benchmark-disable -q -m slow $(ARGS)
+	$(PY) -m pytest tests benchmarks --benchmark-disable -q -m slow $(XDIST) $(ARGS)
 
 # Regenerate the committed static report of the Triton kernel (registers, spills, MMA kind).
 compile-report: $(BUILT)

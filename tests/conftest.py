@@ -1,8 +1,20 @@
-"""Shared fixtures, and the strict rule for missing components (components.py)."""
+"""Shared fixtures, the strict rule for missing components (components.py), and intra-op
+threads per pytest-xdist worker."""
+import os
+
 import pytest
 import torch
 
 import components
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (`make test` runs `-n auto`) the workers share the cores: each gets its
+    share of intra-op threads, so OpenMP pools never oversubscribe them (tests of thread-count
+    effects set their counts explicitly)."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(workers)))
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -35,13 +35,10 @@ def primitive_for_every_size(monkeypatch):
 
 @pytest.fixture(autouse=True)
 def _threads(request):
-    """One intra-op thread for the small cases (fast on a shared machine); the model test keeps
-    the default thread count so that oneDNN's multi-threaded kernels are covered too."""
-    if request.node.name.startswith("test_model_parity"):
-        yield
-        return
+    """One intra-op thread for the small cases (fast on a shared machine); the model test runs on
+    two so that oneDNN's multi-threaded kernels are covered too."""
     n = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(2 if request.node.name.startswith("test_model_parity") else 1)
     yield
     torch.set_num_threads(n)
 
