@@ -8,15 +8,32 @@ BUILT := $(VENV)/.package-built
 EXT_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h csrc/*/*.cuh)
 
 .PHONY: bench test test-all test-slow test-compat lint install compile-report cuda-report \
-	kernel-report
+	kernel-report cudnn-frontend
 
 $(DEPS): requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -r requirements.txt
 	touch $@
 
+# The cuDNN frontend's headers (header-only C++; the fused cuDNN graph op is built with them): only
+# include/ of the pinned nvidia-cudnn-frontend wheel, not its Python package and dependencies.
+# They land in the git-ignored build/cudnn_frontend, which setup.py finds; carry that folder to a
+# machine without network (the GPU machine) to build the op there.
+CUDNN_FRONTEND_VERSION := 1.32.0
+CUDNN_FRONTEND := build/cudnn_frontend/include/cudnn_frontend.h
+$(CUDNN_FRONTEND): $(DEPS)
+	rm -rf build/cudnn_frontend build/cudnn_frontend.tmp
+	$(PY) -m pip download --quiet --no-deps --only-binary :all: --dest build/cudnn_frontend.tmp \
+		nvidia-cudnn-frontend==$(CUDNN_FRONTEND_VERSION)
+	$(PY) -c "import glob, zipfile; z = zipfile.ZipFile(glob.glob('build/cudnn_frontend.tmp/*.whl')[0]); \
+		z.extractall('build/cudnn_frontend', [n for n in z.namelist() if n.startswith('include/')])"
+	rm -rf build/cudnn_frontend.tmp
+	test -f $@
+
+cudnn-frontend: $(CUDNN_FRONTEND)
+
 # Editable install: Python changes need no rebuild; the extension is rebuilt when csrc/ changes.
-$(BUILT): $(DEPS) setup.py pyproject.toml $(EXT_SOURCES)
+$(BUILT): $(DEPS) setup.py pyproject.toml $(EXT_SOURCES) $(CUDNN_FRONTEND)
 	$(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
 	touch $@
 
@@ -85,7 +102,8 @@ $(COMPAT_VENV)/.deps-installed: requirements-compat.txt
 	$(COMPAT_PY) -m pip install --quiet -r requirements-compat.txt
 	touch $@
 
-$(COMPAT_VENV)/.package-built: $(COMPAT_VENV)/.deps-installed setup.py pyproject.toml $(EXT_SOURCES)
+$(COMPAT_VENV)/.package-built: $(COMPAT_VENV)/.deps-installed setup.py pyproject.toml $(EXT_SOURCES) \
+		$(CUDNN_FRONTEND)
 	RESNET_FUSED_REQUIRE_CUDA=1 \
 		$(COMPAT_PY) -m pip install --quiet --no-build-isolation --no-deps -e .
 	touch $@

@@ -21,6 +21,9 @@
 #ifndef RESNET_FUSED_CUDA_VERSION
 #define RESNET_FUSED_CUDA_VERSION ""
 #endif
+#ifndef RESNET_FUSED_CUDNN_FRONTEND
+#define RESNET_FUSED_CUDNN_FRONTEND ""  // the frontend version conv_bn_act_cudnn was built with
+#endif
 
 TORCH_LIBRARY(resnet_fused, m) {
   // Training-mode BatchNorm2d (+ residual) (+ ReLU), functional:
@@ -49,6 +52,16 @@ TORCH_LIBRARY(resnet_fused, m) {
   m.def("scale_shift_act_backward(Tensor grad_out, Tensor x, Tensor scale, Tensor? out, bool relu, "
         "bool grad_residual) -> (Tensor grad_x, Tensor grad_scale, Tensor grad_shift, "
         "Tensor grad_residual)");
+  // One conv -> scale -> shift (-> + residual) (-> ReLU) chain as ONE cuDNN kernel (the graph
+  // API's runtime fusion; fp32 pointwise math on the accumulator): NHWC fp16/bf16 x, weight and
+  // residual, fp32 scale/shift, channels_last output in x's dtype; groups 1. CUDA only, in builds
+  // with the cuDNN frontend headers (cuda/cudnn_fused.cpp). Raises where cuDNN refuses the graph.
+  m.def("conv_bn_act_cudnn(Tensor x, Tensor weight, Tensor scale, Tensor shift, "
+        "Tensor? residual, int[] stride, int[] padding, int[] dilation, bool relu) -> Tensor");
+  // "" when conv_bn_act_cudnn runs this problem (its plan is then built and cached), else why
+  // not: the arguments, or cuDNN's refusal of the graph.
+  m.def("cudnn_fused_support(Tensor x, Tensor weight, Tensor? residual, int[] stride, "
+        "int[] padding, int[] dilation, bool relu) -> str");
 }
 
 extern "C" PyObject* PyInit__C(void) {
@@ -65,6 +78,7 @@ extern "C" PyObject* PyInit__C(void) {
       PyModule_AddStringConstant(module, "cuda_archs", RESNET_FUSED_CUDA_ARCHS) < 0 ||
       PyModule_AddStringConstant(module, "cuda_version", RESNET_FUSED_CUDA_VERSION) < 0 ||
       PyModule_AddStringConstant(module, "torch_version", RESNET_FUSED_TORCH_VERSION) < 0 ||
+      PyModule_AddStringConstant(module, "cudnn_frontend", RESNET_FUSED_CUDNN_FRONTEND) < 0 ||
       // which CPU kernel table runs here (reads cpuid and $ATEN_CPU_CAPABILITY; no GPU)
       PyModule_AddStringConstant(module, "cpu_kernels", resnet_fused::cpu::kernels().isa) < 0) {
     Py_DECREF(module);
