@@ -162,7 +162,8 @@ fi
 XDIST=()
 "$PY" -c "import xdist" 2>/dev/null && [ "$DEV" = cuda ] && XDIST=(-n 8)
 run_step tests 80 "$PY" -m pytest tests/test_ext.py tests/test_cuda_graphs.py \
-  tests/test_models_triton.py tests/test_conv_triton.py tests/test_bench.py -k "$TEST_K" \
+  tests/test_models_triton.py tests/test_conv_triton.py tests/test_bench.py \
+  tests/test_cudnn_fused.py -k "$TEST_K" \
   -q -rfs -p no:cacheprovider "${XDIST[@]}" --junitxml="$TMP/tests.xml" || FAILED=1
 
 # 6. headline --------------------------------------------------------------------------------

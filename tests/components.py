@@ -42,7 +42,8 @@ OPT_OUTS = {
     "gloo": (),  # torch.distributed with the gloo backend
 }
 # which component a backend needs (backends with no component: always available)
-BACKEND_COMPONENT = {"onednn": "onednn", "triton": "triton", "cuda": "cuda-kernels"}
+BACKEND_COMPONENT = {"onednn": "onednn", "triton": "triton", "cuda": "cuda-kernels",
+                     "cudnn": "cuda-kernels"}
 
 
 def _flag(name: str) -> bool:
@@ -110,7 +111,8 @@ def backend(name: str, device) -> None:
     reason = backends.unavailable_reason(name, device)
     if reason is None:
         return
-    if (name == "cuda" and device.type != "cuda") or (name == "onednn" and device.type != "cpu"):
+    if ((name in ("cuda", "cudnn") and device.type != "cuda")
+            or (name == "onednn" and device.type != "cpu")):
         pytest.skip(f"backend {name} does not run on {device.type} tensors: {reason}")
     if name == "triton" and device.type == "cpu" and not _flag("TRITON_INTERPRET"):
         pytest.skip(f"backend triton on CPU tensors needs TRITON_INTERPRET=1: {reason}")

@@ -60,9 +60,9 @@ def test_backend_blocks_are_per_thread_and_set_backend_is_the_default():
 
 
 def test_unknown_backend_name():
-    with pytest.raises(ValueError, match=r"unknown resnet_fused backend 'cudnn'; expected one of "
-                                         r"auto, triton, cuda, .*torch"):
-        resnet_fused.set_backend("cudnn")
+    with pytest.raises(ValueError, match=r"unknown resnet_fused backend 'cudnn8'; expected one "
+                                         r"of auto, triton, cuda, cudnn, .*torch"):
+        resnet_fused.set_backend("cudnn8")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

@@ -36,14 +36,15 @@ import torch
 
 logger = logging.getLogger("resnet_fused")
 
-NAMES = ("auto", "triton", "cuda", "onednn", "torch")
-# What 'auto' may resolve to besides NAMES: per-layer triton-or-cuda on CUDA (autoselect.py), and
+NAMES = ("auto", "triton", "cuda", "cudnn", "onednn", "torch")
+# What 'auto' may resolve to besides NAMES: per-layer triton/cuda/cudnn on CUDA (autoselect.py), and
 # stock's own conv -> BN -> ReLU modules where no backend beats them (not a backend: no kernel).
 PER_LAYER = "triton+cuda"
 MODULES = "modules"
 PER_LAYER_ENV = "RESNET_FUSED_PER_LAYER_AUTO"  # 0: `auto` on CUDA runs Triton on every layer
 _MODULES = {"torch": "resnet_fused.backends.stock", "triton": "resnet_fused.backends.triton",
-            "cuda": "resnet_fused.backends.cuda", "onednn": "resnet_fused.backends.onednn",
+            "cuda": "resnet_fused.backends.cuda", "cudnn": "resnet_fused.backends.cudnn",
+            "onednn": "resnet_fused.backends.onednn",
             PER_LAYER: "resnet_fused.backends.autoselect"}
 ENV_VAR = "RESNET_FUSED_BACKEND"
 

@@ -1,11 +1,12 @@
 """Per-layer `auto` on CUDA: the backend PER_LAYER = 'triton+cuda'.
 
 (Per device and per dtype, `auto` is decided by the registry, backends.auto_choice; on CUDA,
-where both are usable, it resolves to this backend.) The first call of each
+where triton and cuda are usable, it resolves to this backend.) The first call of each
 problem bucket times the Triton kernel against the `cuda` backend (cuDNN conv + fused epilogue)
-and later calls in that bucket run the faster one. Decisions live in the tuning store
+and, where the extension has it, the `cudnn` backend (one cuDNN fused kernel per chain), and
+later calls in that bucket run the fastest. Decisions live in the tuning store
 (tuning.py: buckets, $RESNET_FUSED_TUNING=cached for no run-time timing, the on-disk cache).
-Both read the same prepared form (the default: channels_last weight in the model's dtype).
+All read the same prepared form (the default: channels_last weight in the model's dtype).
 $RESNET_FUSED_PER_LAYER_AUTO=0 turns the per-layer choice off (auto then runs Triton).
 """
 from __future__ import annotations
@@ -18,12 +19,25 @@ from .. import tuning
 from ..ops import out_hw
 from . import Prepared, load, prepare_default, unavailable_reason as backend_reason
 
-CANDIDATES = ("triton", "cuda")
+REQUIRED = ("triton", "cuda")  # what per-layer auto needs; "cudnn" joins where available
+CANDIDATES = (*REQUIRED, "cudnn")
+
+
+_candidates: dict = {}  # device -> its candidates (asked on every chain call)
+
+
+def candidates(device: torch.device) -> tuple:
+    """The backends timed per layer on `device`."""
+    names = _candidates.get(device)
+    if names is None:
+        names = _candidates[device] = tuple(
+            n for n in CANDIDATES if n in REQUIRED or backend_reason(n, device) is None)
+    return names
 
 
 # --- the per-layer backend ------------------------------------------------------------------
 def unavailable_reason(device: Optional[torch.device] = None) -> Optional[str]:
-    for name in CANDIDATES:
+    for name in REQUIRED:
         reason = backend_reason(name, device)
         if reason is not None:
             return f"{name}: {reason}"
@@ -35,7 +49,7 @@ def accelerates(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def prepare(weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> Prepared:
-    return prepare_default(weight, scale, shift)  # what both candidates read
+    return prepare_default(weight, scale, shift)  # what every candidate reads
 
 
 def _time_ms(fn: Callable[[], torch.Tensor], reps: int = 10) -> float:
@@ -68,7 +82,8 @@ def layer_key(x: torch.Tensor, weight: torch.Tensor, residual: Optional[torch.Te
 def choose(prepared: Prepared, x: torch.Tensor, residual: Optional[torch.Tensor],
            stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int,
            relu: bool) -> str:
-    """'triton' or 'cuda' for this problem: measured once per bucket, then remembered."""
+    """'triton', 'cuda' or 'cudnn' for this problem: measured once per bucket, then
+    remembered."""
     if x.dtype == torch.float64:
         return "triton"  # (fp64 runs the stock composition either way)
     args = (x, residual, stride, padding, dilation, groups, relu)
@@ -77,7 +92,8 @@ def choose(prepared: Prepared, x: torch.Tensor, residual: Optional[torch.Tensor]
     def measure(name: str) -> float:
         return _time_ms(lambda: load(name).run(prepared, *args))
 
-    return tuning.decide(x.device, key, CANDIDATES, measure=measure, heuristic=lambda: "triton")
+    return tuning.decide(x.device, key, candidates(x.device), measure=measure,
+                         heuristic=lambda: "triton")
 
 
 def run(prepared: Prepared, x: torch.Tensor, residual: Optional[torch.Tensor],

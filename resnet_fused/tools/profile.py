@@ -24,7 +24,7 @@ import json
 import os
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -64,10 +64,22 @@ def _layer_fns(layer: Layer, x: torch.Tensor,
     return (lambda: module(x)), (lambda: module(x))
 
 
+def _cudnn_path(layer: Layer, x: torch.Tensor, res: Optional[torch.Tensor]) -> str:
+    """Which path the `cudnn` backend runs for this chain: "fused", or why conv + epilogue."""
+    from ..backends import cudnn
+    conv, _ = layer.modules
+    w = conv.weight.detach().contiguous(memory_format=torch.channels_last)
+    relu = layer.relu and cudnn.relu_keeps_nan(x.device)
+    why = cudnn.supported(x, w, res, conv.stride, conv.padding, conv.dilation, conv.groups, relu)
+    return f"conv+epilogue: {why}" if why else "fused"
+
+
 def run_profile(arch: str = "resnet50", batch: int = 1, dtype: str = "fp16",
                 device: Optional[str] = None, size: int = 224, backend: str = "auto",
                 min_time_s: Optional[float] = None, peak: bool = True,
-                progress: bool = False, seed: int = 0) -> Dict[str, Any]:
+                progress: bool = False, seed: int = 0,
+                compare: Sequence[str] = ()) -> Dict[str, Any]:
+    """`compare`: backends whose fused chain is timed too, per conv layer (`<name>` columns)."""
     import torchvision
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -75,6 +87,8 @@ def run_profile(arch: str = "resnet50", batch: int = 1, dtype: str = "fp16",
     if min_time_s is None:
         min_time_s = 0.1 if dev.type == "cuda" else 0.2
     concrete = backends.resolve(dev, backend, dt)
+    unavailable = {n: backends.unavailable_reason(n, dev) for n in compare}
+    runnable = [n for n in compare if unavailable[n] is None]
     torch.manual_seed(seed)
     model = getattr(torchvision.models, arch)().eval().to(device=dev, dtype=dt)
     specs = layers(model, (batch, 3, size, size))
@@ -98,6 +112,13 @@ def run_profile(arch: str = "resnet50", batch: int = 1, dtype: str = "fp16",
             else:  # alternate the two, so that load from other processes hits both alike
                 ts, tf = interleaved([(stock, None), (fused, None)], 1, 3, 1000, min_time_s)
                 stock_ms, fused_ms = quantile(ts, 0.5), quantile(tf, 0.5)
+            compared: Dict[str, Optional[float]] = {n: None for n in compare}
+            if layer.kind == "conv_bn_act":
+                for name in runnable:
+                    with backends.backend(name):
+                        compared[name] = (time_ms(fused, dev, min_time_s) if dev.type == "cuda"
+                                          else quantile(interleaved([(fused, None)], 1, 3, 1000,
+                                                                    min_time_s)[0], 0.5))
             flops = 2 * layer.macs
             row = {"name": layer.name, "kind": layer.kind, "in_shape": list(layer.in_shape),
                    "out_shape": list(layer.out_shape),
@@ -105,11 +126,13 @@ def run_profile(arch: str = "resnet50", batch: int = 1, dtype: str = "fp16",
                    "groups": layer.groups, "relu": layer.relu, "residual": layer.residual,
                    "macs": layer.macs, "macs_per_image": layer.macs // batch,
                    "min_bytes": layer.min_bytes(x.element_size()),
-                   "stock_ms": stock_ms, "fused_ms": fused_ms,
+                   "stock_ms": stock_ms, "fused_ms": fused_ms, "compare_ms": compared,
                    "speedup": stock_ms / fused_ms if fused_ms > 0 else None,
                    "fused_tflops": flops / (fused_ms * 1e-3) / 1e12 if fused_ms > 0 else None,
                    "fused_gbps": layer.min_bytes(x.element_size()) / (fused_ms * 1e-3) / 1e9
                    if fused_ms > 0 else None}
+            if "cudnn" in runnable and layer.kind == "conv_bn_act":
+                row["cudnn_path"] = _cudnn_path(layer, x, res)
             row["pct_of_peak"] = (100 * row["fused_tflops"] / peak_tflops
                                   if peak_tflops and row["fused_tflops"] is not None and flops
                                   else None)
@@ -125,6 +148,8 @@ def run_profile(arch: str = "resnet50", batch: int = 1, dtype: str = "fp16",
         "arch": arch, "batch": batch, "dtype": dtype, "image_size": size,
         "device": dev.type, "device_name": device_name(dev), "versions": versions(),
         "backend": backend, "backend_resolved": concrete,
+        "compare": list(compare),
+        "compare_unavailable": {n: r for n, r in unavailable.items() if r},
         "layout": "channels_last activations for stock and fused",
         "timing": ("triton.testing.do_bench median (L2 flushed) or CUDA events"
                    if dev.type == "cuda" else
@@ -154,14 +179,18 @@ def format_table(report: Dict[str, Any]) -> str:
              f"peak {peak:.2f} TFLOP/s measured ({report['peak_measured_as']})" if peak else
              "peak not measured",
              f"{'layer':22} {'in -> out':36} {'MACs (M)':>9} {'stock ms':>9} {'fused ms':>9} "
-             f"{'speed-up':>8} {'TFLOP/s':>8} {'% peak':>7}"]
+             f"{'speed-up':>8} {'TFLOP/s':>8} {'% peak':>7}"
+             + "".join(f" {n + ' ms':>10}" for n in report.get("compare", []))]
     for r in report["layers"]:
         io = f"{shape(r['in_shape'])} -> {shape(r['out_shape'])}"
         pct = (f"{'-':>7}" if r["pct_of_peak"] is None else
                f"{'>100%':>7}" if r["pct_of_peak"] > 100 else f"{r['pct_of_peak']:6.1f}%")
         tf = f"{r['fused_tflops']:8.3f}" if r["macs"] else f"{'-':>8}"
+        extra = "".join(f" {'-':>10}" if v is None else f" {v:10.3f}"
+                        for v in r.get("compare_ms", {}).values())
+        path = f"  cudnn: {r['cudnn_path']}" if "cudnn_path" in r else ""
         lines.append(f"{r['name']:22} {io[:36]:36} {r['macs'] / 1e6:9.1f} {r['stock_ms']:9.3f} "
-                     f"{r['fused_ms']:9.3f} {r['speedup']:7.2f}x {tf} {pct}")
+                     f"{r['fused_ms']:9.3f} {r['speedup']:7.2f}x {tf} {pct}{extra}{path}")
     tot_tf = report["fused_tflops_total"]
     pct = (f"{'-':>7}" if not (peak and tot_tf) else
            f"{'>100%':>7}" if tot_tf > peak else f"{100 * tot_tf / peak:6.1f}%")
@@ -171,7 +200,18 @@ def format_table(report: Dict[str, Any]) -> str:
     lines.append(f"multiply-adds: {report['total_macs'] / 1e9:.3f} G per image, "
                  f"{report['total_macs_batch'] / 1e9:.3f} G for the batch (convs + fc); "
                  "times are per layer in isolation, summed")
+    for name, why in report.get("compare_unavailable", {}).items():
+        lines.append(f"{name}: not timed ({why})")
     return "\n".join(lines)
+
+
+def _backend_list(value: str) -> List[str]:
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    for n in names:
+        if n not in backends.NAMES[1:]:
+            raise argparse.ArgumentTypeError(f"unknown backend {n!r}; expected some of "
+                                             f"{', '.join(backends.NAMES[1:])}")
+    return names
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -182,6 +222,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", type=cli.device, default=None)
     p.add_argument("--size", type=cli.positive_int, default=224)
     p.add_argument("--backend", default="auto", choices=backends.NAMES)
+    p.add_argument("--compare", type=_backend_list, default=[],
+                   metavar="NAMES", help="comma list of backends also timed per conv layer "
+                   "(e.g. triton,cuda,cudnn on cuda); with cudnn, which path it runs per layer")
     p.add_argument("--min-time", type=float, default=None,
                    help="seconds per layer and side (0.1 on cuda, 0.2 on cpu)")
     p.add_argument("--threads", type=cli.positive_int, default=None)
@@ -196,7 +239,8 @@ def main(args: argparse.Namespace) -> int:
     dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("fp16" if dev == "cuda" else "fp32")
     report = run_profile(args.arch, args.batch, dtype, dev, args.size, args.backend,
-                         args.min_time, peak=not args.no_peak, progress=not args.quiet)
+                         args.min_time, peak=not args.no_peak, progress=not args.quiet,
+                         compare=args.compare)
     print(format_table(report))
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
