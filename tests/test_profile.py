@@ -126,3 +126,22 @@ def test_cpu_peak_is_the_best_of_matmul_and_onednn_convs(monkeypatch):
     tflops, how = timing.measured_peak_tflops(torch.device("cpu"), torch.float32)
     assert tflops > 0
     assert "matmul" in how and "3x3 conv" in how and "GFLOP/s" in how, how
+
+
+def test_compare_times_other_backends_per_conv_and_names_the_missing(capsys):
+    """--compare: each named backend's fused chain timed per conv layer next to the selection's;
+    one that cannot run here is left out with its reason (cudnn on a CPU)."""
+    from resnet_fused.__main__ import main
+    from resnet_fused.tools.profile import format_table, run_profile
+    report = run_profile("resnet18", 1, "fp32", "cpu", 32, "auto", min_time_s=0.0, peak=False,
+                         compare=["torch", "cudnn"])
+    assert report["compare"] == ["torch", "cudnn"] and "cudnn" in report["compare_unavailable"]
+    for row in report["layers"]:
+        times = row["compare_ms"]
+        assert times["cudnn"] is None
+        assert (times["torch"] > 0) if row["kind"] == "conv_bn_act" else times["torch"] is None
+    table = format_table(report)
+    assert "torch ms" in table and "cudnn: not timed (" in table
+    with pytest.raises(SystemExit) as exit_:  # argparse: usage and the error, status 2
+        main(["profile", "--compare", "torch,nope", "--device", "cpu"])
+    assert exit_.value.code == 2 and "unknown backend 'nope'" in capsys.readouterr().err
