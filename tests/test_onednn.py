@@ -17,8 +17,8 @@ from resnet_fused.fold import fold_scale_shift
 from resnet_fused.ops import channels_last_strides, conv_bn_act
 
 import components
-from numerics import (assert_within_rule, conv_bn_act_ref, max_err, randomize_bn,
-                      stock_outputs)
+from numerics import (BUILDER_PARAMS, assert_within_rule, conv_bn_act_ref, max_err,
+                      randomize_bn, stock_outputs)
 
 CPU = torch.device("cpu")
 REASON = backends.unavailable_reason("onednn", CPU)
@@ -200,6 +200,27 @@ def test_bf16_relu_keeps_every_nan_as_stock():
     assert (got.view(torch.int16)[~nan & (values <= 0)] == 0).all()  # +0.0, not -0.0
     x = torch.randn(2, 8, 3, 5)
     assert torch.equal(onednn.relu_(x.clone()), torch.relu(x))  # fp32: torch.relu_
+
+
+@needs_bf16
+@pytest.mark.parametrize("builder", BUILDER_PARAMS)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_bf16_autocast_every_builder(builder, layout):
+    """Every builder under autocast(bf16), both input layouts: within the rule against
+    torchvision under the same autocast, NaN where torchvision has NaN."""
+    torch.manual_seed(0)
+    tv = randomize_bn(getattr(torchvision.models, builder)(num_classes=10)).eval()
+    ours = getattr(resnet_fused, builder)(num_classes=10).eval()
+    ours.load_state_dict(tv.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    x[1, 0, 5, 5] = float("nan")  # poisons sample 1 only
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    ref = copy.deepcopy(tv).double()(x.double())
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        got, stock = ours(x), stock_outputs(tv, x)
+    assert got.dtype == stock[0].dtype == torch.bfloat16 and got.shape == stock[0].shape
+    assert_within_rule(got, stock, ref, torch.bfloat16)
 
 
 @needs_bf16
