@@ -18,7 +18,8 @@ reference with randomised BatchNorm under the numerics rule, docs/design.md).
 Scope: CPU, float32, and bfloat16 where the CPU has native bf16 instructions (AVX512-BF16 or AMX;
 `bf16_unavailable_reason`). bf16 is fp32's exponent range with 8 bits of mantissa, so the scale
 folds into the weight as in fp32 (computed in fp32, ONE rounding to bf16 per element: the
-rounding stock autocast makes of the unscaled weight anyway); the bias (shift) stays fp32, the
+rounding stock autocast makes of the unscaled weight anyway); the bias (shift) stays fp32 (on
+residual chains oneDNN's add op wants it in x's dtype: one rounding of the shift), the
 accumulation, bias and residual add are fp32 inside oneDNN and the output is rounded once. fp16
 (whose range a folded scale could overflow) and fp64 are delegated to the stock `torch` backend
 (docs/design.md).
@@ -182,7 +183,8 @@ def bf16_unavailable_reason() -> Optional[str]:
         with torch.autocast("cpu", enabled=False), torch.no_grad():
             for residual, relu in ((True, True), (False, False)):
                 got, want = _probe_case(_ops(), g, 4, 8, 3, 1, 1, 1, 5, residual, relu, BF16)
-                # fp32 accumulation, one rounding of the output: within 2 bf16 steps
+                # fp32 accumulation, one rounding of the output (half a bf16 step, 2^-9
+                # relative) plus the bias's: within one step
                 if got.dtype != want.dtype or not torch.allclose(got, want, rtol=2 ** -7,
                                                                  atol=2 ** -7):
                     return "the oneDNN bf16 fused convolution gave wrong results in a self-check"
