@@ -105,6 +105,17 @@ def supported(x, weight, residual, stride, padding, dilation, groups, relu) -> s
     return reason
 
 
+def _graph_relu(x: torch.Tensor, relu: bool) -> bool:
+    """Whether the graph itself applies the ReLU (else a NaN-keeping pass after it does)."""
+    return relu and x.dtype in DTYPES and relu_keeps_nan(x.device)
+
+
+def fallback_reason(x, weight, residual, stride, padding, dilation, groups, relu) -> str:
+    """"" when `run` takes this chain (channels_last x and residual) as one cuDNN kernel, else
+    why it runs the `cuda` path."""
+    return supported(x, weight, residual, stride, padding, dilation, groups, _graph_relu(x, relu))
+
+
 def fallbacks() -> Dict[Tuple, str]:
     """Problems seen so far that ran the `cuda` path instead, with cuDNN's reason."""
     return {k: v for k, v in _support.items() if v}
@@ -117,7 +128,7 @@ def run(prepared: Prepared, x: torch.Tensor, residual: Optional[torch.Tensor],
     cl = torch.channels_last
     x = x.contiguous(memory_format=cl)
     residual = None if residual is None else residual.contiguous(memory_format=cl)
-    fused_relu = relu and relu_keeps_nan(x.device) if x.dtype in DTYPES else relu
+    fused_relu = _graph_relu(x, relu)
     if supported(x, weight, residual, stride, padding, dilation, groups, fused_relu):
         return cuda.run(prepared, x, residual, stride, padding, dilation, groups, relu)
     out = _fused(x, weight, scale, shift, residual, stride, padding, dilation, fused_relu)

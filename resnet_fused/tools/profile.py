@@ -69,8 +69,8 @@ def _cudnn_path(layer: Layer, x: torch.Tensor, res: Optional[torch.Tensor]) -> s
     from ..backends import cudnn
     conv, _ = layer.modules
     w = conv.weight.detach().contiguous(memory_format=torch.channels_last)
-    relu = layer.relu and cudnn.relu_keeps_nan(x.device)
-    why = cudnn.supported(x, w, res, conv.stride, conv.padding, conv.dilation, conv.groups, relu)
+    why = cudnn.fallback_reason(x, w, res, conv.stride, conv.padding, conv.dilation, conv.groups,
+                                layer.relu)
     return f"conv+epilogue: {why}" if why else "fused"
 
 
