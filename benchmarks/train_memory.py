@@ -1,5 +1,6 @@
-"""Saved-activation memory of one training step: resnet_fused (train mode through the
-extension's bn_act_train) vs torchvision.
+"""Saved-activation memory of one training step: resnet_fused (stages recomputing BN, adds and
+ReLUs in the backward pass: stage_recompute.py; and with $RESNET_FUSED_TRAIN_MEMORY=save, keeping
+what torchvision keeps) vs torchvision.
 
 What autograd keeps for the backward pass is recorded with saved-tensor hooks during the forward
 pass (CPU, no GPU needed). Two figures per model:
@@ -26,7 +27,7 @@ import torchvision
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import resnet_fused  # noqa: E402
-from resnet_fused import extension  # noqa: E402
+from resnet_fused import extension, stage_recompute  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 
@@ -81,14 +82,19 @@ def main(argv=None) -> int:
         return 1
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
-    models = {"resnet_fused": resnet_fused.resnet50(), "torchvision": torchvision.models.resnet50()}
+    theirs = torchvision.models.resnet50()
+    models = {"resnet_fused": (resnet_fused.fuse(theirs), "recompute"),
+              "resnet_fused_save": (resnet_fused.fuse(theirs), "save"),
+              "torchvision": (theirs, None)}
     x = torch.randn(args.batch, 3, args.size, args.size, dtype=dtype)
     rows = {}
-    for name, model in models.items():
+    for name, (model, memory) in models.items():
+        os.environ[stage_recompute.MEMORY_ENV] = memory or "recompute"
         model = model.to(dtype).train()
         rows[name] = saved_activation_bytes(model, x)
         if torch.cuda.is_available():
             rows[name]["cuda_peak_bytes"] = cuda_peak_bytes(model, x)
+    os.environ.pop(stage_recompute.MEMORY_ENV)
     result = {"model": "resnet50", "batch": args.batch, "size": args.size, "dtype": args.dtype,
               "torch": torch.__version__, "machine": platform.machine(),
               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
@@ -97,26 +103,27 @@ def main(argv=None) -> int:
     with open(os.path.join(args.out, "train_memory.json"), "w") as f:
         json.dump(result, f, indent=2)
     mib = lambda b: f"{b / 2**20:,.1f} MiB"  # noqa: E731
-    ours, theirs = rows["resnet_fused"], rows["torchvision"]
+    theirs = rows["torchvision"]
     lines = [f"# Saved activations per training step: resnet50, batch {args.batch}, "
              f"{args.size}x{args.size}, {args.dtype}",
              "",
              f"torch {torch.__version__}; {result['device']}; extension: {result['extension']}",
              "",
-             "| | resnet_fused | torchvision | ours / theirs |",
-             "|---|---:|---:|---:|",
-             f"| saved by the ops (per save) | {mib(ours['saved_bytes'])} "
-             f"({ours['saved_tensors']} tensors) | {mib(theirs['saved_bytes'])} "
-             f"({theirs['saved_tensors']} tensors) | "
-             f"{ours['saved_bytes'] / theirs['saved_bytes']:.3f} |",
-             f"| held (distinct storages) | {mib(ours['unique_bytes'])} "
-             f"({ours['unique_storages']}) | {mib(theirs['unique_bytes'])} "
-             f"({theirs['unique_storages']}) | "
-             f"{ours['unique_bytes'] / theirs['unique_bytes']:.3f} |"]
-    if "cuda_peak_bytes" in ours:
-        lines.append(f"| CUDA peak over a fwd+bwd step | {mib(ours['cuda_peak_bytes'])} | "
-                     f"{mib(theirs['cuda_peak_bytes'])} | "
-                     f"{ours['cuda_peak_bytes'] / theirs['cuda_peak_bytes']:.3f} |")
+             "resnet_fused: stages recompute BN, adds and ReLUs in the backward pass (default); "
+             "resnet_fused, save: $RESNET_FUSED_TRAIN_MEMORY=save (torchvision's saved tensors).",
+             "",
+             "| | resnet_fused | resnet_fused, save | torchvision | resnet_fused / torchvision |",
+             "|---|---:|---:|---:|---:|"]
+    rows_of = [("saved by the ops (per save)", "saved_bytes", "saved_tensors"),
+               ("held (distinct storages)", "unique_bytes", "unique_storages"),
+               ("CUDA peak over a fwd+bwd step", "cuda_peak_bytes", None)]
+    for what, key, count in rows_of:
+        if key not in theirs:
+            continue
+        cells = [mib(rows[n][key]) + (f" ({rows[n][count]})" if count else "")
+                 for n in ("resnet_fused", "resnet_fused_save", "torchvision")]
+        lines.append(f"| {what} | {' | '.join(cells)} | "
+                     f"{rows['resnet_fused'][key] / theirs[key]:.3f} |")
     text = "\n".join(lines) + "\n"
     with open(os.path.join(args.out, "train_memory.md"), "w") as f:
         f.write(text)

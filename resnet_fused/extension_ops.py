@@ -38,6 +38,17 @@ def bn_act_train(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional
                                                bool(relu))
 
 
+def bn_act_train_backward(grad_out: torch.Tensor, x: torch.Tensor,
+                          weight: Optional[torch.Tensor], out: Optional[torch.Tensor],
+                          save_mean: torch.Tensor, save_invstd: torch.Tensor, relu: bool,
+                          grad_residual: bool) -> Tuple[torch.Tensor, ...]:
+    """(grad_x, grad_weight, grad_bias, grad_residual or empty) of bn_act_train, in x's layout;
+    `out` (the forward's output) gives the ReLU mask."""
+    grad_out = grad_out.contiguous(memory_format=memory_format(x))
+    return torch.ops.resnet_fused.bn_act_train_backward(
+        grad_out, x, weight, out, save_mean, save_invstd, bool(relu), bool(grad_residual))
+
+
 def scale_shift_act(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
                     residual: Optional[torch.Tensor] = None, relu: bool = True) -> torch.Tensor:
     """relu?(x * scale[c] + shift[c] + residual) in one pass; scale/shift fp32 (fp64 for fp64)."""
@@ -103,9 +114,8 @@ def _bn_backward(ctx, grad_out, *unused):
     nothing = (None,) * 9
     if grad_out is None or not (need_x or need_w or need_b or need_res):
         return nothing
-    grad_out = grad_out.contiguous(memory_format=memory_format(x))
-    grad_x, grad_w, grad_b, grad_res = torch.ops.resnet_fused.bn_act_train_backward(
-        grad_out, x, weight, out, save_mean, save_invstd, ctx.relu, bool(ctx.relu and need_res))
+    grad_x, grad_w, grad_b, grad_res = bn_act_train_backward(
+        grad_out, x, weight, out, save_mean, save_invstd, ctx.relu, ctx.relu and need_res)
     w_dtype, b_dtype = ctx.param_dtypes
     return (grad_x if need_x else None,
             grad_w.to(w_dtype) if need_w and w_dtype is not None else None,

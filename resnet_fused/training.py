@@ -105,21 +105,25 @@ def bn_act_supported(bn: nn.Module, x: torch.Tensor, residual: Optional[torch.Te
     return extension.unavailable_reason(x.device) is None
 
 
+def momentum_factor(bn: nn.BatchNorm2d) -> float:
+    """The running-stat update's factor for this training step, as torch's _BatchNorm.forward:
+    counts the step in num_batches_tracked; momentum=None is the cumulative average."""
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    return factor
+
+
 def batch_norm_act(bn: nn.BatchNorm2d, x: torch.Tensor, residual: Optional[torch.Tensor] = None,
                    relu: bool = True) -> torch.Tensor:
     """relu?(bn(x) + residual) for a training-mode nn.BatchNorm2d, as torch's _BatchNorm.forward
     does it (num_batches_tracked, momentum=None as a cumulative average), in one fused op.
     Call only where bn_act_supported(bn, x, residual)."""
-    factor = 0.0 if bn.momentum is None else bn.momentum
-    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    factor = momentum_factor(bn)
     running_mean = bn.running_mean if bn.track_running_stats else None
     running_var = bn.running_var if bn.track_running_stats else None
-    if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
-        x = x.contiguous()
-    if residual is not None:
-        residual = residual.contiguous(memory_format=extension_ops.memory_format(x))
+    x, residual = kernel_layout(x, residual)
     out, _, _, new_mean, new_var = extension_ops.bn_act_train(
         x, bn.weight, bn.bias, residual, running_mean, running_var, factor, bn.eps, relu)
     if running_mean is not None:
@@ -127,6 +131,16 @@ def batch_norm_act(bn: nn.BatchNorm2d, x: torch.Tensor, residual: Optional[torch
             running_mean.copy_(new_mean)
             running_var.copy_(new_var)
     return out
+
+
+def kernel_layout(x: torch.Tensor, residual: Optional[torch.Tensor]):
+    """x contiguous in NCHW or channels_last (as it is, where it is either), the residual in x's
+    layout: what bn_act_train takes."""
+    if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+        x = x.contiguous()
+    if residual is not None:
+        residual = residual.contiguous(memory_format=extension_ops.memory_format(x))
+    return x, residual
 
 
 def train_chain(conv: nn.Module, bn: nn.Module, x: torch.Tensor,

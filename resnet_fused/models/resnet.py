@@ -10,7 +10,9 @@ from typing import Any, Callable, List, Optional, Type, Union
 import torch
 from torch import Tensor, nn
 
+from .. import stage_recompute
 from ..layers import conv_bn, observed
+from ..stage_recompute import Block, Chain
 from .weights import load_weights
 
 __all__ = ["ResNet", "BasicBlock", "Bottleneck", "resnet18", "resnet34", "resnet50", "resnet101",
@@ -231,13 +233,46 @@ class ResNet(_Scriptable):
             x = x.contiguous(memory_format=torch.channels_last)
         x = conv_bn(self.conv1, self.bn1, x, act=self.relu)
         x = self.maxpool(x)
-        x = self.layer1(x)
-        x = self.layer2(x)
-        x = self.layer3(x)
-        x = self.layer4(x)
+        x = self._stage(self.layer1, x)
+        x = self._stage(self.layer2, x)
+        x = self._stage(self.layer3, x)
+        x = self._stage(self.layer4, x)
         x = self.avgpool(x)
         x = torch.flatten(x, 1)
         return self.fc(x)
+
+
+    @torch.jit.unused
+    def _stage(self, stage: nn.Module, x: Tensor) -> Tensor:
+        """stage(x); in a training step, one node that recomputes BN, adds and ReLUs in the
+        backward pass instead of keeping their outputs, where nothing can tell the difference
+        (stage_recompute.supported)."""
+        if self.training and torch.is_grad_enabled():
+            blocks = _blocks(stage)
+            if stage_recompute.supported(stage, blocks, x):
+                return stage_recompute.run(blocks, x)
+        return stage(x)
+
+
+def _blocks(stage: nn.Module) -> Optional[List[Block]]:
+    """A stage built by _make_layer as stage_recompute's blocks; None where it is not that tree
+    (another container, a block subclass or replacement, another activation or shortcut)."""
+    if type(stage) is not nn.Sequential:
+        return None
+    blocks = []
+    for b in stage:
+        if type(b) not in (BasicBlock, Bottleneck) or type(b.relu) is not nn.ReLU:
+            return None
+        main = (Chain(b.conv1, b.bn1), Chain(b.conv2, b.bn2))
+        if type(b) is Bottleneck:
+            main += (Chain(b.conv3, b.bn3),)
+        shortcut = b.downsample
+        if shortcut is not None:
+            if type(shortcut) is not nn.Sequential or len(shortcut) != 2:
+                return None
+            shortcut = Chain(shortcut[0], shortcut[1])
+        blocks.append(Block(main, shortcut))
+    return blocks
 
 
 def _fixed(kwargs: dict, name: str, value: Any) -> None:

@@ -13,6 +13,8 @@ torch.autocast), the way models are trained in those dtypes.
   fused_bn      resnet_fused with the fused bn_act_train kernels forced ($RESNET_FUSED_TRAIN_BN=
   fused_bn_cl   fused), NCHW / channels_last: listed by default only where the policy does not
                 pick them already, so the suite measures what the policy would switch to.
+  fused_save    resnet_fused keeping torchvision's saved tensors ($RESNET_FUSED_TRAIN_MEMORY=save)
+  fused_save_cl instead of recomputing BN, adds and ReLUs per stage     (opt-in: --providers)
 """
 from __future__ import annotations
 
@@ -24,9 +26,10 @@ from typing import Any, Callable, List, Optional
 import torch
 import torch.nn.functional as F
 
-from .. import extension, training
+from .. import extension, stage_recompute, training
 
-PROVIDERS = ("eager", "eager_cl", "compile", "fused", "fused_cl", "fused_bn", "fused_bn_cl")
+PROVIDERS = ("eager", "eager_cl", "compile", "fused", "fused_cl", "fused_bn", "fused_bn_cl",
+             "fused_save", "fused_save_cl")
 LABELS = {"eager": "train eager (torchvision, NCHW)", "eager_cl": "train eager (channels_last)",
           "compile": "train torch.compile (channels_last)"}
 
@@ -45,24 +48,27 @@ def label(provider: str, device: torch.device) -> str:
     layout = "channels_last" if provider.endswith("_cl") else "NCHW"
     if provider.startswith("fused_bn"):
         return f"train fused, bn_act kernels ({layout})"
+    if provider.startswith("fused_save"):
+        return f"train fused, {training.train_bn_choice(device)} BN, saving as torchvision " \
+               f"({layout})"
     return f"train fused, {training.train_bn_choice(device)} BN ({layout})"
 
 
 @contextlib.contextmanager
-def _train_bn(setting: Optional[str]):
-    """$RESNET_FUSED_TRAIN_BN set to `setting` for the duration (None: left as it is)."""
+def _env(name: str, setting: Optional[str]):
+    """$name set to `setting` for the duration (None: left as it is)."""
     if setting is None:
         yield
         return
-    old = os.environ.get(training.TRAIN_BN_ENV)
-    os.environ[training.TRAIN_BN_ENV] = setting
+    old = os.environ.get(name)
+    os.environ[name] = setting
     try:
         yield
     finally:
         if old is None:
-            del os.environ[training.TRAIN_BN_ENV]
+            del os.environ[name]
         else:
-            os.environ[training.TRAIN_BN_ENV] = old
+            os.environ[name] = old
 
 
 def make_runner(provider: str, stock: torch.nn.Module, x: torch.Tensor, target: torch.Tensor,
@@ -84,7 +90,8 @@ def make_runner(provider: str, stock: torch.nn.Module, x: torch.Tensor, target: 
         x = x.contiguous(memory_format=torch.channels_last)
     if provider == "compile":
         model = torch.compile(model)
-    setting = "fused" if provider.startswith("fused_bn") else None
+    train_bn = "fused" if provider.startswith("fused_bn") else None
+    memory = "save" if provider.startswith("fused_save") else None
     autocast = (torch.autocast(x.device.type, dtype=amp) if amp is not None
                 else contextlib.nullcontext())
     params = list(model.parameters())
@@ -92,7 +99,8 @@ def make_runner(provider: str, stock: torch.nn.Module, x: torch.Tensor, target: 
     def step():
         for p in params:
             p.grad = None
-        with _train_bn(setting), torch.enable_grad():
+        with _env(training.TRAIN_BN_ENV, train_bn), _env(stage_recompute.MEMORY_ENV, memory), \
+                torch.enable_grad():
             with autocast:
                 out = model(x)
             loss = F.cross_entropy(out.float(), target)
