@@ -26,18 +26,18 @@ def worker(rank: int, world: int, store: str, out: str) -> None:
 
     sys.path.insert(0, HERE)
     import resnet_fused
-    from resnet_fused import extension_ops
+    from resnet_fused import training
     from numerics import randomize_bn
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     calls = [0]
-    original = extension_ops.bn_act_train
+    original = training.batch_norm_act  # a BN training step through bn_act_train
 
     def counted(*args, **kwargs):
         calls[0] += 1
         return original(*args, **kwargs)
-    extension_ops.bn_act_train = counted
+    training.batch_norm_act = counted
 
     models = []
     for build in (resnet_fused.resnet18, torchvision.models.resnet18):
