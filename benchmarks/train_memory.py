@@ -1,6 +1,6 @@
 """Saved-activation memory of one training step: resnet_fused (stages recomputing BN, adds and
-ReLUs in the backward pass: stage_recompute.py; and with $RESNET_FUSED_TRAIN_MEMORY=save, keeping
-what torchvision keeps) vs torchvision.
+ReLUs in the backward pass: $RESNET_FUSED_TRAIN_MEMORY=recompute, stage_recompute.py; and by
+default, keeping what torchvision keeps) vs torchvision.
 
 What autograd keeps for the backward pass is recorded with saved-tensor hooks during the forward
 pass (CPU, no GPU needed). Two figures per model:
@@ -89,7 +89,7 @@ def main(argv=None) -> int:
     x = torch.randn(args.batch, 3, args.size, args.size, dtype=dtype)
     rows = {}
     for name, (model, memory) in models.items():
-        os.environ[stage_recompute.MEMORY_ENV] = memory or "recompute"
+        os.environ[stage_recompute.MEMORY_ENV] = memory or "save"
         model = model.to(dtype).train()
         rows[name] = saved_activation_bytes(model, x)
         if torch.cuda.is_available():
@@ -109,8 +109,9 @@ def main(argv=None) -> int:
              "",
              f"torch {torch.__version__}; {result['device']}; extension: {result['extension']}",
              "",
-             "resnet_fused: stages recompute BN, adds and ReLUs in the backward pass (default); "
-             "resnet_fused, save: $RESNET_FUSED_TRAIN_MEMORY=save (torchvision's saved tensors).",
+             "resnet_fused: $RESNET_FUSED_TRAIN_MEMORY=recompute (stages recompute BN, adds and "
+             "ReLUs in the backward pass); resnet_fused, save: the default (torchvision's saved "
+             "tensors).",
              "",
              "| | resnet_fused | resnet_fused, save | torchvision | resnet_fused / torchvision |",
              "|---|---:|---:|---:|---:|"]

@@ -19,7 +19,9 @@ policy's choice (training.bn_act_supported), as on the per-chain path.
 Used only where nothing can tell the difference (`supported`): eager autograd, no autocast,
 torchvision's own block types, plain nn.Conv2d / nn.BatchNorm2d (training mode) / nn.ReLU, and
 no hooks anywhere in the stage; otherwise the stage runs as modules (the per-chain path).
-$RESNET_FUSED_TRAIN_MEMORY=save keeps torchvision's saved tensors instead.
+Opt-in, $RESNET_FUSED_TRAIN_MEMORY=recompute: on this project's CPU runs the recompute costs
+3-9% of a resnet50 training step (benchmarks/RESULTS.md), so the default keeps torchvision's
+saved tensors (never slower than stock); not measured on a GPU yet.
 """
 from __future__ import annotations
 
@@ -33,13 +35,13 @@ from torch import nn
 from . import extension_ops, training
 from .layers import observed
 
-MEMORY_ENV = "RESNET_FUSED_TRAIN_MEMORY"  # recompute (default) | save (as torchvision)
-MEMORY_CHOICES = ("recompute", "save")
+MEMORY_ENV = "RESNET_FUSED_TRAIN_MEMORY"  # save (default, as torchvision) | recompute
+MEMORY_CHOICES = ("save", "recompute")
 
 
 def memory_setting() -> str:
-    """$RESNET_FUSED_TRAIN_MEMORY: "recompute" (default) or "save"."""
-    setting = os.environ.get(MEMORY_ENV, "recompute").strip().lower() or "recompute"
+    """$RESNET_FUSED_TRAIN_MEMORY: "save" (default) or "recompute"."""
+    setting = os.environ.get(MEMORY_ENV, "save").strip().lower() or "save"
     if setting not in MEMORY_CHOICES:
         raise ValueError(f"${MEMORY_ENV}={setting!r}: expected one of "
                          f"{', '.join(MEMORY_CHOICES)}")

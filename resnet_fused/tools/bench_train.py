@@ -13,8 +13,8 @@ torch.autocast), the way models are trained in those dtypes.
   fused_bn      resnet_fused with the fused bn_act_train kernels forced ($RESNET_FUSED_TRAIN_BN=
   fused_bn_cl   fused), NCHW / channels_last: listed by default only where the policy does not
                 pick them already, so the suite measures what the policy would switch to.
-  fused_save    resnet_fused keeping torchvision's saved tensors ($RESNET_FUSED_TRAIN_MEMORY=save)
-  fused_save_cl instead of recomputing BN, adds and ReLUs per stage     (opt-in: --providers)
+  fused_recompute     resnet_fused with $RESNET_FUSED_TRAIN_MEMORY=recompute (each stage keeps
+  fused_recompute_cl  its conv outputs only; BN, adds, ReLUs recomputed)  (opt-in: --providers)
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from .. import extension, stage_recompute, training
 
 PROVIDERS = ("eager", "eager_cl", "compile", "fused", "fused_cl", "fused_bn", "fused_bn_cl",
-             "fused_save", "fused_save_cl")
+             "fused_recompute", "fused_recompute_cl")
 LABELS = {"eager": "train eager (torchvision, NCHW)", "eager_cl": "train eager (channels_last)",
           "compile": "train torch.compile (channels_last)"}
 
@@ -48,8 +48,8 @@ def label(provider: str, device: torch.device) -> str:
     layout = "channels_last" if provider.endswith("_cl") else "NCHW"
     if provider.startswith("fused_bn"):
         return f"train fused, bn_act kernels ({layout})"
-    if provider.startswith("fused_save"):
-        return f"train fused, {training.train_bn_choice(device)} BN, saving as torchvision " \
+    if provider.startswith("fused_recompute"):
+        return f"train fused, {training.train_bn_choice(device)} BN, recomputing per stage " \
                f"({layout})"
     return f"train fused, {training.train_bn_choice(device)} BN ({layout})"
 
@@ -91,7 +91,7 @@ def make_runner(provider: str, stock: torch.nn.Module, x: torch.Tensor, target: 
     if provider == "compile":
         model = torch.compile(model)
     train_bn = "fused" if provider.startswith("fused_bn") else None
-    memory = "save" if provider.startswith("fused_save") else None
+    memory = "recompute" if provider.startswith("fused_recompute") else None
     autocast = (torch.autocast(x.device.type, dtype=amp) if amp is not None
                 else contextlib.nullcontext())
     params = list(model.parameters())
