@@ -139,7 +139,7 @@ def saved_bytes(model, x):
     return sum(storages.values())
 
 
-def test_keeps_two_thirds_less(monkeypatch):
+def test_keeps_two_thirds(monkeypatch):
     """resnet50: what the training step keeps for backward, against torchvision's (exact byte
     counts; benchmarks/train_memory.py measures 224x224): the stages keep their inputs and conv
     outputs only."""
