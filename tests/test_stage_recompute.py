@@ -1,6 +1,6 @@
 """Training stages as one recomputing node (resnet_fused/stage_recompute.py): bitwise the
-per-chain path's outputs, gradients and buffers (which test_train.py holds to torchvision), with
-about two thirds less kept for the backward pass; and the per-chain path wherever the node
+per-chain path's outputs, gradients and buffers (which test_train.py holds to torchvision), keeping
+about two thirds of the bytes for the backward pass; and the per-chain path wherever the node
 cannot be told apart from it (hooks, autocast, no grad, other modules, the switch).
 """
 from __future__ import annotations
