@@ -72,8 +72,8 @@ def _plain(chain: Chain) -> bool:
 
 def supported(stage: nn.Module, blocks: Optional[Sequence[Block]], x) -> bool:
     """True when `stage`, described by `blocks` (None: not torchvision's block types), may run
-    as one recomputing node on input x."""
-    if not blocks or memory_setting() != "recompute" or not torch.is_grad_enabled():
+    as one recomputing node on input x (the caller has checked memory_setting())."""
+    if not blocks or not torch.is_grad_enabled():
         return False
     if type(x) is not torch.Tensor or x.dim() != 4 or not x.dtype.is_floating_point:
         return False

@@ -241,13 +241,14 @@ class ResNet(_Scriptable):
         x = torch.flatten(x, 1)
         return self.fc(x)
 
-
     @torch.jit.unused
     def _stage(self, stage: nn.Module, x: Tensor) -> Tensor:
         """stage(x); in a training step, one node that recomputes BN, adds and ReLUs in the
         backward pass instead of keeping their outputs, where nothing can tell the difference
         (stage_recompute.supported)."""
-        if self.training and torch.is_grad_enabled():
+        # (the setting first: the default never walks the stage on this per-step path)
+        if (self.training and torch.is_grad_enabled()
+                and stage_recompute.memory_setting() == "recompute"):
             blocks = _blocks(stage)
             if stage_recompute.supported(stage, blocks, x):
                 return stage_recompute.run(blocks, x)
