@@ -113,6 +113,6 @@ $(COMPAT_VENV)/.package-built: $(COMPAT_VENV)/.deps-installed setup.py pyproject
 # but the whole-model kernel report (5 min; `make kernel-report` makes it with this venv).
 test-compat: $(COMPAT_VENV)/.package-built
 	RESNET_FUSED_NO_ONNX=1 $(COMPAT_PY) -m pytest $(COMPAT_TESTS) -q -p no:cacheprovider \
-		--deselect tests/test_kernel_report.py::test_whole_resnet50_report_sm90 $(ARGS)
+		--deselect tests/test_kernel_report.py::test_whole_resnet50_report_sm90 $(XDIST) $(ARGS)
 	SUITE_SMOKE=1 SUITE_RESULTS_DIR=$$(mktemp -d) PYTHON=$(abspath $(COMPAT_PY)) \
 		bash benchmarks/gpu_suite.sh

@@ -74,12 +74,15 @@ inline Shape check_bn_act_train_backward(
 
 inline Shape check_scale_shift_act(const at::Tensor& x, const at::Tensor& scale,
                                    const at::Tensor& shift,
-                                   const std::optional<at::Tensor>& residual) {
+                                   const std::optional<at::Tensor>& residual,
+                                   const std::optional<at::Tensor>& center) {
   constexpr const char* op = "scale_shift_act";
   const Layout l = check_activation(x, op, "x");
   const at::ScalarType acc = opmath_type(x.scalar_type());
   check_channel_vector(scale, "scale", x.size(1), x, acc, op);
   check_channel_vector(shift, "shift", x.size(1), x, acc, op);
+  if (center.has_value() && center->defined())
+    check_channel_vector(*center, "center", x.size(1), x, acc, op);
   if (residual.has_value() && residual->defined()) check_like_x(*residual, "residual", x, l, op);
   return shape_of(x, l);
 }

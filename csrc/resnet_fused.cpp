@@ -31,11 +31,14 @@ TORCH_LIBRARY(resnet_fused, m) {
   //   (biased variance for normalising), fp32 (fp64 for fp64 x).
   //   new_running_* = (1 - momentum) * running_* + momentum * batch stat (unbiased variance);
   //   empty when running stats are None. The caller copies them into its buffers.
+  //   scale/shift: the factors `out` was computed with, out = relu?((x - save_mean) * scale +
+  //   shift + residual), so that scale_shift_act(x, scale, shift, residual, relu, save_mean)
+  //   recomputes `out` bit for bit (stage_recompute.py) without a second statistics pass.
   m.def(
       "bn_act_train(Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, "
       "Tensor? running_mean, Tensor? running_var, float momentum, float eps, bool relu) -> "
       "(Tensor out, Tensor save_mean, Tensor save_invstd, Tensor new_running_mean, "
-      "Tensor new_running_var)");
+      "Tensor new_running_var, Tensor scale, Tensor shift)");
   // Its backward. `out` (the forward output) gives the ReLU mask; grad_residual (the masked
   // grad) is written only when relu and grad_residual, else it is empty. grad_weight/grad_bias
   // are in x's arithmetic dtype (fp32, fp64 for fp64).
@@ -43,9 +46,10 @@ TORCH_LIBRARY(resnet_fused, m) {
       "bn_act_train_backward(Tensor grad_out, Tensor x, Tensor? weight, Tensor? out, "
       "Tensor save_mean, Tensor save_invstd, bool relu, bool grad_residual) -> "
       "(Tensor grad_x, Tensor grad_weight, Tensor grad_bias, Tensor grad_residual)");
-  // out = relu?(x * scale[c] + shift[c] + residual): the conv_bn_act epilogue.
-  m.def("scale_shift_act(Tensor x, Tensor scale, Tensor shift, Tensor? residual, bool relu) -> "
-        "Tensor");
+  // out = relu?((x - center[c]) * scale[c] + shift[c] + residual): the conv_bn_act epilogue
+  // (center None: 0), and bn_act_train's output again from its save_mean, scale and shift.
+  m.def("scale_shift_act(Tensor x, Tensor scale, Tensor shift, Tensor? residual, bool relu, "
+        "Tensor? center=None) -> Tensor");
   // Its backward (CPU): with g the grad below the ReLU (zero where out <= 0), grad_x = g * scale,
   // grad_scale = sum g * x, grad_shift = sum g per channel (fp32, fp64 for fp64 x) and the
   // residual's grad g (written only when relu and grad_residual, else empty).

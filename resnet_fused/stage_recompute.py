@@ -8,9 +8,10 @@ conv's input and the ReLU's mask): 12 w-channel maps. This keeps the three BN in
 the downsample's), and resnet50's saved activations fall to about 0.65x of torchvision's
 (benchmarks/RESULTS.md, "Training").
 
-Exactness: each recomputed tensor is bitwise the forward's (the same deterministic kernel on the
-same input: the extension's bn_act_train, whose chunking does not depend on the thread count,
-or stock's native_batch_norm), and the backward calls the ops autograd calls on the per-chain
+Exactness: each recomputed tensor is bitwise the forward's. Fused BatchNorm: scale_shift_act
+applies the factors the forward's bn_act_train computed its output with (save_mean, scale,
+shift) in the same element loops, one pass and no statistics; stock BatchNorm: native_batch_norm
+again on the same input (deterministic). The backward calls the ops autograd calls on the per-chain
 path (convolution_backward, bn_act_train_backward or native_batch_norm_backward after
 threshold_backward), so gradients, outputs and running statistics are the per-chain path's
 bit for bit (tests/test_stage_recompute.py). Which BatchNorm runs per chain is the training
@@ -26,7 +27,7 @@ saved tensors (never slower than stock); not measured on a GPU yet.
 from __future__ import annotations
 
 import os
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -102,27 +103,32 @@ def run(blocks: Sequence[Block], x: torch.Tensor) -> torch.Tensor:
 
 # ---- BatchNorm (+ residual) (+ ReLU): forward, recompute and backward, fused or stock --------
 class _BN(NamedTuple):
-    """One chain's BatchNorm as the forward ran it: its parameters (as saved) and which kernel."""
+    """One chain's BatchNorm as the forward ran it: its parameters (as saved), eps, the batch
+    statistics (save_mean, save_invstd), and for the fused kernel the factors its output was
+    computed with (scale, shift; training.batch_norm_act_factors), None for stock's."""
     weight: Optional[torch.Tensor]
     bias: Optional[torch.Tensor]
     eps: float
-    fused: bool
+    stats: Tuple[torch.Tensor, torch.Tensor]
+    factors: Optional[Tuple[torch.Tensor, torch.Tensor]]
 
 
 def _bn_step(bn: nn.BatchNorm2d, c: torch.Tensor, residual: Optional[torch.Tensor],
-             relu: bool, fused: bool) -> torch.Tensor:
-    """The training step's BN (+ residual) (+ ReLU): running statistics and num_batches_tracked
-    updated as torch's _BatchNorm.forward does."""
-    if fused:
-        return training.batch_norm_act(bn, c, residual, relu)
+             relu: bool) -> Tuple[torch.Tensor, tuple]:
+    """The training step's BN (+ residual) (+ ReLU), with running statistics and
+    num_batches_tracked updated as torch's _BatchNorm.forward does, and what the backward needs
+    to recompute it: (out, (eps, stats, factors)) as _BN's last three fields."""
+    if training.bn_act_supported(bn, c, residual):
+        out, (mean, invstd, scale, shift) = training.batch_norm_act_factors(bn, c, residual, relu)
+        return out, (bn.eps, (mean, invstd), (scale, shift))
     if c.shape[0] * c.shape[2] * c.shape[3] <= 1:  # (as F.batch_norm, word for word)
         raise ValueError("Expected more than 1 value per channel when training, got input size "
                          f"{c.size()}")
     factor = training.momentum_factor(bn)
     running = (bn.running_mean, bn.running_var) if bn.track_running_stats else (None, None)
-    out = torch.ops.aten.native_batch_norm(c, bn.weight, bn.bias, *running, True, factor,
-                                           bn.eps)[0]
-    return _tail(out, residual, relu)
+    out, mean, invstd = torch.ops.aten.native_batch_norm(c, bn.weight, bn.bias, *running, True,
+                                                         factor, bn.eps)
+    return _tail(out, residual, relu), (bn.eps, (mean, invstd), None)
 
 
 def _tail(out: torch.Tensor, residual: Optional[torch.Tensor], relu: bool) -> torch.Tensor:
@@ -132,26 +138,27 @@ def _tail(out: torch.Tensor, residual: Optional[torch.Tensor], relu: bool) -> to
 
 
 def _recompute(bn: _BN, c: torch.Tensor, residual: Optional[torch.Tensor],
-               relu: bool) -> Tuple[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
-    """The step's output again, bitwise, and its batch statistics (mean, invstd); no update."""
-    if bn.fused:
+               relu: bool) -> torch.Tensor:
+    """The step's output again, bitwise; no update. Fused: one pass applying the forward's
+    factors (no statistics pass); stock: native_batch_norm again (its output formula is not
+    exposed)."""
+    if bn.factors is not None:
         c, residual = training.kernel_layout(c, residual)
-        out, mean, invstd, _, _ = extension_ops.bn_act_train(
-            c, bn.weight, bn.bias, residual, None, None, 0.0, bn.eps, relu)
-        return out, (mean, invstd)
-    out, mean, invstd = torch.ops.aten.native_batch_norm(c, bn.weight, bn.bias, None, None, True,
-                                                         0.0, bn.eps)
-    return _tail(out, residual, relu), (mean, invstd)
+        return extension_ops.scale_shift_act(c, *bn.factors, residual, relu, center=bn.stats[0])
+    out = torch.ops.aten.native_batch_norm(c, bn.weight, bn.bias, None, None, True, 0.0,
+                                           bn.eps)[0]
+    return _tail(out, residual, relu)
 
 
 def _bn_backward(bn: _BN, grad: torch.Tensor, c: torch.Tensor, out: Optional[torch.Tensor],
-                 stats: Tuple[torch.Tensor, torch.Tensor], relu: bool):
-    """(grad_c, grad_weight, grad_bias, grad of the residual) of BN (+ residual) (+ ReLU)."""
-    mean, invstd = stats
-    if bn.fused:
+                 relu: bool, residual: bool):
+    """(grad_c, grad_weight, grad_bias, grad of the residual or None) of BN (+ residual)
+    (+ ReLU); `out` the step's output (the ReLU mask), `residual` whether one was added."""
+    mean, invstd = bn.stats
+    if bn.factors is not None:
         c = training.kernel_layout(c, None)[0]
         gc, gw, gb, g_res = extension_ops.bn_act_train_backward(
-            grad, c, bn.weight, out if relu else None, mean, invstd, relu, relu)
+            grad, c, bn.weight, out if relu else None, mean, invstd, relu, relu and residual)
         if not relu:
             g_res = grad
     else:
@@ -165,7 +172,7 @@ def _bn_backward(bn: _BN, grad: torch.Tensor, c: torch.Tensor, out: Optional[tor
         gw = gw.to(bn.weight.dtype)
     if bn.bias is not None:
         gb = gb.to(bn.bias.dtype)
-    return gc, gw, gb, g_res
+    return gc, gw, gb, g_res if residual else None
 
 
 def _conv(conv: nn.Conv2d, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -185,9 +192,10 @@ def _conv_backward(conv: nn.Conv2d, weight: torch.Tensor, grad: torch.Tensor, x:
 
 # ---- the stage node -------------------------------------------------------------------------
 class _Stage(torch.autograd.Function):
-    """forward: each block's chains (conv, then BN (+ shortcut) (+ ReLU)), keeping x and every
-    conv output. backward: the block outputs recomputed in order, then block by block (last
-    first) the inner ReLU outputs recomputed and each chain's backward applied."""
+    """forward: each block's chains (conv, then BN (+ shortcut) (+ ReLU)), keeping x, every
+    conv output and the stage's output (which the next stage keeps as its input anyway).
+    backward: the block outputs recomputed in order, then block by block (last first) the inner
+    ReLU outputs recomputed and each chain's backward applied."""
 
     @staticmethod
     def forward(ctx, blocks: Tuple[Block, ...], x: torch.Tensor, *params: torch.Tensor):
@@ -197,21 +205,23 @@ class _Stage(torch.autograd.Function):
             shortcut = h
             if block.shortcut is not None:
                 c = _conv(block.shortcut.conv, block.shortcut.conv.weight, h)
-                shortcut = _run_bn(block.shortcut.bn, c, None, False, norms)
+                shortcut, kind = _bn_step(block.shortcut.bn, c, None, False)
                 convs.append(c)
+                norms.append(kind)
             out = h
             for i, chain in enumerate(block.main):
                 c = _conv(chain.conv, chain.conv.weight, out)
                 last = i == len(block.main) - 1
-                out = _run_bn(chain.bn, c, shortcut if last else None, True, norms)
+                out, kind = _bn_step(chain.bn, c, shortcut if last else None, True)
                 convs.append(c)
+                norms.append(kind)
             h = out
         ctx.blocks, ctx.kinds = blocks, norms
         ctx.has_param = [tuple(t is not None for t in _params(c))
                          for b in blocks for c in b.chains()]
         # params are saved too: the version counter then catches an in-place update between
         # forward and backward, as autograd does for a stock conv's weight
-        ctx.save_for_backward(x, *params, *convs)
+        ctx.save_for_backward(x, *params, *convs, h)
         return h
 
     @staticmethod
@@ -220,11 +230,12 @@ class _Stage(torch.autograd.Function):
         saved = ctx.saved_tensors
         blocks = ctx.blocks
         n_params = sum(sum(has) for has in ctx.has_param)
-        x, params, convs = saved[0], saved[1:1 + n_params], saved[1 + n_params:]
+        x, params, convs, output = (saved[0], saved[1:1 + n_params], saved[1 + n_params:-1],
+                                    saved[-1])
         # Per chain, forward order: its (conv weight, BN weight, BN bias) as saved, and its BN.
         it = iter(params)
         slots = [[next(it) if has else None for has in chain] for chain in ctx.has_param]
-        norms = [_BN(bw, bb, eps, fused) for (_, bw, bb), (eps, fused) in zip(slots, ctx.kinds)]
+        norms = [_BN(bw, bb, *kind) for (_, bw, bb), kind in zip(slots, ctx.kinds)]
         grads: Dict[int, torch.Tensor] = {}
         # Per block: its conv outputs, BNs and parameter slots (shortcut first).
         per_block, i = [], 0
@@ -233,20 +244,16 @@ class _Stage(torch.autograd.Function):
             per_block.append((convs[i:i + n], norms[i:i + n], slots[i:i + n]))
             i += n
         del convs
-        # The residual stream (each block's input), recomputed in order; the statistics of each
-        # block's shortcut BN and last BN kept for its backward.
-        inputs, kept = [x], []
-        for block, (cs, bns, _) in zip(blocks, per_block):
-            shortcut, stats_d = inputs[-1], None
-            if block.shortcut is not None:
-                shortcut, stats_d = _recompute(bns[0], cs[0], None, False)
-            out, stats = _recompute(bns[-1], cs[-1], shortcut, True)
-            inputs.append(out)
-            kept.append((stats, stats_d))
-        del shortcut
+        # The residual stream (each block's input) recomputed in order; the last block's output
+        # is the saved stage output.
+        inputs = [x]
+        for block, (cs, bns, _) in zip(blocks[:-1], per_block):
+            inputs.append(_block_output(block, cs, bns, inputs[-1]))
+        inputs.append(output)
+        del output
         need_x = ctx.needs_input_grad[1]
         for k in range(len(blocks) - 1, -1, -1):
-            block, (cs, bns, ps), (stats_last, stats_d) = blocks[k], per_block[k], kept[k]
+            block, (cs, bns, ps) = blocks[k], per_block[k]
             ofs = int(block.shortcut is not None)
             out = inputs.pop()  # this block's output: the last ReLU's mask
             block_in = inputs[k]
@@ -255,14 +262,13 @@ class _Stage(torch.autograd.Function):
             n = len(block.main)
             for j in range(n - 1, -1, -1):
                 chain, bn, c, (w, _, _) = block.main[j], bns[ofs + j], cs[ofs + j], ps[ofs + j]
-                stats = stats_last if j == n - 1 else stats
-                gc, gw, gb, g_res = _bn_backward(bn, g, c, out, stats, True)
+                gc, gw, gb, g_res = _bn_backward(bn, g, c, out, True, j == n - 1)
                 if j == n - 1:
                     g_shortcut = g_res
                 _put(grads, bn.weight, gw)
                 _put(grads, bn.bias, gb)
                 if j > 0:  # the previous chain's output: this conv's input, that ReLU's mask
-                    conv_in, stats = _recompute(bns[ofs + j - 1], cs[ofs + j - 1], None, True)
+                    conv_in = _recompute(bns[ofs + j - 1], cs[ofs + j - 1], None, True)
                 else:
                     conv_in = block_in
                 g, gw = _conv_backward(chain.conv, w, gc, conv_in, j > 0 or need_in,
@@ -271,25 +277,25 @@ class _Stage(torch.autograd.Function):
                 out = conv_in
             if block.shortcut is not None:
                 w = ps[0][0]
-                gc, gw, gb, _ = _bn_backward(bns[0], g_shortcut, cs[0], None, stats_d, False)
+                gc, gw, gb, _ = _bn_backward(bns[0], g_shortcut, cs[0], None, False, False)
                 _put(grads, bns[0].weight, gw)
                 _put(grads, bns[0].bias, gb)
                 g_shortcut, gw = _conv_backward(block.shortcut.conv, w, gc, block_in, need_in,
                                                 w.requires_grad)
                 _put(grads, w, gw)
-            grad = g + g_shortcut if need_in else None
+            # (g is convolution_backward's fresh tensor: the sum goes into it)
+            grad = g.add_(g_shortcut) if need_in else None
             del out, block_in, g, g_shortcut
         return (None, grad if need_x else None,
                 *(grads.get(id(p)) if need else None
                   for p, need in zip(params, ctx.needs_input_grad[2:])))
 
 
-def _run_bn(bn: nn.BatchNorm2d, c: torch.Tensor, residual: Optional[torch.Tensor], relu: bool,
-            norms: List[Tuple[float, bool]]) -> torch.Tensor:
-    """The forward's BN step, recording what the backward needs to recompute it."""
-    fused = training.bn_act_supported(bn, c, residual)
-    norms.append((bn.eps, fused))
-    return _bn_step(bn, c, residual, relu, fused)
+def _block_output(block: Block, cs: Sequence[torch.Tensor], bns: Sequence[_BN],
+                  block_in: torch.Tensor) -> torch.Tensor:
+    """A block's output again from its input and its last (and shortcut) conv outputs."""
+    shortcut = block_in if block.shortcut is None else _recompute(bns[0], cs[0], None, False)
+    return _recompute(bns[-1], cs[-1], shortcut, True)
 
 
 def _put(grads: Dict[int, torch.Tensor], param: Optional[torch.Tensor],

@@ -120,17 +120,25 @@ def batch_norm_act(bn: nn.BatchNorm2d, x: torch.Tensor, residual: Optional[torch
     """relu?(bn(x) + residual) for a training-mode nn.BatchNorm2d, as torch's _BatchNorm.forward
     does it (num_batches_tracked, momentum=None as a cumulative average), in one fused op.
     Call only where bn_act_supported(bn, x, residual)."""
+    return batch_norm_act_factors(bn, x, residual, relu)[0]
+
+
+def batch_norm_act_factors(bn: nn.BatchNorm2d, x: torch.Tensor,
+                           residual: Optional[torch.Tensor], relu: bool):
+    """batch_norm_act's output and what it was computed from: (out, (save_mean, save_invstd,
+    scale, shift)); extension_ops.scale_shift_act(x, scale, shift, residual, relu, save_mean)
+    gives `out` again, bit for bit."""
     factor = momentum_factor(bn)
     running_mean = bn.running_mean if bn.track_running_stats else None
     running_var = bn.running_var if bn.track_running_stats else None
     x, residual = kernel_layout(x, residual)
-    out, _, _, new_mean, new_var = extension_ops.bn_act_train(
+    out, mean, invstd, new_mean, new_var, scale, shift = extension_ops.bn_act_train(
         x, bn.weight, bn.bias, residual, running_mean, running_var, factor, bn.eps, relu)
     if running_mean is not None:
         with torch.no_grad():
             running_mean.copy_(new_mean)
             running_var.copy_(new_var)
-    return out
+    return out, (mean, invstd, scale, shift)
 
 
 def kernel_layout(x: torch.Tensor, residual: Optional[torch.Tensor]):

@@ -160,12 +160,19 @@ def test_bn_act_train_matches_float64(device, shape, fmt, dtype, residual, relu)
     momentum, eps = 0.3, 1e-5
     leaves = [t.requires_grad_() for t in (x, w, b, res) if t is not None]
 
-    out, mean, invstd, new_rm, new_rv = ops.bn_act_train(x, w, b, res, rm, rv, momentum, eps, relu)
+    out, mean, invstd, new_rm, new_rv, scale, shift = ops.bn_act_train(x, w, b, res, rm, rv,
+                                                                       momentum, eps, relu)
     assert out.dtype == dtype and out.shape == x.shape
     assert out.is_contiguous(memory_format=torch.channels_last if not x.is_contiguous()
                              else torch.contiguous_format)
     assert mean.dtype == invstd.dtype == _acc(dtype)
     assert new_rm.dtype == new_rv.dtype == param_dtype
+    # scale/shift are what `out` was computed from: scale_shift_act with the batch mean as its
+    # center gives `out` again, bit for bit (the recompute of stage_recompute.py)
+    assert scale.dtype == shift.dtype == _acc(dtype) and scale.shape == shift.shape == mean.shape
+    with torch.no_grad():
+        again = ops.scale_shift_act(x, scale, shift, res, relu, mean)
+    assert again.stride() == out.stride() and torch.equal(again, out.detach())
 
     xd, wd, bd, resd = _double(x, w, b, res)
     ref, ref_rm, ref_rv = _bn_stock(xd, wd, bd, resd, rm.double(), rv.double(), momentum, eps, relu)
@@ -209,8 +216,8 @@ def test_bn_act_train_matches_float64(device, shape, fmt, dtype, residual, relu)
 def test_bn_act_train_without_affine_or_running_stats(device, fmt):
     x, *_ = _bn_inputs((2, 7, 3, 4), torch.float64, torch.float64, False, device)
     x = x.contiguous(memory_format=fmt).requires_grad_()
-    out, mean, invstd, new_rm, new_rv = ops.bn_act_train(x, None, None, None, None, None, 0.1,
-                                                         1e-3, True)
+    out, mean, invstd, new_rm, new_rv, _, _ = ops.bn_act_train(x, None, None, None, None, None,
+                                                               0.1, 1e-3, True)
     assert new_rm.numel() == 0 and new_rv.numel() == 0
     ref = torch.relu(F.batch_norm(x, None, None, None, None, True, 0.1, 1e-3))
     assert max_err(out, ref) <= 1e-12
@@ -223,7 +230,7 @@ def test_bn_act_train_large_channel_mean(device):
     """|mean| >> std: the corrected two-pass statistics stay accurate in fp32."""
     gen = torch.Generator().manual_seed(3)
     x = (torch.randn(4, 5, 16, 16, generator=gen) * 1e-2 + 300).to(device)
-    out, mean, invstd, _, _ = ops.bn_act_train(x, None, None, None, None, None, 0.1, 1e-5, False)
+    out, mean, invstd, *_ = ops.bn_act_train(x, None, None, None, None, None, 0.1, 1e-5, False)
     ref = F.batch_norm(x.double(), None, None, None, None, True, 0.1, 1e-5)
     stock = F.batch_norm(x, None, None, None, None, True, 0.1, 1e-5)
     assert_within_rule(out, stock, ref, torch.float32)
@@ -235,7 +242,7 @@ def test_bn_act_train_many_chunks(device, fmt):
     """Enough rows for several parallel chunks in both layouts (and several CUDA blocks)."""
     x, w, b, res, rm, rv = _bn_inputs((8, 24, 40, 40), torch.float64, torch.float64, True, device)
     x, res = _fmt(x, fmt), _fmt(res, fmt)
-    out, _, _, new_rm, new_rv = ops.bn_act_train(x, w, b, res, rm, rv, 0.1, 1e-5, True)
+    out, _, _, new_rm, new_rv, _, _ = ops.bn_act_train(x, w, b, res, rm, rv, 0.1, 1e-5, True)
     ref, ref_rm, ref_rv = _bn_stock(x, w, b, res, rm, rv, 0.1, 1e-5, True)
     for got, want in ((out, ref), (new_rm, ref_rm), (new_rv, ref_rv)):
         assert max_err(got, want) <= 1e-12 * max(1.0, want.abs().max().item())
@@ -292,8 +299,9 @@ def test_relu_mask_follows_torch_for_nan():
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("fmt", LAYOUTS, ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("residual,relu", [(True, True), (False, True), (False, False)])
-def test_scale_shift_act_matches_float64(device, shape, fmt, dtype, residual, relu):
+@pytest.mark.parametrize("residual,relu,center", [(True, True, False), (False, True, False),
+                                                   (False, False, False), (True, True, True)])
+def test_scale_shift_act_matches_float64(device, shape, fmt, dtype, residual, relu, center):
     gen = torch.Generator().manual_seed(2)
     c = shape[1]
     x = torch.randn(shape, generator=gen).to(device, dtype).contiguous(memory_format=fmt)
@@ -301,12 +309,13 @@ def test_scale_shift_act_matches_float64(device, shape, fmt, dtype, residual, re
            if residual else None)
     scale = (torch.rand(c, generator=gen) * 2 - 0.5).to(device, _acc(dtype))
     shift = torch.randn(c, generator=gen).to(device, _acc(dtype))
-    leaves = [t.requires_grad_() for t in (x, scale, shift, res) if t is not None]
-    out = ops.scale_shift_act(x, scale, shift, res, relu)
+    mid = torch.randn(c, generator=gen).to(device, _acc(dtype)) if center else None
+    leaves = [t.requires_grad_() for t in (x, scale, shift, res, mid) if t is not None]
+    out = ops.scale_shift_act(x, scale, shift, res, relu, mid)
     v = lambda t: t.view(1, -1, 1, 1)  # noqa: E731
-    xd, scaled, shiftd, resd = _double(x, scale, shift, res)
-    ref = xd * v(scaled) + v(shiftd)
-    stock = x * v(scale.to(dtype)) + v(shift.to(dtype))
+    xd, scaled, shiftd, resd, midd = _double(x, scale, shift, res, mid)
+    ref = (xd - v(midd) if center else xd) * v(scaled) + v(shiftd)
+    stock = (x - v(mid.to(dtype)) if center else x) * v(scale.to(dtype)) + v(shift.to(dtype))
     if residual:
         ref, stock = ref + resd, stock + res
     if relu:
@@ -315,8 +324,8 @@ def test_scale_shift_act_matches_float64(device, shape, fmt, dtype, residual, re
     # the backward (one kernel sweep on CPU) against float64 and stock ops in the same dtype
     grad = torch.randn(shape, generator=gen).to(device, dtype).contiguous(memory_format=fmt)
     got = torch.autograd.grad(out, leaves, grad)
-    want = torch.autograd.grad(ref, [t for t in (xd, scaled, shiftd, resd) if t is not None],
-                               grad.double())
+    want = torch.autograd.grad(ref, [t for t in (xd, scaled, shiftd, resd, midd)
+                                     if t is not None], grad.double())
     stock_grads = torch.autograd.grad(stock, leaves, grad)
     pairs = [("out", out, stock, ref)]
     pairs += [(f"grad{i}", g, s, r) for i, (g, s, r) in enumerate(zip(got, stock_grads, want))]
@@ -376,17 +385,19 @@ def test_gradcheck_bn_act_train(fmt, residual, relu, affine):
 
 
 @pytest.mark.parametrize("fmt", LAYOUTS, ids=["nchw", "nhwc"])
-@pytest.mark.parametrize("residual,relu", [(True, True), (False, False)])
-def test_gradcheck_scale_shift_act(fmt, residual, relu):
+@pytest.mark.parametrize("residual,relu,center", [(True, True, False), (False, False, False),
+                                                   (True, True, True)])
+def test_gradcheck_scale_shift_act(fmt, residual, relu, center):
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(2, 3, 2, 3, generator=gen, dtype=torch.float64).contiguous(memory_format=fmt)
     res = torch.randn_like(x) if residual else None
     scale = torch.rand(3, generator=gen, dtype=torch.float64) + 0.5
     shift = torch.randn(3, generator=gen, dtype=torch.float64)
-    inputs = [t.requires_grad_() if t is not None else None for t in (x, scale, shift, res)]
+    mid = torch.randn(3, generator=gen, dtype=torch.float64) if center else None
+    inputs = [t.requires_grad_() if t is not None else None for t in (x, scale, shift, res, mid)]
 
-    def f(x, scale, shift, res):
-        return ops.scale_shift_act(x, scale, shift, res, relu)
+    def f(x, scale, shift, res, mid):
+        return ops.scale_shift_act(x, scale, shift, res, relu, mid)
     assert torch.autograd.gradcheck(f, inputs)
 
 
@@ -425,7 +436,7 @@ def test_opcheck_bn_act_train(fmt):
 def test_opcheck_bn_act_train_backward(fmt):
     x, w, b, res, rm, rv = _bn_inputs((2, 5, 3, 3), torch.float32, torch.float32, True)
     x, res = _fmt(x, fmt), _fmt(res, fmt)
-    out, mean, invstd, _, _ = ops.bn_act_train(x, w, b, res, rm, rv, 0.1, 1e-5, True)
+    out, mean, invstd, *_ = ops.bn_act_train(x, w, b, res, rm, rv, 0.1, 1e-5, True)
     grad = torch.randn_like(out)
     torch.library.opcheck(ops.bn_act_train_backward.default,
                           (grad, x, w, out, mean, invstd, True, True))
@@ -444,6 +455,8 @@ def test_opcheck_scale_shift_act(fmt):
     torch.library.opcheck(ops.scale_shift_act.default,
                           (x.detach().to(torch.bfloat16), scale.detach(), shift.detach(), None,
                            False))
+    torch.library.opcheck(ops.scale_shift_act.default,
+                          (x, scale, shift, None, True, torch.randn(5, generator=gen)))
 
 
 @pytest.mark.parametrize("fmt", LAYOUTS, ids=["nchw", "nhwc"])
@@ -509,7 +522,7 @@ def test_bn_act_train_bad_input(index):
 
 def test_backward_and_epilogue_bad_input():
     x, w, b, res, rm, rv = _bn_inputs((2, 4, 3, 3), torch.float32, torch.float32, False)
-    out, mean, invstd, _, _ = ops.bn_act_train(x, w, b, None, rm, rv, 0.1, 1e-5, True)
+    out, mean, invstd, *_ = ops.bn_act_train(x, w, b, None, rm, rv, 0.1, 1e-5, True)
     g = torch.randn_like(out)
     bwd = ops.bn_act_train_backward
     with pytest.raises(RuntimeError, match=r"expected grad_out of shape \[2, 4, 3, 3\] .*got "
@@ -529,6 +542,8 @@ def test_backward_and_epilogue_bad_input():
         ssa(x, w, torch.zeros(5), None, True)
     with pytest.raises(RuntimeError, match=r"expected shift contiguous, got strides"):
         ssa(x, w, torch.zeros(8)[::2], None, True)
+    with pytest.raises(RuntimeError, match=r"expected center of shape \[4\] .* got \[3\]"):
+        ssa(x, w, b, None, True, torch.zeros(3))
 
 
 @CUDA_KERNELS

@@ -13,7 +13,7 @@ import torchvision
 from torch import nn
 
 import resnet_fused
-from resnet_fused import extension, stage_recompute, training
+from resnet_fused import extension, extension_ops, stage_recompute, training
 import components
 from numerics import randomize_bn
 
@@ -22,15 +22,16 @@ pytestmark = components.needs("extension", extension.unavailable_reason("cpu"))
 SIZE = (33, 33)
 
 
-class CountStages:
-    def __init__(self, monkeypatch):
+class Count:
+    """Counts the calls of module.name."""
+    def __init__(self, monkeypatch, module, name):
         self.calls = 0
-        original = stage_recompute.run
+        original = getattr(module, name)
 
-        def counted(*args):
+        def counted(*args, **kwargs):
             self.calls += 1
-            return original(*args)
-        monkeypatch.setattr(stage_recompute, "run", counted)
+            return original(*args, **kwargs)
+        monkeypatch.setattr(module, name, counted)
 
 
 def build(name, dtype, seed=0, **kwargs):
@@ -67,13 +68,17 @@ def assert_bitwise(a, b):
 
 
 def compare(model, x, monkeypatch, stages):
-    """The recomputing model against a copy run per chain: bitwise, `stages` nodes ran."""
+    """The recomputing model against a copy run per chain: bitwise, `stages` nodes ran, and the
+    fused BatchNorm kernel ran as often (the recompute applies the forward's factors: no second
+    statistics pass)."""
     saved = copy.deepcopy(model)
-    counter = CountStages(monkeypatch)
+    nodes = Count(monkeypatch, stage_recompute, "run")
+    kernels = Count(monkeypatch, extension_ops, "bn_act_train")
     ours = step(model, x, "recompute", monkeypatch)
-    assert counter.calls == stages
+    assert nodes.calls == stages
+    recompute_kernels, kernels.calls = kernels.calls, 0
     assert_bitwise(ours, step(saved, x, "save", monkeypatch))
-    assert counter.calls == stages
+    assert nodes.calls == stages and kernels.calls == recompute_kernels
 
 
 @pytest.mark.parametrize("bn", ["fused", "stock"])
@@ -157,7 +162,7 @@ def test_per_chain_where_the_node_would_show(monkeypatch):
     """Hooks in a stage, autocast, no grad, eval, a block subclass, an unknown setting."""
     model = build("resnet18", torch.float32)
     x = torch.randn(2, 3, *SIZE)
-    counter = CountStages(monkeypatch)
+    counter = Count(monkeypatch, stage_recompute, "run")
     model(x).sum().backward()  # the default keeps torchvision's saved tensors: per chain
     assert counter.calls == 0
     monkeypatch.setenv(stage_recompute.MEMORY_ENV, "recompute")

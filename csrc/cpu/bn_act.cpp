@@ -45,7 +45,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_outputs(cons
           grad_residual ? empty_like_layout(x, s.layout) : empty_channels(x, 0, x.scalar_type())};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_train_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+bn_act_train_cpu(
     const at::Tensor& x, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
     const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
@@ -57,10 +58,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_tr
   at::Tensor save_mean = empty_channels(x, s.C, acc), save_invstd = empty_channels(x, s.C, acc);
   const int64_t rc = given(running_mean) ? s.C : 0;
   at::Tensor new_rm = empty_channels(x, rc, pdtype), new_rv = empty_channels(x, rc, pdtype);
-  if (s.C == 0) return {out, save_mean, save_invstd, new_rm, new_rv};
+  at::Tensor scale = empty_channels(x, s.C, acc), shift = empty_channels(x, s.C, acc);
+  if (s.C == 0) return {out, save_mean, save_invstd, new_rm, new_rv, scale, shift};
   cpu::kernels().bn_forward(s, x, weight, bias, residual, running_mean, running_var, momentum,
-                            eps, relu, out, save_mean, save_invstd, new_rm, new_rv);
-  return {out, save_mean, save_invstd, new_rm, new_rv};
+                            eps, relu, out, save_mean, save_invstd, new_rm, new_rv, scale, shift);
+  return {out, save_mean, save_invstd, new_rm, new_rv, scale, shift};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_train_backward_cpu(
@@ -78,11 +80,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_train_backward
 
 at::Tensor scale_shift_act_cpu(const at::Tensor& x, const at::Tensor& scale,
                                const at::Tensor& shift, const std::optional<at::Tensor>& residual,
-                               bool relu) {
-  const Shape s = check_scale_shift_act(x, scale, shift, residual);
+                               bool relu, const std::optional<at::Tensor>& center) {
+  const Shape s = check_scale_shift_act(x, scale, shift, residual, center);
   at::Tensor out = empty_like_layout(x, s.layout);
   if (s.numel() == 0) return out;
-  cpu::kernels().scale_shift_act(s, x, scale, shift, residual, relu, out);
+  cpu::kernels().scale_shift_act(s, x, scale, shift, residual, relu, center, out);
   return out;
 }
 

@@ -30,7 +30,8 @@ struct Kernels {
                      const std::optional<at::Tensor>& running_mean,
                      const std::optional<at::Tensor>& running_var, double momentum, double eps,
                      bool relu, at::Tensor& out, at::Tensor& save_mean, at::Tensor& save_invstd,
-                     at::Tensor& new_rm, at::Tensor& new_rv);
+                     at::Tensor& new_rm, at::Tensor& new_rv, at::Tensor& scale,
+                     at::Tensor& shift);
   void (*bn_backward)(const Shape& s, const at::Tensor& grad_out, const at::Tensor& x,
                       const std::optional<at::Tensor>& weight,
                       const std::optional<at::Tensor>& out, const at::Tensor& save_mean,
@@ -38,7 +39,7 @@ struct Kernels {
                       at::Tensor& grad_w, at::Tensor& grad_b, at::Tensor& grad_res);
   void (*scale_shift_act)(const Shape& s, const at::Tensor& x, const at::Tensor& scale,
                           const at::Tensor& shift, const std::optional<at::Tensor>& residual,
-                          bool relu, at::Tensor& out);
+                          bool relu, const std::optional<at::Tensor>& center, at::Tensor& out);
   void (*scale_shift_act_backward)(const Shape& s, const at::Tensor& grad_out,
                                    const at::Tensor& x, const at::Tensor& scale,
                                    const std::optional<at::Tensor>& out, bool relu,

@@ -7,8 +7,9 @@
 //             statistics and the running-stat update computed in the same op;
 //   backward  grad_x, grad_w, grad_b and the ReLU-masked grad for the residual, with the ReLU
 //             mask recomputed from the saved output and x_hat from the saved input;
-//   epilogue  out = relu?(x * scale[c] + shift[c] + residual) (the `cuda` backend's epilogue;
-//             on CPU the epilogue of eval-mode chains with autograd), and its backward in one
+//   epilogue  out = relu?((x - center[c]) * scale[c] + shift[c] + residual) (the `cuda` backend's
+//             epilogue, center 0; on CPU the epilogue of eval-mode chains with autograd; with
+//             bn_act_train's mean, scale and shift, its output again), and its backward in one
 //             sweep (grad_x = g * scale[c], grad_scale = sum g * x, grad_shift = sum g).
 // Memory traffic. NCHW: one task per channel does the statistics, the coefficients and the
 // output while the channel's N x H x W values are in cache: x is read once from memory.
@@ -340,7 +341,8 @@ void bn_forward_typed(const Shape& s, const at::Tensor& x,
                       const std::optional<at::Tensor>& running_mean,
                       const std::optional<at::Tensor>& running_var, double momentum, double eps,
                       bool relu, at::Tensor& out, at::Tensor& save_mean, at::Tensor& save_invstd,
-                      at::Tensor& new_rm, at::Tensor& new_rv) {
+                      at::Tensor& new_rm, at::Tensor& new_rv, at::Tensor& save_scale,
+                      at::Tensor& save_shift) {
   using A = acc_type<T>;
   const int64_t C = s.C, HW = s.HW, N = s.N;
   const double M = static_cast<double>(s.count());
@@ -453,6 +455,8 @@ void bn_forward_typed(const Shape& s, const at::Tensor& x,
   }
   write_channels(save_mean, mean);
   write_channels(save_invstd, invstd);
+  write_channels(save_scale, scale);
+  write_channels(save_shift, shift);
   if (update) {
     write_channels(new_rm, rm_new);
     write_channels(new_rv, rv_new);
@@ -464,13 +468,13 @@ void bn_forward(const Shape& s, const at::Tensor& x, const std::optional<at::Ten
                 const std::optional<at::Tensor>& running_mean,
                 const std::optional<at::Tensor>& running_var, double momentum, double eps,
                 bool relu, at::Tensor& out, at::Tensor& save_mean, at::Tensor& save_invstd,
-                at::Tensor& new_rm, at::Tensor& new_rv) {
+                at::Tensor& new_rm, at::Tensor& new_rv, at::Tensor& scale, at::Tensor& shift) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_act_train_cpu",
                                   [&] {
                                     bn_forward_typed<scalar_t>(
                                         s, x, weight, bias, residual, running_mean, running_var,
                                         momentum, eps, relu, out, save_mean, save_invstd, new_rm,
-                                        new_rv);
+                                        new_rv, scale, shift);
                                   });
 }
 
@@ -589,7 +593,7 @@ void bn_backward(const Shape& s, const at::Tensor& grad_out, const at::Tensor& x
 // ---- scale_shift_act ----------------------------------------------------------------------
 void scale_shift_act(const Shape& s, const at::Tensor& x, const at::Tensor& scale,
                      const at::Tensor& shift, const std::optional<at::Tensor>& residual,
-                     bool relu, at::Tensor& out) {
+                     bool relu, const std::optional<at::Tensor>& center, at::Tensor& out) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "scale_shift_act_cpu",
                                   [&] {
     using T = scalar_t;
@@ -599,13 +603,15 @@ void scale_shift_act(const Shape& s, const at::Tensor& x, const at::Tensor& scal
     const A* sc = scale.const_data_ptr<A>();
     const A* sh = shift.const_data_ptr<A>();
     T* op = out.mutable_data_ptr<T>();
-    const std::vector<A> zeros(s.C, A(0));
+    // the same loops as bn_act_train's output sweep, so its output is recomputed bit for bit
+    const std::vector<A> zeros(given(center) ? 0 : s.C, A(0));
+    const A* ce = given(center) ? center->const_data_ptr<A>() : zeros.data();
     if (s.layout == Layout::NCHW) {
       const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(1, s.HW));
       at::parallel_for(0, s.N * s.C, grain, [&](int64_t p0, int64_t p1) {
         for (int64_t p = p0; p < p1; ++p) {
           const int64_t c = p % s.C, base = p * s.HW;
-          apply_run<T, A>(xp + base, rp ? rp + base : nullptr, op + base, s.HW, A(0), sc[c],
+          apply_run<T, A>(xp + base, rp ? rp + base : nullptr, op + base, s.HW, ce[c], sc[c],
                           sh[c], relu);
         }
       });
@@ -614,7 +620,7 @@ void scale_shift_act(const Shape& s, const at::Tensor& x, const at::Tensor& scal
       at::parallel_for(0, s.count(), grain, [&](int64_t r0, int64_t r1) {
         for (int64_t r = r0; r < r1; ++r)
           apply_row<T, A>(xp + r * s.C, rp ? rp + r * s.C : nullptr, op + r * s.C, s.C,
-                          zeros.data(), sc, sh, relu);
+                          ce, sc, sh, relu);
       });
     }
   });

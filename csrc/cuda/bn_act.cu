@@ -8,8 +8,9 @@
 //   backward  one read of grad_out, out (ReLU mask) and x for the per-channel sums, then one
 //             more read of them and one write of grad_x (and of the masked grad for the
 //             residual branch). x_hat and the mask are recomputed, never stored.
-//   epilogue  scale_shift_act: out = relu?(x * scale[c] + shift[c] + residual), one pass, launched
-//             2-D so that each thread reads its channels' factors once (vectors where aligned)
+//   epilogue  scale_shift_act: out = relu?((x - center[c]) * scale[c] + shift[c] + residual)
+//             (center: none for the conv epilogue; bn_act_train's mean to recompute its output
+//             with its scale/shift, the same kernel, bit for bit), one pass, launched 2-D so that each thread reads its channels' factors once (vectors where aligned)
 //             and computes no channel index per element.
 // Trade-offs: partial results per (row chunk, channel) go through a small global workspace and
 // are merged in a fixed order by one thread per channel -- deterministic, no atomics, at the
@@ -242,7 +243,8 @@ __device__ __forceinline__ int64_t channel_of(int64_t base, int64_t C, int64_t H
   return nhwc ? base % C : (base / HW) % C;
 }
 
-// out = relu?((x - sub[c]) * mul[c] + add[c] + residual); sub may be null (scale_shift_act).
+// out = relu?((x - sub[c]) * mul[c] + add[c] + residual); sub may be null (scale_shift_act
+// without a center).
 // Two-dimensional launches: a thread keeps the factors of the channels it owns in registers
 // (read once, as vectors where aligned) and never computes a channel index per element.
 template <typename acc_t, int VEC>
@@ -302,7 +304,7 @@ __device__ __forceinline__ void apply_pack(const scalar_t* __restrict__ x,
 
 // NHWC: grid (channel-vector blocks, row blocks), block (channel vectors, rows). Thread x owns
 // channels [c0, c0 + VEC) of every row (pixel) it visits; a warp reads whole rows contiguously.
-// SUB is a template argument so that scale_shift_act (no sub) keeps two factor vectors, not
+// SUB is a template argument so that scale_shift_act without a center keeps two factor vectors, not
 // three, in registers across the loop.
 template <typename scalar_t, int VEC, bool SUB>
 __global__ void __launch_bounds__(kThreads)
@@ -501,7 +503,8 @@ const T* ptr_or_null(const std::optional<at::Tensor>& t) {
 }
 
 // ---- bn_act_train ----------------------------------------------------------------------------
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_train_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+bn_act_train_cuda(
     const at::Tensor& x, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
     const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
@@ -515,7 +518,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_tr
   at::Tensor save_mean = empty_channels(x, s.C, acc), save_invstd = empty_channels(x, s.C, acc);
   const int64_t rc = given(running_mean) ? s.C : 0;
   at::Tensor new_rm = empty_channels(x, rc, pdtype), new_rv = empty_channels(x, rc, pdtype);
-  if (s.C == 0) return {out, save_mean, save_invstd, new_rm, new_rv};
+  at::Tensor scale_t = empty_channels(x, s.C, acc), shift_t = empty_channels(x, s.C, acc);
+  if (s.C == 0) return {out, save_mean, save_invstd, new_rm, new_rv, scale_t, shift_t};
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int sms = sm_count(x);
 
@@ -526,9 +530,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_tr
     const auto reduced = partial_reduce(WelfordOp<scalar_t>{xp}, s, x, stream);
     const at::Tensor& part = reduced.first;
     const int64_t chunks = reduced.second;
-    at::Tensor coef = at::empty({2 * s.C}, x.options().dtype(acc));  // scale | shift
-    acc_t* scale = coef.mutable_data_ptr<acc_t>();
-    acc_t* shift = scale + s.C;
+    acc_t* scale = scale_t.mutable_data_ptr<acc_t>();
+    acc_t* shift = shift_t.mutable_data_ptr<acc_t>();
     const unsigned grid = static_cast<unsigned>(ceil_div(s.C, kThreads));
     auto finalize = [&](auto tag) {
       using param_t = decltype(tag);
@@ -549,7 +552,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_tr
     launch_apply<scalar_t>(s, xp, ptr_or_null<scalar_t>(residual), out.mutable_data_ptr<scalar_t>(),
                            save_mean.const_data_ptr<acc_t>(), scale, shift, relu, sms, stream);
   });
-  return {out, save_mean, save_invstd, new_rm, new_rv};
+  return {out, save_mean, save_invstd, new_rm, new_rv, scale_t, shift_t};
 }
 
 // ---- bn_act_train_backward -------------------------------------------------------------------
@@ -624,8 +627,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_train_backward
 // ---- scale_shift_act -------------------------------------------------------------------------
 at::Tensor scale_shift_act_cuda(const at::Tensor& x, const at::Tensor& scale,
                                 const at::Tensor& shift,
-                                const std::optional<at::Tensor>& residual, bool relu) {
-  const Shape s = check_scale_shift_act(x, scale, shift, residual);
+                                const std::optional<at::Tensor>& residual, bool relu,
+                                const std::optional<at::Tensor>& center) {
+  const Shape s = check_scale_shift_act(x, scale, shift, residual, center);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out = empty_like_layout(x, s.layout);
   if (s.numel() == 0) return out;
@@ -635,7 +639,7 @@ at::Tensor scale_shift_act_cuda(const at::Tensor& x, const at::Tensor& scale,
                                   "scale_shift_act_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     launch_apply<scalar_t>(s, x.const_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(residual),
-                           out.mutable_data_ptr<scalar_t>(), nullptr,
+                           out.mutable_data_ptr<scalar_t>(), ptr_or_null<acc_t>(center),
                            scale.const_data_ptr<acc_t>(), shift.const_data_ptr<acc_t>(), relu, sms,
                            stream);
   });
