@@ -1,32 +1,33 @@
 """Memory-lean training of a ResNet stage (torchvision's layer1..layer4): one autograd node per
-stage that keeps only the stage's input and each conv's output (its BatchNorm's input), and in
-the backward pass recomputes BatchNorm, the residual adds and the ReLUs from them. No conv is
-recomputed: their outputs are what is kept.
+stage that keeps only the stage's input, each conv's output (its BatchNorm's input) and the
+stage's output (the next stage's input, kept there anyway), and in the backward pass recomputes
+BatchNorm, the residual adds and the ReLUs from them. No conv is recomputed: their outputs are
+what is kept.
 
 torchvision keeps, per bottleneck of width w, every BN input and every ReLU output (the next
 conv's input and the ReLU's mask): 12 w-channel maps. This keeps the three BN inputs (6, plus
 the downsample's), and resnet50's saved activations fall to about 0.65x of torchvision's
 (benchmarks/RESULTS.md, "Training").
 
-Exactness: each recomputed tensor is bitwise the forward's. Fused BatchNorm: scale_shift_act
-applies the factors the forward's bn_act_train computed its output with (save_mean, scale,
-shift) in the same element loops, one pass and no statistics; stock BatchNorm: native_batch_norm
-again on the same input (deterministic). The backward calls the ops autograd calls on the per-chain
-path (convolution_backward, bn_act_train_backward or native_batch_norm_backward after
+Recomputing is one pass per chain: scale_shift_act applies the factors the forward's fused
+bn_act_train computed its output with (save_mean, scale, shift) in the same element loops, so
+each recomputed tensor is bitwise the forward's. Chains whose BatchNorm runs stock (the training
+policy's choice, training.bn_act_supported, as on the per-chain path) keep their outputs:
+recomputing those would rerun the statistics. The backward calls the ops autograd calls on the
+per-chain path (convolution_backward, bn_act_train_backward or native_batch_norm_backward after
 threshold_backward), so gradients, outputs and running statistics are the per-chain path's
-bit for bit (tests/test_stage_recompute.py). Which BatchNorm runs per chain is the training
-policy's choice (training.bn_act_supported), as on the per-chain path.
+bit for bit (tests/test_stage_recompute.py).
 
 Used only where nothing can tell the difference (`supported`): eager autograd, no autocast,
 torchvision's own block types, plain nn.Conv2d / nn.BatchNorm2d (training mode) / nn.ReLU, and
 no hooks anywhere in the stage; otherwise the stage runs as modules (the per-chain path).
-Opt-in, $RESNET_FUSED_TRAIN_MEMORY=recompute: on this project's CPU runs the recompute costs
-3-9% of a resnet50 training step (benchmarks/RESULTS.md), so the default keeps torchvision's
-saved tensors (never slower than stock); not measured on a GPU yet.
+$RESNET_FUSED_TRAIN_MEMORY: auto (default) runs the node on the device types where a training
+step with it is measured no slower than one keeping torchvision's tensors (RECOMPUTE_MEASURED:
+the CPU, benchmarks/RESULTS.md) and saves as torchvision elsewhere (not measured on a GPU yet);
+save / recompute force either.
 """
 from __future__ import annotations
 
-import os
 from typing import Dict, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -35,18 +36,37 @@ from torch import nn
 
 from . import extension_ops, training
 from .layers import observed
+from .settings import env_choice
 
-MEMORY_ENV = "RESNET_FUSED_TRAIN_MEMORY"  # save (default, as torchvision) | recompute
-MEMORY_CHOICES = ("save", "recompute")
+MEMORY_ENV = "RESNET_FUSED_TRAIN_MEMORY"  # auto (default) | save | recompute
+MEMORY_CHOICES = ("auto", "save", "recompute")
+# Device types where a training step with the node is measured no slower than one keeping
+# torchvision's tensors, in both layouts (benchmarks/RESULTS.md, "Activation memory"): auto
+# recomputes there and saves as torchvision elsewhere.
+RECOMPUTE_MEASURED = ("cpu",)
 
 
 def memory_setting() -> str:
-    """$RESNET_FUSED_TRAIN_MEMORY: "save" (default) or "recompute"."""
-    setting = os.environ.get(MEMORY_ENV, "save").strip().lower() or "save"
-    if setting not in MEMORY_CHOICES:
-        raise ValueError(f"${MEMORY_ENV}={setting!r}: expected one of "
-                         f"{', '.join(MEMORY_CHOICES)}")
-    return setting
+    """$RESNET_FUSED_TRAIN_MEMORY: "auto" (default), "save" or "recompute"."""
+    return env_choice(MEMORY_ENV, MEMORY_CHOICES, "auto")
+
+
+def recomputes(device: torch.device) -> bool:
+    """Whether training steps on `device` run stages as recomputing nodes (where supported)."""
+    setting = memory_setting()
+    return setting == "recompute" or (setting == "auto" and device.type in RECOMPUTE_MEASURED)
+
+
+def memory_report(device: torch.device) -> str:
+    """One line for `info`: what a training step on `device` keeps for the backward pass."""
+    setting = memory_setting()
+    if recomputes(device):
+        why = "measured no slower here" if setting == "auto" else f"${MEMORY_ENV}=recompute"
+        return ("each stage keeps its conv outputs and recomputes BN, adds and ReLUs in the "
+                f"backward pass (about 0.65x torchvision's activations; {why})")
+    why = (f"${MEMORY_ENV}=save" if setting == "save"
+           else "recomputing is not measured no slower here yet")
+    return f"saved as torchvision saves ({why})"
 
 
 class Chain(NamedTuple):
@@ -73,7 +93,7 @@ def _plain(chain: Chain) -> bool:
 
 def supported(stage: nn.Module, blocks: Optional[Sequence[Block]], x) -> bool:
     """True when `stage`, described by `blocks` (None: not torchvision's block types), may run
-    as one recomputing node on input x (the caller has checked memory_setting())."""
+    as one recomputing node on input x (the caller has checked recomputes(x.device))."""
     if not blocks or not torch.is_grad_enabled():
         return False
     if type(x) is not torch.Tensor or x.dim() != 4 or not x.dtype.is_floating_point:
@@ -104,23 +124,24 @@ def run(blocks: Sequence[Block], x: torch.Tensor) -> torch.Tensor:
 # ---- BatchNorm (+ residual) (+ ReLU): forward, recompute and backward, fused or stock --------
 class _BN(NamedTuple):
     """One chain's BatchNorm as the forward ran it: its parameters (as saved), eps, the batch
-    statistics (save_mean, save_invstd), and for the fused kernel the factors its output was
-    computed with (scale, shift; training.batch_norm_act_factors), None for stock's."""
+    statistics (save_mean, save_invstd), and either the factors the fused kernel computed its
+    output with (scale, shift; training.batch_norm_act_factors) or, for stock's, the output
+    itself (kept: recomputing it would rerun the statistics)."""
     weight: Optional[torch.Tensor]
     bias: Optional[torch.Tensor]
     eps: float
     stats: Tuple[torch.Tensor, torch.Tensor]
     factors: Optional[Tuple[torch.Tensor, torch.Tensor]]
+    kept: Optional[torch.Tensor]
 
 
 def _bn_step(bn: nn.BatchNorm2d, c: torch.Tensor, residual: Optional[torch.Tensor],
              relu: bool) -> Tuple[torch.Tensor, tuple]:
     """The training step's BN (+ residual) (+ ReLU), with running statistics and
-    num_batches_tracked updated as torch's _BatchNorm.forward does, and what the backward needs
-    to recompute it: (out, (eps, stats, factors)) as _BN's last three fields."""
+    num_batches_tracked updated as torch's _BatchNorm.forward does, and what the backward needs:
+    (out, (save_mean, save_invstd, scale, shift)), scale and shift None for stock BatchNorm."""
     if training.bn_act_supported(bn, c, residual):
-        out, (mean, invstd, scale, shift) = training.batch_norm_act_factors(bn, c, residual, relu)
-        return out, (bn.eps, (mean, invstd), (scale, shift))
+        return training.batch_norm_act_factors(bn, c, residual, relu)
     if c.shape[0] * c.shape[2] * c.shape[3] <= 1:  # (as F.batch_norm, word for word)
         raise ValueError("Expected more than 1 value per channel when training, got input size "
                          f"{c.size()}")
@@ -128,7 +149,7 @@ def _bn_step(bn: nn.BatchNorm2d, c: torch.Tensor, residual: Optional[torch.Tenso
     running = (bn.running_mean, bn.running_var) if bn.track_running_stats else (None, None)
     out, mean, invstd = torch.ops.aten.native_batch_norm(c, bn.weight, bn.bias, *running, True,
                                                          factor, bn.eps)
-    return _tail(out, residual, relu), (bn.eps, (mean, invstd), None)
+    return _tail(out, residual, relu), (mean, invstd, None, None)
 
 
 def _tail(out: torch.Tensor, residual: Optional[torch.Tensor], relu: bool) -> torch.Tensor:
@@ -137,17 +158,14 @@ def _tail(out: torch.Tensor, residual: Optional[torch.Tensor], relu: bool) -> to
     return out.relu_() if relu else out
 
 
-def _recompute(bn: _BN, c: torch.Tensor, residual: Optional[torch.Tensor],
-               relu: bool) -> torch.Tensor:
-    """The step's output again, bitwise; no update. Fused: one pass applying the forward's
-    factors (no statistics pass); stock: native_batch_norm again (its output formula is not
-    exposed)."""
-    if bn.factors is not None:
-        c, residual = training.kernel_layout(c, residual)
-        return extension_ops.scale_shift_act(c, *bn.factors, residual, relu, center=bn.stats[0])
-    out = torch.ops.aten.native_batch_norm(c, bn.weight, bn.bias, None, None, True, 0.0,
-                                           bn.eps)[0]
-    return _tail(out, residual, relu)
+def _output(bn: _BN, c: torch.Tensor, residual: Optional[torch.Tensor],
+            relu: bool) -> torch.Tensor:
+    """The step's output: kept (stock BatchNorm), or recomputed bitwise in one pass applying
+    the forward's factors (fused; no statistics pass, no update)."""
+    if bn.kept is not None:
+        return bn.kept
+    c, residual = training.kernel_layout(c, residual)
+    return extension_ops.scale_shift_act(c, *bn.factors, residual, relu, center=bn.stats[0])
 
 
 def _bn_backward(bn: _BN, grad: torch.Tensor, c: torch.Tensor, out: Optional[torch.Tensor],
@@ -193,35 +211,40 @@ def _conv_backward(conv: nn.Conv2d, weight: torch.Tensor, grad: torch.Tensor, x:
 # ---- the stage node -------------------------------------------------------------------------
 class _Stage(torch.autograd.Function):
     """forward: each block's chains (conv, then BN (+ shortcut) (+ ReLU)), keeping x, every
-    conv output and the stage's output (which the next stage keeps as its input anyway).
-    backward: the block outputs recomputed in order, then block by block (last first) the inner
-    ReLU outputs recomputed and each chain's backward applied."""
+    conv output, the outputs of stock BatchNorm chains and the stage's output (which the next
+    stage keeps as its input anyway). backward: the block outputs recomputed in order, then
+    block by block (last first) the inner ReLU outputs recomputed and each chain's backward
+    applied."""
 
     @staticmethod
     def forward(ctx, blocks: Tuple[Block, ...], x: torch.Tensor, *params: torch.Tensor):
-        convs, norms = [], []
+        # per chain, forward order: [conv output, save_mean, save_invstd, scale, shift, output
+        # kept] (scale/shift: fused BatchNorm's; the output: stock BatchNorm's, where needed)
+        chains = []
         h = x
         for block in blocks:
             shortcut = h
             if block.shortcut is not None:
                 c = _conv(block.shortcut.conv, block.shortcut.conv.weight, h)
-                shortcut, kind = _bn_step(block.shortcut.bn, c, None, False)
-                convs.append(c)
-                norms.append(kind)
+                shortcut, bn_saved = _bn_step(block.shortcut.bn, c, None, False)
+                chains.append([c, *bn_saved, shortcut if bn_saved[2] is None else None])
             out = h
             for i, chain in enumerate(block.main):
                 c = _conv(chain.conv, chain.conv.weight, out)
                 last = i == len(block.main) - 1
-                out, kind = _bn_step(chain.bn, c, shortcut if last else None, True)
-                convs.append(c)
-                norms.append(kind)
+                out, bn_saved = _bn_step(chain.bn, c, shortcut if last else None, True)
+                chains.append([c, *bn_saved, out if bn_saved[2] is None else None])
+            if block.shortcut is not None and chains[-1][-1] is not None:
+                # the block's output is kept: the shortcut's is never recomputed from
+                chains[-1 - len(block.main)][-1] = None
             h = out
-        ctx.blocks, ctx.kinds = blocks, norms
+        ctx.blocks = blocks
+        ctx.eps = [c.bn.eps for b in blocks for c in b.chains()]
         ctx.has_param = [tuple(t is not None for t in _params(c))
                          for b in blocks for c in b.chains()]
         # params are saved too: the version counter then catches an in-place update between
         # forward and backward, as autograd does for a stock conv's weight
-        ctx.save_for_backward(x, *params, *convs, h)
+        ctx.save_for_backward(x, h, *params, *(t for chain in chains for t in chain))
         return h
 
     @staticmethod
@@ -230,12 +253,19 @@ class _Stage(torch.autograd.Function):
         saved = ctx.saved_tensors
         blocks = ctx.blocks
         n_params = sum(sum(has) for has in ctx.has_param)
-        x, params, convs, output = (saved[0], saved[1:1 + n_params], saved[1 + n_params:-1],
-                                    saved[-1])
-        # Per chain, forward order: its (conv weight, BN weight, BN bias) as saved, and its BN.
+        x, output, params = saved[0], saved[1], saved[2:2 + n_params]
+        # Per chain, forward order: its (conv weight, BN weight, BN bias) as saved, its conv
+        # output and its BN.
         it = iter(params)
         slots = [[next(it) if has else None for has in chain] for chain in ctx.has_param]
-        norms = [_BN(bw, bb, *kind) for (_, bw, bb), kind in zip(slots, ctx.kinds)]
+        per_chain = saved[2 + n_params:]
+        convs, norms = [], []
+        for k, ((_, bw, bb), eps) in enumerate(zip(slots, ctx.eps)):
+            c, mean, invstd, scale, shift, kept = per_chain[6 * k:6 * k + 6]
+            convs.append(c)
+            norms.append(_BN(bw, bb, eps, (mean, invstd),
+                             None if scale is None else (scale, shift), kept))
+        del per_chain
         grads: Dict[int, torch.Tensor] = {}
         # Per block: its conv outputs, BNs and parameter slots (shortcut first).
         per_block, i = [], 0
@@ -268,7 +298,7 @@ class _Stage(torch.autograd.Function):
                 _put(grads, bn.weight, gw)
                 _put(grads, bn.bias, gb)
                 if j > 0:  # the previous chain's output: this conv's input, that ReLU's mask
-                    conv_in = _recompute(bns[ofs + j - 1], cs[ofs + j - 1], None, True)
+                    conv_in = _output(bns[ofs + j - 1], cs[ofs + j - 1], None, True)
                 else:
                     conv_in = block_in
                 g, gw = _conv_backward(chain.conv, w, gc, conv_in, j > 0 or need_in,
@@ -293,9 +323,12 @@ class _Stage(torch.autograd.Function):
 
 def _block_output(block: Block, cs: Sequence[torch.Tensor], bns: Sequence[_BN],
                   block_in: torch.Tensor) -> torch.Tensor:
-    """A block's output again from its input and its last (and shortcut) conv outputs."""
-    shortcut = block_in if block.shortcut is None else _recompute(bns[0], cs[0], None, False)
-    return _recompute(bns[-1], cs[-1], shortcut, True)
+    """A block's output: kept, or again from its input and its last (and shortcut) conv
+    outputs."""
+    if bns[-1].kept is not None:
+        return bns[-1].kept
+    shortcut = block_in if block.shortcut is None else _output(bns[0], cs[0], None, False)
+    return _output(bns[-1], cs[-1], shortcut, True)
 
 
 def _put(grads: Dict[int, torch.Tensor], param: Optional[torch.Tensor],

@@ -7,13 +7,13 @@ by layers.conv_bn; this module decides only what the BatchNorm itself allows.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 from torch import nn
 
 from . import extension, extension_ops
+from .settings import env_choice
 
 
 _ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -29,11 +29,7 @@ MEASURED_FASTER = {"cpu": ((torch.float32, torch.float64), (1 << 16, 1 << 18))}
 
 
 def _setting() -> str:
-    setting = os.environ.get(TRAIN_BN_ENV, "auto").strip().lower() or "auto"
-    if setting not in TRAIN_BN_CHOICES:
-        raise ValueError(f"${TRAIN_BN_ENV}={setting!r}: expected one of "
-                         f"{', '.join(TRAIN_BN_CHOICES)}")
-    return setting
+    return env_choice(TRAIN_BN_ENV, TRAIN_BN_CHOICES, "auto")
 
 
 def train_bn_choice(device: torch.device) -> str:

@@ -32,6 +32,8 @@ from typing import Any, Callable, Dict, Hashable, Optional, Sequence, TypeVar
 
 import torch
 
+from .settings import env_choice
+
 logger = logging.getLogger("resnet_fused")
 
 T = TypeVar("T", bound=Hashable)
@@ -47,10 +49,7 @@ def bucket(m: int) -> int:
 
 
 def mode() -> str:
-    value = os.environ.get(MODE_ENV, "measure").strip() or "measure"
-    if value not in MODES:
-        raise ValueError(f"${MODE_ENV}: expected one of {', '.join(MODES)}, got {value!r}")
-    return value
+    return env_choice(MODE_ENV, MODES, "measure")
 
 
 def cache_dir() -> Path:

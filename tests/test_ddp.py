@@ -32,12 +32,12 @@ def worker(rank: int, world: int, store: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     calls = [0]
-    original = training.batch_norm_act  # a BN training step through bn_act_train
+    original = training.batch_norm_act_factors  # a BN training step through bn_act_train
 
     def counted(*args, **kwargs):
         calls[0] += 1
         return original(*args, **kwargs)
-    training.batch_norm_act = counted
+    training.batch_norm_act_factors = counted
 
     models = []
     for build in (resnet_fused.resnet18, torchvision.models.resnet18):

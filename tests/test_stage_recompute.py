@@ -146,16 +146,23 @@ def saved_bytes(model, x):
 
 def test_keeps_two_thirds(monkeypatch):
     """resnet50: what the training step keeps for backward, against torchvision's (exact byte
-    counts; benchmarks/train_memory.py measures 224x224): the stages keep their inputs and conv
-    outputs only."""
+    counts; benchmarks/train_memory.py measures 224x224): with fused BatchNorm the stages keep
+    their inputs, outputs and conv outputs only; chains with stock BatchNorm keep what the
+    per-chain path keeps."""
     torch.manual_seed(0)
     ours, theirs = resnet_fused.resnet50().train(), torchvision.models.resnet50().train()
     x = torch.randn(2, 3, 64, 64)
     monkeypatch.setenv(stage_recompute.MEMORY_ENV, "save")
-    assert abs(saved_bytes(ours, x) / saved_bytes(theirs, x) - 1) < 0.01  # (BN stats differ)
+    theirs_bytes = saved_bytes(theirs, x)
+    assert abs(saved_bytes(ours, x) / theirs_bytes - 1) < 0.01  # (BN stats differ)
+    monkeypatch.setenv(training.TRAIN_BN_ENV, "fused")  # (64x64 maps: below the policy's sizes)
     monkeypatch.setenv(stage_recompute.MEMORY_ENV, "recompute")
-    ratio = saved_bytes(ours, x) / saved_bytes(theirs, x)
+    ratio = saved_bytes(ours, x) / theirs_bytes
     assert ratio <= 0.70, ratio
+    monkeypatch.setenv(training.TRAIN_BN_ENV, "stock")  # outputs kept: the per-chain bytes
+    recompute = saved_bytes(ours, x)
+    monkeypatch.setenv(stage_recompute.MEMORY_ENV, "save")
+    assert recompute <= saved_bytes(ours, x)
 
 
 def test_per_chain_where_the_node_would_show(monkeypatch):
@@ -163,8 +170,13 @@ def test_per_chain_where_the_node_would_show(monkeypatch):
     model = build("resnet18", torch.float32)
     x = torch.randn(2, 3, *SIZE)
     counter = Count(monkeypatch, stage_recompute, "run")
-    model(x).sum().backward()  # the default keeps torchvision's saved tensors: per chain
+    monkeypatch.setenv(stage_recompute.MEMORY_ENV, "save")
+    model(x).sum().backward()  # torchvision's saved tensors: per chain
     assert counter.calls == 0
+    monkeypatch.delenv(stage_recompute.MEMORY_ENV)  # the default on CPU: the node
+    model(x).sum().backward()
+    assert counter.calls == 4
+    counter.calls = 0
     monkeypatch.setenv(stage_recompute.MEMORY_ENV, "recompute")
     seen = []
     handle = model.layer2[1].bn1.register_forward_hook(lambda m, i, o: seen.append(1))
@@ -190,7 +202,7 @@ def test_per_chain_where_the_node_would_show(monkeypatch):
     assert counter.calls == 9
     monkeypatch.setenv(stage_recompute.MEMORY_ENV, "sometimes")
     with pytest.raises(ValueError, match="RESNET_FUSED_TRAIN_MEMORY='sometimes': expected one of "
-                                         "save, recompute"):
+                                         "auto, save, recompute"):
         model(x)
 
 
@@ -209,3 +221,22 @@ def test_backward_errors_as_autograd(monkeypatch):
     with pytest.raises(RuntimeError):
         g.sum().backward()
     model(x).sum().backward()
+
+
+def test_memory_policy(monkeypatch):
+    """auto (the default) recomputes on the device types measured no slower (CPU) and saves as
+    torchvision elsewhere; save / recompute force either; `info` says which and why."""
+    monkeypatch.delenv(stage_recompute.MEMORY_ENV, raising=False)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert stage_recompute.recomputes(cpu)
+    assert "measured no slower here" in stage_recompute.memory_report(cpu)
+    for device in ("cuda", "mps", "xpu"):
+        assert device not in stage_recompute.RECOMPUTE_MEASURED
+        assert not stage_recompute.recomputes(torch.device(device))
+        assert "not measured" in stage_recompute.memory_report(torch.device(device))
+    monkeypatch.setenv(stage_recompute.MEMORY_ENV, "save")
+    assert not stage_recompute.recomputes(cpu)
+    assert "RESNET_FUSED_TRAIN_MEMORY=save" in stage_recompute.memory_report(cpu)
+    monkeypatch.setenv(stage_recompute.MEMORY_ENV, " Recompute ")
+    assert stage_recompute.recomputes(cuda)
+    assert "RESNET_FUSED_TRAIN_MEMORY=recompute" in stage_recompute.memory_report(cuda)

@@ -56,18 +56,17 @@ def batch(dtype, seed=0, channels_last=False):
 
 
 class CountFused:
-    """Counts the fused training steps of BatchNorm (batch_norm_act: bn_act_train with the
-    running-stat update) made by the model's train path, per chain or per stage (whose backward
-    recomputes with bn_act_train directly: not counted)."""
+    """Counts the fused training steps of BatchNorm (batch_norm_act_factors: bn_act_train with
+    the running-stat update) made by the model's train path, per chain or per stage."""
 
     def __init__(self, monkeypatch):
         self.calls = 0
-        original = training.batch_norm_act
+        original = training.batch_norm_act_factors
 
         def counted(*args, **kwargs):
             self.calls += 1
             return original(*args, **kwargs)
-        monkeypatch.setattr(training, "batch_norm_act", counted)
+        monkeypatch.setattr(training, "batch_norm_act_factors", counted)
 
 
 def n_batchnorms(model):
@@ -106,18 +105,19 @@ def check_buffers(ours, theirs, check):
 
 class ReluMasks:
     """Where each ReLU of one forward pass was positive, in call order: torchvision's nn.ReLU
-    modules (hooks) or our fused chains with relu=True (bn_act_train through batch_norm_act)."""
+    modules (hooks) or our fused chains with relu=True (bn_act_train through
+    batch_norm_act_factors, per chain or per stage)."""
 
     def __init__(self, monkeypatch):
         self.masks, self.recording = [], False
-        original = training.batch_norm_act
+        original = training.batch_norm_act_factors
 
-        def recording(bn, x, residual=None, relu=True):
-            out = original(bn, x, residual, relu)
+        def recording(bn, x, residual, relu):
+            out, factors = original(bn, x, residual, relu)
             if relu and self.recording:
                 self.masks.append(out.detach() > 0)
-            return out
-        monkeypatch.setattr(training, "batch_norm_act", recording)
+            return out, factors
+        monkeypatch.setattr(training, "batch_norm_act_factors", recording)
 
     def record(self, model, fn, hooks=True):
         """hooks=False for our model: a hook on its ReLU would make the chain run the module

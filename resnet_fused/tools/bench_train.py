@@ -14,7 +14,11 @@ torch.autocast), the way models are trained in those dtypes.
   fused_bn_cl   fused), NCHW / channels_last: listed by default only where the policy does not
                 pick them already, so the suite measures what the policy would switch to.
   fused_recompute     resnet_fused with $RESNET_FUSED_TRAIN_MEMORY=recompute (each stage keeps
-  fused_recompute_cl  its conv outputs only; BN, adds, ReLUs recomputed)  (opt-in: --providers)
+  fused_recompute_cl  its conv outputs only; BN, adds, ReLUs recomputed), NCHW / channels_last
+  fused_save          resnet_fused with $RESNET_FUSED_TRAIN_MEMORY=save (torchvision's saved
+  fused_save_cl       tensors). Of these two pairs the one the memory policy does not pick on the
+                      device is listed by default on CPU (so the suite checks the policy there);
+                      on a GPU both are opt-in (its train rows run AMP, which saves as torchvision).
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ import torch.nn.functional as F
 from .. import extension, stage_recompute, training
 
 PROVIDERS = ("eager", "eager_cl", "compile", "fused", "fused_cl", "fused_bn", "fused_bn_cl",
-             "fused_recompute", "fused_recompute_cl")
+             "fused_recompute", "fused_recompute_cl", "fused_save", "fused_save_cl")
 LABELS = {"eager": "train eager (torchvision, NCHW)", "eager_cl": "train eager (channels_last)",
           "compile": "train torch.compile (channels_last)"}
 
@@ -39,6 +43,9 @@ def default_providers(device: torch.device) -> List[str]:
     if (training.train_bn_choice(device) != "fused"
             and extension.unavailable_reason(device) is None):
         out += ["fused_bn", "fused_bn_cl"]
+    if device.type == "cpu":
+        other = "save" if stage_recompute.recomputes(device) else "recompute"
+        out += [f"fused_{other}", f"fused_{other}_cl"]
     return out
 
 
@@ -46,12 +53,20 @@ def label(provider: str, device: torch.device) -> str:
     if provider in LABELS:
         return LABELS[provider]
     layout = "channels_last" if provider.endswith("_cl") else "NCHW"
-    if provider.startswith("fused_bn"):
-        return f"train fused, bn_act kernels ({layout})"
-    if provider.startswith("fused_recompute"):
-        return f"train fused, {training.train_bn_choice(device)} BN, recomputing per stage " \
-               f"({layout})"
-    return f"train fused, {training.train_bn_choice(device)} BN ({layout})"
+    bn = ("bn_act kernels" if provider.startswith("fused_bn")
+          else f"{training.train_bn_choice(device)} BN")
+    memory = _memory(provider)
+    recompute = (memory == "recompute" if memory is not None
+                 else stage_recompute.recomputes(device))
+    return f"train fused, {bn}{', recomputing per stage' if recompute else ''} ({layout})"
+
+
+def _memory(provider: str) -> Optional[str]:
+    """The $RESNET_FUSED_TRAIN_MEMORY a provider forces (None: the policy's)."""
+    for memory in ("recompute", "save"):
+        if provider.startswith(f"fused_{memory}"):
+            return memory
+    return None
 
 
 @contextlib.contextmanager
@@ -91,7 +106,7 @@ def make_runner(provider: str, stock: torch.nn.Module, x: torch.Tensor, target: 
     if provider == "compile":
         model = torch.compile(model)
     train_bn = "fused" if provider.startswith("fused_bn") else None
-    memory = "recompute" if provider.startswith("fused_recompute") else None
+    memory = _memory(provider)
     autocast = (torch.autocast(x.device.type, dtype=amp) if amp is not None
                 else contextlib.nullcontext())
     params = list(model.parameters())

@@ -51,14 +51,12 @@ def report() -> str:
             train = f"invalid: {e}"
         lines.append(f"training on {device.type}: {train}")
     from .. import stage_recompute
-    try:
-        memory = stage_recompute.memory_setting()
-        memory = ("each stage keeps its conv outputs and recomputes BN, adds and ReLUs in the "
-                  "backward pass" if memory == "recompute" else
-                  "saved as torchvision saves (recompute: about 0.65x the activations, slower)")
-    except ValueError as e:
-        memory = f"invalid: {e}"
-    lines.append(f"training memory: {memory} (${stage_recompute.MEMORY_ENV})")
+    for device in devices:
+        try:
+            memory = stage_recompute.memory_report(device)
+        except ValueError as e:
+            memory = f"invalid: {e}"
+        lines.append(f"training memory on {device.type}: {memory}")
     for device in devices:
         choice = backends.device_choice(device)
         fused = [n for n, d in cli.DTYPES.items()
