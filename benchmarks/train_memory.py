@@ -1,6 +1,7 @@
 """Saved-activation memory of one training step: resnet_fused (stages recomputing BN, adds and
 ReLUs in the backward pass: $RESNET_FUSED_TRAIN_MEMORY=recompute, stage_recompute.py; and by
-default, keeping what torchvision keeps) vs torchvision.
+default, keeping what torchvision keeps) vs torchvision, NCHW and channels_last (the training
+BatchNorm policy as on this machine).
 
 What autograd keeps for the backward pass is recorded with saved-tensor hooks during the forward
 pass (CPU, no GPU needed). Two figures per model:
@@ -27,7 +28,7 @@ import torchvision
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import resnet_fused  # noqa: E402
-from resnet_fused import extension, stage_recompute  # noqa: E402
+from resnet_fused import extension, stage_recompute, training  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 
@@ -87,14 +88,18 @@ def main(argv=None) -> int:
               "resnet_fused_save": (resnet_fused.fuse(theirs), "save"),
               "torchvision": (theirs, None)}
     x = torch.randn(args.batch, 3, args.size, args.size, dtype=dtype)
-    rows = {}
+    rows, rows_cl = {}, {}
     for name, (model, memory) in models.items():
         os.environ[stage_recompute.MEMORY_ENV] = memory or "save"
         model = model.to(dtype).train()
         rows[name] = saved_activation_bytes(model, x)
         if torch.cuda.is_available():
             rows[name]["cuda_peak_bytes"] = cuda_peak_bytes(model, x)
+        cl = torch.channels_last
+        rows_cl[name] = saved_activation_bytes(model.to(memory_format=cl),
+                                               x.contiguous(memory_format=cl))
     os.environ.pop(stage_recompute.MEMORY_ENV)
+    rows["channels_last"] = rows_cl
     result = {"model": "resnet50", "batch": args.batch, "size": args.size, "dtype": args.dtype,
               "torch": torch.__version__, "machine": platform.machine(),
               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
@@ -103,28 +108,29 @@ def main(argv=None) -> int:
     with open(os.path.join(args.out, "train_memory.json"), "w") as f:
         json.dump(result, f, indent=2)
     mib = lambda b: f"{b / 2**20:,.1f} MiB"  # noqa: E731
-    theirs = rows["torchvision"]
     lines = [f"# Saved activations per training step: resnet50, batch {args.batch}, "
              f"{args.size}x{args.size}, {args.dtype}",
              "",
              f"torch {torch.__version__}; {result['device']}; extension: {result['extension']}",
              "",
              "resnet_fused: $RESNET_FUSED_TRAIN_MEMORY=recompute (stages recompute BN, adds and "
-             "ReLUs in the backward pass); resnet_fused, save: the default (torchvision's saved "
-             "tensors).",
+             "ReLUs in the backward pass); resnet_fused, save: the default (torchvision's "
+             "saved tensors). Training BatchNorm: "
+             f"{training.train_bn_report(torch.device('cpu'))}.",
              "",
              "| | resnet_fused | resnet_fused, save | torchvision | resnet_fused / torchvision |",
              "|---|---:|---:|---:|---:|"]
     rows_of = [("saved by the ops (per save)", "saved_bytes", "saved_tensors"),
                ("held (distinct storages)", "unique_bytes", "unique_storages"),
                ("CUDA peak over a fwd+bwd step", "cuda_peak_bytes", None)]
-    for what, key, count in rows_of:
-        if key not in theirs:
-            continue
-        cells = [mib(rows[n][key]) + (f" ({rows[n][count]})" if count else "")
-                 for n in ("resnet_fused", "resnet_fused_save", "torchvision")]
-        lines.append(f"| {what} | {' | '.join(cells)} | "
-                     f"{rows['resnet_fused'][key] / theirs[key]:.3f} |")
+    for layout, table in (("", rows), ("channels_last: ", rows_cl)):
+        for what, key, count in rows_of:
+            if key not in table["torchvision"]:
+                continue
+            cells = [mib(table[n][key]) + (f" ({table[n][count]})" if count else "")
+                     for n in ("resnet_fused", "resnet_fused_save", "torchvision")]
+            lines.append(f"| {layout}{what} | {' | '.join(cells)} | "
+                         f"{table['resnet_fused'][key] / table['torchvision'][key]:.3f} |")
     text = "\n".join(lines) + "\n"
     with open(os.path.join(args.out, "train_memory.md"), "w") as f:
         f.write(text)

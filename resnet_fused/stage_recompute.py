@@ -21,10 +21,9 @@ bit for bit (tests/test_stage_recompute.py).
 Used only where nothing can tell the difference (`supported`): eager autograd, no autocast,
 torchvision's own block types, plain nn.Conv2d / nn.BatchNorm2d (training mode) / nn.ReLU, and
 no hooks anywhere in the stage; otherwise the stage runs as modules (the per-chain path).
-$RESNET_FUSED_TRAIN_MEMORY: auto (default) runs the node on the device types where a training
-step with it is measured no slower than one keeping torchvision's tensors (RECOMPUTE_MEASURED:
-the CPU, benchmarks/RESULTS.md) and saves as torchvision elsewhere (not measured on a GPU yet);
-save / recompute force either.
+Opt-in, $RESNET_FUSED_TRAIN_MEMORY=recompute: the recompute passes cost 1-5% of a resnet50
+training step on this project's CPU runs (benchmarks/RESULTS.md, "Activation memory"), so by
+default a step saves what torchvision saves (never slower than stock); not run on a GPU yet.
 """
 from __future__ import annotations
 
@@ -38,35 +37,23 @@ from . import extension_ops, training
 from .layers import observed
 from .settings import env_choice
 
-MEMORY_ENV = "RESNET_FUSED_TRAIN_MEMORY"  # auto (default) | save | recompute
-MEMORY_CHOICES = ("auto", "save", "recompute")
-# Device types where a training step with the node is measured no slower than one keeping
-# torchvision's tensors, in both layouts (benchmarks/RESULTS.md, "Activation memory"): auto
-# recomputes there and saves as torchvision elsewhere.
-RECOMPUTE_MEASURED = ("cpu",)
+MEMORY_ENV = "RESNET_FUSED_TRAIN_MEMORY"  # save (default, as torchvision) | recompute
+MEMORY_CHOICES = ("save", "recompute")
 
 
 def memory_setting() -> str:
-    """$RESNET_FUSED_TRAIN_MEMORY: "auto" (default), "save" or "recompute"."""
-    return env_choice(MEMORY_ENV, MEMORY_CHOICES, "auto")
+    """$RESNET_FUSED_TRAIN_MEMORY: "save" (default) or "recompute"."""
+    return env_choice(MEMORY_ENV, MEMORY_CHOICES, "save")
 
 
-def recomputes(device: torch.device) -> bool:
-    """Whether training steps on `device` run stages as recomputing nodes (where supported)."""
-    setting = memory_setting()
-    return setting == "recompute" or (setting == "auto" and device.type in RECOMPUTE_MEASURED)
-
-
-def memory_report(device: torch.device) -> str:
-    """One line for `info`: what a training step on `device` keeps for the backward pass."""
-    setting = memory_setting()
-    if recomputes(device):
-        why = "measured no slower here" if setting == "auto" else f"${MEMORY_ENV}=recompute"
-        return ("each stage keeps its conv outputs and recomputes BN, adds and ReLUs in the "
-                f"backward pass (about 0.65x torchvision's activations; {why})")
-    why = (f"${MEMORY_ENV}=save" if setting == "save"
-           else "recomputing is not measured no slower here yet")
-    return f"saved as torchvision saves ({why})"
+def memory_report() -> str:
+    """One line for `info`: what a training step keeps for the backward pass."""
+    if memory_setting() == "recompute":
+        return (f"${MEMORY_ENV}=recompute: stages keep their conv outputs and recompute BN, adds "
+                "and ReLUs in the backward pass (about 0.65x torchvision's activations; 1-5% "
+                "slower on this project's CPU runs)")
+    return (f"saved as torchvision saves (${MEMORY_ENV}=recompute: about 0.65x the "
+            "activations, 1-5% slower on this project's CPU runs)")
 
 
 class Chain(NamedTuple):
@@ -93,7 +80,7 @@ def _plain(chain: Chain) -> bool:
 
 def supported(stage: nn.Module, blocks: Optional[Sequence[Block]], x) -> bool:
     """True when `stage`, described by `blocks` (None: not torchvision's block types), may run
-    as one recomputing node on input x (the caller has checked recomputes(x.device))."""
+    as one recomputing node on input x (the caller has checked memory_setting())."""
     if not blocks or not torch.is_grad_enabled():
         return False
     if type(x) is not torch.Tensor or x.dim() != 4 or not x.dtype.is_floating_point:

@@ -247,8 +247,8 @@ class ResNet(_Scriptable):
         backward pass instead of keeping their outputs, where nothing can tell the difference
         (stage_recompute.supported)."""
         # (the setting first: the default never walks the stage on this per-step path)
-        if (self.training and torch.is_grad_enabled() and isinstance(x, Tensor)
-                and stage_recompute.recomputes(x.device)):
+        if (self.training and torch.is_grad_enabled()
+                and stage_recompute.memory_setting() == "recompute"):
             blocks = _blocks(stage)
             if stage_recompute.supported(stage, blocks, x):
                 return stage_recompute.run(blocks, x)

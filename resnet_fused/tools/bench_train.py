@@ -15,10 +15,10 @@ torch.autocast), the way models are trained in those dtypes.
                 pick them already, so the suite measures what the policy would switch to.
   fused_recompute     resnet_fused with $RESNET_FUSED_TRAIN_MEMORY=recompute (each stage keeps
   fused_recompute_cl  its conv outputs only; BN, adds, ReLUs recomputed), NCHW / channels_last
+                                                                      (opt-in: --providers)
   fused_save          resnet_fused with $RESNET_FUSED_TRAIN_MEMORY=save (torchvision's saved
-  fused_save_cl       tensors). Of these two pairs the one the memory policy does not pick on the
-                      device is listed by default on CPU (so the suite checks the policy there);
-                      on a GPU both are opt-in (its train rows run AMP, which saves as torchvision).
+  fused_save_cl       tensors; the default, unless the variable says otherwise)
+                                                                      (opt-in: --providers)
 """
 from __future__ import annotations
 
@@ -43,9 +43,6 @@ def default_providers(device: torch.device) -> List[str]:
     if (training.train_bn_choice(device) != "fused"
             and extension.unavailable_reason(device) is None):
         out += ["fused_bn", "fused_bn_cl"]
-    if device.type == "cpu":
-        other = "save" if stage_recompute.recomputes(device) else "recompute"
-        out += [f"fused_{other}", f"fused_{other}_cl"]
     return out
 
 
@@ -55,10 +52,9 @@ def label(provider: str, device: torch.device) -> str:
     layout = "channels_last" if provider.endswith("_cl") else "NCHW"
     bn = ("bn_act kernels" if provider.startswith("fused_bn")
           else f"{training.train_bn_choice(device)} BN")
-    memory = _memory(provider)
-    recompute = (memory == "recompute" if memory is not None
-                 else stage_recompute.recomputes(device))
-    return f"train fused, {bn}{', recomputing per stage' if recompute else ''} ({layout})"
+    memory = {"recompute": ", recomputing per stage", "save": ", saving as torchvision",
+              None: ""}[_memory(provider)]
+    return f"train fused, {bn}{memory} ({layout})"
 
 
 def _memory(provider: str) -> Optional[str]:

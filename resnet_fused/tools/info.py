@@ -51,12 +51,11 @@ def report() -> str:
             train = f"invalid: {e}"
         lines.append(f"training on {device.type}: {train}")
     from .. import stage_recompute
-    for device in devices:
-        try:
-            memory = stage_recompute.memory_report(device)
-        except ValueError as e:
-            memory = f"invalid: {e}"
-        lines.append(f"training memory on {device.type}: {memory}")
+    try:
+        memory = stage_recompute.memory_report()
+    except ValueError as e:
+        memory = f"invalid: {e}"
+    lines.append(f"training memory: {memory}")
     for device in devices:
         choice = backends.device_choice(device)
         fused = [n for n, d in cli.DTYPES.items()
