@@ -97,6 +97,21 @@ def test_bitwise_per_chain(name, dtype, layout, bn, monkeypatch):
     compare(model, x, monkeypatch, stages=4)
 
 
+def test_bitwise_mixed_kernels(monkeypatch):
+    """A policy threshold between a bottleneck's widths: in each stage some chains run the fused
+    kernel (recomputed) and some stock BatchNorm (their outputs kept), inner chains and block
+    outputs alike; still bitwise the per-chain path."""
+    monkeypatch.setenv(training.TRAIN_BN_ENV, "auto")
+    dtypes, _ = training.MEASURED_FASTER["cpu"]
+    monkeypatch.setitem(training.MEASURED_FASTER, "cpu", (dtypes, (30000, 30000)))
+    model = build("resnext50_32x4d", torch.float64)
+    x = torch.randn(2, 3, *SIZE, dtype=torch.float64)
+    kernels = Count(monkeypatch, extension_ops, "bn_act_train")
+    model(x)
+    assert 0 < kernels.calls < 53  # (both kinds ran)
+    compare(model, x, monkeypatch, stages=4)
+
+
 def _strip(model):
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
