@@ -19,7 +19,7 @@ components.importorskip("triton", "triton")  # pinned: a failure under strict mo
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-@pytest.fixture(params=DEVICES)
+@pytest.fixture
 def device(request, monkeypatch):
     if request.param == "cpu":
         monkeypatch.setenv("TRITON_INTERPRET", "1")
@@ -43,12 +43,16 @@ def _pair(name: str):
 
 
 # (model, dtype): fp32 for both, fp16 on the smaller one (the interpreter is slow; bf16 is covered
-# layer by layer in test_conv_triton.py).
+# layer by layer in test_conv_triton.py). resnext50 takes ~20 s under the interpreter: `slow` on
+# CPU (its grouped convs are test_conv_triton.py's grouped cases, the model's wiring resnet18's).
 CASES = [("resnet18", torch.float32), ("resnet18", torch.float16),
          ("resnext50_32x4d", torch.float32)]
+PARAMS = [pytest.param(dev, name, dtype, id=f"{dev}-{name}-{str(dtype)[6:]}",
+                       marks=pytest.mark.slow if (dev, name) == ("cpu", "resnext50_32x4d") else ())
+          for dev in DEVICES for name, dtype in CASES]
 
 
-@pytest.mark.parametrize("name,dtype", CASES, ids=[f"{n}-{str(d)[6:]}" for n, d in CASES])
+@pytest.mark.parametrize("device,name,dtype", PARAMS, indirect=["device"])
 def test_model_matches_torchvision(device, name, dtype):
     ours, theirs = _pair(name)
     g = torch.Generator().manual_seed(0)
