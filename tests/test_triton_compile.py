@@ -319,11 +319,11 @@ def test_compile_all_in_parallel(tmp_path, monkeypatch):
     run here (cache hits, no process spawned)."""
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
     args = problem_args("1x1 +res", torch.float16, "ieee")
-    configs = tconv.config_tuples("hopper", torch.float16)[-4:]
+    configs = tconv.config_tuples("hopper", torch.float16)[-3:]
     jobs = [aot.job(args, c, 90) for c in configs] * 2
     report = aot.compile_all(jobs, workers=2)
-    assert report["jobs"] == 4 and report["workers"] == 2 and report["errors"] == []
+    assert report["jobs"] == 3 and report["workers"] == 2 and report["errors"] == []
     assert report["in_process"] == 2
-    assert len(list(tmp_path.rglob("*.cubin"))) == 4
+    assert len(list(tmp_path.rglob("*.cubin"))) == 3
     again = aot.compile_all(jobs, workers=2)
-    assert again["in_process"] == 4 and again["errors"] == []
+    assert again["in_process"] == 3 and again["errors"] == []
