@@ -25,7 +25,10 @@
 #                with the policy's BN (stock on CUDA until measured) and with the fused
 #                bn_act_train kernels forced: the numbers that decide the CUDA policy -> train.json;
 #                then the op alone vs stock BN + add + ReLU, and its GB/s vs a copy's (bf16,
-#                batch 64; benchmarks/bench_train_ops.py)                       -> train_ops.json
+#                batch 64; benchmarks/bench_train_ops.py)                       -> train_ops.json;
+#                then activation memory, fp32 batch 64 with the fused kernels forced: saved
+#                bytes and CUDA peak, recomputing stages vs saving vs torchvision
+#                (benchmarks/train_memory.py)                                   -> train_memory/
 #   9. extra     bf16/fp32 rows, then torch.compile max-autotune, in whatever time is left
 #  10. report    benchmarks/results/<date>-<gpu>.{json,md}; with $OUT set, the report, the log
 #                and every raw file (raw.tar.gz) land under $OUT
@@ -184,6 +187,9 @@ run_step train 90 "$PY" -m resnet_fused bench --train --device $DEV --arch $ARCH
   --batch $TB --dtype "${TDT[@]}" --min-time $MT --json "$TMP/train.json"
 run_step train_ops 60 "$PY" -m pytest benchmarks/bench_train_ops.py -q -p no:cacheprovider \
   -k "$DEV" "${TOPS_ARGS[@]}" --benchmark-json "$TMP/train_ops.json"
+# (with stock BatchNorm, CUDA's policy until measured, a recomputing stage has nothing to redo)
+run_step train_memory 60 env RESNET_FUSED_TRAIN_BN=fused "$PY" benchmarks/train_memory.py \
+  --device $DEV --batch $TB --size $SIZE --out "$TMP/train_memory"
 
 # 9. extra (whatever time is left) -----------------------------------------------------------
 if [ "${SUITE_SMOKE:-0}" != 1 ]; then
@@ -202,7 +208,7 @@ OUTBASE="$RESULTS/$(date -u +%Y-%m-%d)-$GPU"
 [ -e "$OUTBASE.json" ] && OUTBASE="$OUTBASE-$(date -u +%H%M)"
 timeout 120 "$PY" benchmarks/suite_report.py --out "$OUTBASE" --env "$TMP/env.json" \
   --steps "$STEPS" --tests "$TMP/tests.xml" --check "$TMP/check.json" \
-  --train-ops "$TMP/train_ops.json" \
+  --train-ops "$TMP/train_ops.json" --train-memory "$TMP/train_memory" \
   --warmup "cold=$TMP/warmup_cold.json" "warm=$TMP/warmup_warm.json" \
   --bench "$TMP/bench.json" "$TMP/train.json" "$TMP/bench_dtypes.json" "$TMP/compile.json" \
   --profile "$TMP/profile_1.json" "$TMP/profile_2.json" 2>&1 | tee -a "$LOG"

@@ -210,6 +210,7 @@ def main() -> int:
     ap.add_argument("--check")
     ap.add_argument("--train-ops", help="benchmarks/bench_train_ops.py --benchmark-json output")
     ap.add_argument("--warmup", nargs="*", default=[], help="NAME=PATH of warmup --json reports")
+    ap.add_argument("--train-memory", help="the folder benchmarks/train_memory.py wrote to")
     args = ap.parse_args()
 
     env = _load(args.env) or {}
@@ -219,11 +220,13 @@ def main() -> int:
     profiles = [p for p in (_load(p) for p in args.profile) if p]
     check = _load(args.check)
     train_ops = _load(args.train_ops)
+    memory_dir = args.train_memory or ""
+    train_memory = _load(os.path.join(memory_dir, "train_memory.json")) if memory_dir else None
     warmups = [(name, r) for name, r in ((a.split("=", 1)[0], _load(a.split("=", 1)[1]))
                                          for a in args.warmup if "=" in a) if r]
     merged = {"env": env, "steps": steps, "tests": tests, "bench": benches,
               "warmup": dict(warmups),
-              "profiles": profiles, "train_ops": train_ops,
+              "profiles": profiles, "train_ops": train_ops, "train_memory": train_memory,
               "check": None if check is None else {"meta": check["meta"],
                                                    "summary": check["summary"]}}
     with open(args.out + ".json", "w") as f:
@@ -253,6 +256,9 @@ def main() -> int:
         md += _profile_md(p)
     if train_ops:
         md += _train_ops_md(train_ops)
+    if train_memory:  # train_memory.py's own table, one heading level down
+        with open(os.path.join(memory_dir, "train_memory.md")) as f:
+            md += ["#" + f.read().rstrip("\n"), ""]
     with open(args.out + ".md", "w") as f:
         f.write("\n".join(md) + "\n")
     print(f"wrote {args.out}.json and {args.out}.md")

@@ -9,10 +9,12 @@ pass (CPU, no GPU needed). Two figures per model:
             excluded) -- what the ops ask to keep;
   * unique: bytes of the distinct storages behind them -- the memory actually held, since one
             tensor saved by two ops (a ReLU output that the next conv also saves) is stored once.
-With a GPU, the peak of torch.cuda.max_memory_allocated over a forward+backward step is added.
+On a GPU (--device cuda) the same, plus the peak of torch.cuda.max_memory_allocated over a
+forward+backward step. The training BatchNorm is the device's policy ($RESNET_FUSED_TRAIN_BN
+overrides it; with stock BatchNorm a recomputing stage has nothing to recompute).
 
-    python benchmarks/train_memory.py [--batch 8] [--size 224] [--dtype float32]
-writes benchmarks/results/train_memory.{json,md}.
+    python benchmarks/train_memory.py [--device cpu] [--batch 8] [--size 224] [--dtype float32]
+writes benchmarks/results/train_memory.{json,md} (--out: another folder).
 """
 from __future__ import annotations
 
@@ -56,7 +58,6 @@ def saved_activation_bytes(model: torch.nn.Module, x: torch.Tensor) -> dict:
 
 
 def cuda_peak_bytes(model: torch.nn.Module, x: torch.Tensor) -> int:
-    model, x = model.cuda(), x.cuda()
     model(x).sum().backward()  # warm-up (cuDNN workspaces, allocator)
     model.zero_grad(set_to_none=True)
     torch.cuda.synchronize()
@@ -74,9 +75,13 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--out", default=RESULTS)
     args = parser.parse_args(argv)
-    reason = extension.unavailable_reason(torch.device("cpu"))
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible")
+    reason = extension.unavailable_reason(device)
     if reason is not None:
         print(f"the extension is unavailable ({reason}): 'ours' would run stock BN",
               file=sys.stderr)
@@ -87,22 +92,22 @@ def main(argv=None) -> int:
     models = {"resnet_fused": (resnet_fused.fuse(theirs), "recompute"),
               "resnet_fused_save": (resnet_fused.fuse(theirs), "save"),
               "torchvision": (theirs, None)}
-    x = torch.randn(args.batch, 3, args.size, args.size, dtype=dtype)
+    x = torch.randn(args.batch, 3, args.size, args.size, dtype=dtype).to(device)
     rows, rows_cl = {}, {}
     for name, (model, memory) in models.items():
         os.environ[stage_recompute.MEMORY_ENV] = memory or "save"
-        model = model.to(dtype).train()
-        rows[name] = saved_activation_bytes(model, x)
-        if torch.cuda.is_available():
-            rows[name]["cuda_peak_bytes"] = cuda_peak_bytes(model, x)
-        cl = torch.channels_last
-        rows_cl[name] = saved_activation_bytes(model.to(memory_format=cl),
-                                               x.contiguous(memory_format=cl))
+        model = model.to(device, dtype).train()  # (the models share their parameters)
+        for layout, table in ((torch.contiguous_format, rows), (torch.channels_last, rows_cl)):
+            model, xl = model.to(memory_format=layout), x.contiguous(memory_format=layout)
+            table[name] = saved_activation_bytes(model, xl)
+            if device.type == "cuda":
+                table[name]["cuda_peak_bytes"] = cuda_peak_bytes(model, xl)
     os.environ.pop(stage_recompute.MEMORY_ENV)
     rows["channels_last"] = rows_cl
     result = {"model": "resnet50", "batch": args.batch, "size": args.size, "dtype": args.dtype,
               "torch": torch.__version__, "machine": platform.machine(),
-              "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "train_bn": training.train_bn_report(device),
               "extension": extension.status(), "results": rows}
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "train_memory.json"), "w") as f:
@@ -116,7 +121,7 @@ def main(argv=None) -> int:
              "resnet_fused: $RESNET_FUSED_TRAIN_MEMORY=recompute (stages recompute BN, adds and "
              "ReLUs in the backward pass); resnet_fused, save: the default (torchvision's "
              "saved tensors). Training BatchNorm: "
-             f"{training.train_bn_report(torch.device('cpu'))}.",
+             f"{result['train_bn']}.",
              "",
              "| | resnet_fused | resnet_fused, save | torchvision | resnet_fused / torchvision |",
              "|---|---:|---:|---:|---:|"]

@@ -61,9 +61,10 @@ def test_report_invariants_on_representative_layers(tmp_path):
     assert "| 1 | layer4.0.conv2 |" in md.read_text()
 
 
-@pytest.mark.slow  # every layer at batch 1 and 256: ~2-4 min on a cold Triton cache (2 cores)
-def test_whole_resnet50_report_sm90():
-    _check_invariants(kernels.report("resnet50", [1, 256], "fp16", 90))
+@pytest.mark.slow  # every layer, ~2-6 min per batch size on 2 cores: one test each, so that
+@pytest.mark.parametrize("batch", [1, 256])  # pytest-xdist's two workers share them
+def test_whole_resnet50_report_sm90(batch):
+    _check_invariants(kernels.report("resnet50", [batch], "fp16", 90))
 
 
 def test_occupancy_and_roofline_arithmetic():
