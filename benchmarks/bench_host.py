@@ -5,7 +5,8 @@ What a batch-1 forward without CUDA graphs pays per conv -> BN -> ReLU in Python
 same 1x8x4x4 channels_last input, inference mode, one intra-op thread; compare the rows of one run
 (`pytest benchmarks/bench_host.py --benchmark-only`, group "host"). On CUDA the calls are not
 synchronised: the figure is the host's launch cost, which is what a launch-bound batch-1 forward
-waits for.
+waits for. `test_train_chain_host_overhead`: the same for a training chain, forward + backward
+(group "host train").
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 import resnet_fused
+from resnet_fused import extension, training
 from resnet_fused.layers import conv_bn
 
 import components
@@ -44,6 +46,40 @@ def test_chain_host_overhead(benchmark, device_name, provider):
         with torch.inference_mode(), resnet_fused.backend(backend or "torch"):
             fn()  # fold cache, compile, tuning
             benchmark(fn)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("device_name", ["cpu", "cuda"])
+@pytest.mark.parametrize("provider", ["stock", "fused"])
+def test_train_chain_host_overhead(benchmark, monkeypatch, device_name, provider):
+    """The same chain in training mode, forward + backward: stock's modules against
+    `layers.conv_bn` with BN + ReLU as the extension's bn_act_train (forced on: the policy runs
+    stock BatchNorm on tensors this small), 2x8x4x4 channels_last input requiring grad."""
+    device = device_or_skip(device_name)
+    if provider == "fused":
+        components.require("extension", extension.unavailable_reason(device))
+    monkeypatch.setenv(training.TRAIN_BN_ENV, provider)
+    conv = torch.nn.Conv2d(8, 8, 3, padding=1, bias=False).to(device)
+    bn = torch.nn.BatchNorm2d(8).to(device)
+    conv.to(memory_format=torch.channels_last)
+    x = torch.randn(2, 8, 4, 4, device=device).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    grad = torch.randn(2, 8, 4, 4, device=device)
+    relu = torch.nn.ReLU(inplace=True)
+
+    def fn():
+        out = relu(bn(conv(x))) if provider == "stock" else conv_bn(conv, bn, x, act=relu)
+        out.backward(grad)
+
+    benchmark.group = f"host train {device_name}"
+    benchmark.extra_info.update(provider=provider, device=device_name)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        fn()
+        assert training.bn_act_supported(bn, conv(x), None) == (provider == "fused")
+        benchmark(fn)
     finally:
         torch.set_num_threads(threads)
 

@@ -1,6 +1,6 @@
 // The resnet_fused operator library: every schema is declared once, here.
 // Implementations: cpu/bn_act.cpp (CPU) and cuda/bn_act.cu (CUDA, when built with nvcc).
-// Fake (meta) kernels and autograd formulas are registered in Python: resnet_fused/extension.py.
+// Autograd: autograd.cpp. Fake (meta) kernels: in Python, resnet_fused/extension_ops.py.
 //
 // This file is also the Python module `resnet_fused._C`: importing it loads the library (which
 // registers the ops) and exposes what was built, for `python -m resnet_fused info`.

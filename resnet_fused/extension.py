@@ -1,8 +1,8 @@
 """The compiled extension `resnet_fused._C` (csrc/): lazy, safe loading and availability.
 
-Its ops and their Python halves (fake kernels, autograd) are in extension_ops.py, which every
-caller goes through (it registers those halves before the first call); when training uses them
-is training.py's rule.
+Its ops' Python halves (wrappers, fake kernels; autograd is C++, csrc/autograd.cpp) are in
+extension_ops.py, which every caller goes through (it registers the fake kernels before the first
+call); when training uses them is training.py's rule.
 
 Nothing here runs at `import resnet_fused`: the library is loaded on first use. A missing,
 stale or broken library never raises from available()/unavailable_reason()/status(); the op

@@ -81,22 +81,29 @@ def bn_act_supported(bn: nn.Module, x: torch.Tensor, residual: Optional[torch.Te
         return False
     if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.dtype not in _ACTIVATION_DTYPES:
         return False
-    if x.shape[1] != bn.num_features or x.shape[0] * x.shape[2] * x.shape[3] <= 1:
+    n, c, h, w = x.shape
+    if c != bn.num_features or n * h * w <= 1:
         return False
     if residual is not None and (not isinstance(residual, torch.Tensor)
                                  or residual.shape != x.shape or residual.dtype != x.dtype
                                  or residual.device != x.device):
         return False
-    track = bn.track_running_stats
-    if track and (bn.running_mean is None) != (bn.running_var is None):
-        return False
     if not _policy_fuses(x):
         return False
-    reduced = x.dtype in (torch.float16, torch.bfloat16)
-    dtypes = {t.dtype for t in (bn.weight, bn.bias, bn.running_mean if track else None,
-                                bn.running_var if track else None) if t is not None}
-    if len(dtypes) > 1 or (dtypes and not (dtypes == {x.dtype}
-                                           or (reduced and dtypes == {torch.float32}))):
+    # (every training chain asks: the module dicts read directly, no set building)
+    params, buffers = bn._parameters, bn._buffers
+    stats = ((buffers.get("running_mean"), buffers.get("running_var"))
+             if bn.track_running_stats else (None, None))
+    if (stats[0] is None) != (stats[1] is None):
+        return False
+    dtype = None  # the one dtype of the parameters and running stats
+    for t in (params.get("weight"), params.get("bias"), *stats):
+        if t is not None:
+            if dtype is not None and t.dtype != dtype:
+                return False
+            dtype = t.dtype
+    if dtype is not None and dtype != x.dtype and not (
+            dtype == torch.float32 and x.dtype in (torch.float16, torch.bfloat16)):
         return False
     return extension.unavailable_reason(x.device) is None
 
@@ -125,15 +132,17 @@ def batch_norm_act_factors(bn: nn.BatchNorm2d, x: torch.Tensor,
     scale, shift)); extension_ops.scale_shift_act(x, scale, shift, residual, relu, save_mean)
     gives `out` again, bit for bit."""
     factor = momentum_factor(bn)
-    running_mean = bn.running_mean if bn.track_running_stats else None
-    running_var = bn.running_var if bn.track_running_stats else None
+    # (a plain nn.BatchNorm2d, bn_act_supported says: its tensors straight from the module dicts)
+    params, buffers = bn._parameters, bn._buffers
+    running_mean = buffers.get("running_mean") if bn.track_running_stats else None
+    running_var = buffers.get("running_var") if bn.track_running_stats else None
     x, residual = kernel_layout(x, residual)
     out, mean, invstd, new_mean, new_var, scale, shift = extension_ops.bn_act_train(
-        x, bn.weight, bn.bias, residual, running_mean, running_var, factor, bn.eps, relu)
-    if running_mean is not None:
-        with torch.no_grad():
-            running_mean.copy_(new_mean)
-            running_var.copy_(new_var)
+        x, params["weight"], params["bias"], residual, running_mean, running_var, factor, bn.eps,
+        relu)
+    if running_mean is not None:  # (buffers and non-differentiable outputs: nothing to record)
+        running_mean.copy_(new_mean)
+        running_var.copy_(new_var)
     return out, (mean, invstd, scale, shift)
 
 
