@@ -80,12 +80,16 @@ def test_eval_parity(pair, size):
             assert_within_rule(ours(x32), stock_outputs(theirs, x32), ref, torch.float32)
 
 
-def _train_steps(model, x, target, steps, teacher=None, keep_grads=True):
-    """SGD steps; return per-step (output, loss, gradients) and the parameters each step started
-    from. With `teacher` (such a list from the reference run) every step starts from the
-    teacher's parameters, while running stats, num_batches_tracked and momentum buffers
-    accumulate: free-running trajectories are ill-conditioned (a rounding-level difference in
-    step 1 grows past 1e-10 relative by step 2 for any two fp64 implementations)."""
+def _train_steps(model, x, target, steps, teacher=None, keep_grads=True, on_grads=None):
+    """SGD steps; return per-step (output, loss, gradients) and, without a teacher, the
+    parameters each step started from. With `teacher` (such a list from the reference run) every
+    step starts from the teacher's parameters, while running stats, num_batches_tracked and
+    momentum buffers accumulate: free-running trajectories are ill-conditioned (a
+    rounding-level difference in step 1 grows past 1e-10 relative by step 2 for any two fp64
+    implementations). `on_grads(step, model)` sees each step's gradients in place.
+    (Taught runs keep no starts and callers check gradients as they come where they can: a
+    parameter copy per step is GBs for the wide models, and two of those tests at once on the
+    24 GiB CI machine ran out of memory.)"""
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     history, starts = [], []
     for i in range(steps):
@@ -93,11 +97,14 @@ def _train_steps(model, x, target, steps, teacher=None, keep_grads=True):
             if teacher is not None:
                 for p, t in zip(model.parameters(), teacher[i]):
                     p.copy_(t)
-            starts.append([p.detach().clone() for p in model.parameters()])
+            else:
+                starts.append([p.detach().clone() for p in model.parameters()])
         opt.zero_grad()
         out = model(x)
         loss = nn.functional.cross_entropy(out, target)
         loss.backward()
+        if on_grads is not None:
+            on_grads(i, model)
         grads = {n: p.grad.clone() for n, p in model.named_parameters()} if keep_grads else {}
         history.append((out.detach(), loss.detach(), grads))  # grads: GBs for the wide models
         opt.step()
@@ -107,9 +114,24 @@ def _train_steps(model, x, target, steps, teacher=None, keep_grads=True):
 def _check_train(ours, theirs, ref, dtype, x, target, steps=2):
     """Outputs, losses, every gradient and all buffers after `steps` steps."""
     stock_cl = copy.deepcopy(theirs) if dtype != torch.float64 else None
-    fp64 = dtype == torch.float64  # only fp64 gradients are compared here (see below)
+    fp64 = dtype == torch.float64  # only fp64 gradients are compared here (check_grads)
     h_ref, teacher = _train_steps(ref.train(), x.double(), target, steps, keep_grads=fp64)
-    h_ours, _ = _train_steps(ours.train(), x, target, steps, teacher, keep_grads=fp64)
+
+    def check(a, stock, r):
+        if dtype == torch.float64:
+            scale = max(r.abs().max().item(), 1e-30)
+            assert max_err(a, r) / scale <= 1e-10
+        else:
+            assert_within_rule(a, stock, r, dtype)
+
+    def check_grads(step, model):
+        # Every gradient, in fp64 (1e-10). fp32 gradients are compared per ReLU branch in
+        # tests/test_train.py: a ReLU input within rounding of 0 may flip in any fp32 run and
+        # move a gradient by a whole term, so a per-tensor max error is no yardstick there.
+        for n, p in model.named_parameters():
+            check(p.grad, [], h_ref[step][2][n])
+    h_ours, _ = _train_steps(ours.train(), x, target, steps, teacher, keep_grads=False,
+                             on_grads=check_grads if fp64 else None)
     if ref is theirs:  # fp64: torchvision itself is the reference
         h_stock = [[] for _ in h_ref]
     else:  # fp32: stock in both standard layouts is the yardstick (numerics.stock_outputs)
@@ -118,12 +140,6 @@ def _check_train(ours, theirs, ref, dtype, x, target, steps=2):
                                target, steps, teacher, keep_grads=False)
         h_stock = [[a, b] for a, b in zip(h_theirs, h_cl)]
 
-    def check(a, stock, r):
-        if dtype == torch.float64:
-            scale = max(r.abs().max().item(), 1e-30)
-            assert max_err(a, r) / scale <= 1e-10
-        else:
-            assert_within_rule(a, stock, r, dtype)
     for mine, stock, r in zip(h_ours, h_stock, h_ref):
         check(mine[0], [s[0] for s in stock], r[0])   # output
         if dtype == torch.float64:
@@ -138,12 +154,6 @@ def _check_train(ours, theirs, ref, dtype, x, target, steps=2):
             loss_err, ref_loss = max_err(mine[1], r[1]), abs(r[1].item())
             assert loss_err <= 2 * out_bound + ATOL[dtype] * max(1.0, ref_loss), (
                 f"loss error {loss_err:.3e} > 2 x the outputs' bound {out_bound:.3e} + atol")
-        # Every gradient, in fp64 (1e-10). fp32 gradients are compared per ReLU branch in
-        # tests/test_train.py: a ReLU input within rounding of 0 may flip in any fp32 run and
-        # move a gradient by a whole term, so a per-tensor max error is no yardstick there.
-        if dtype == torch.float64:
-            for n in r[2]:
-                check(mine[2][n], [], r[2][n])
     bufs_ours, bufs_theirs = dict(ours.named_buffers()), dict(theirs.named_buffers())
     bufs_cl = dict(stock_cl.named_buffers()) if stock_cl is not None else {}
     for n, r in ref.named_buffers():
