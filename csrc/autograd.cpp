@@ -1,12 +1,12 @@
-// Autograd for resnet_fused::bn_act_train and resnet_fused::scale_shift_act, registered for the
-// Autograd key in C++ (torch::autograd::Function), so a training chain pays no Python autograd
-// machinery: torch.library's Python autograd cost ~100 us of host time per call and as much in
-// the backward (benchmarks/RESULTS.md, "Host overhead of a training chain"), more than stock
-// BatchNorm + ReLU in total on small tensors. The formulas are those the Python registration
-// had (docs/design.md, "Training"). The backward ops are not differentiable: recorded under
-// create_graph, their node raises when a double backward reaches it (scale_shift_act's
-// create_graph runs a differentiable torch-ops formula instead). Fake kernels: Python
-// (resnet_fused/extension_ops.py).
+// Autograd for the resnet_fused ops (bn_act_train, scale_shift_act and their backward ops),
+// registered for the Autograd key in C++ (torch::autograd::Function), so a training chain pays
+// no Python autograd machinery: torch.library's Python autograd cost ~100 us of host time per
+// call and as much in the backward (benchmarks/RESULTS.md, "Host overhead of a training
+// chain"), more than stock BatchNorm + ReLU in total on small tensors. The formulas are those
+// the Python registration had (docs/design.md, "Training BatchNorm"). The backward ops are not
+// differentiable: recorded under create_graph, their node raises when a double backward
+// reaches it (scale_shift_act's create_graph runs a differentiable torch-ops formula instead).
+// Fake kernels: Python (resnet_fused/extension_ops.py).
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
