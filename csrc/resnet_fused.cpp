@@ -68,6 +68,10 @@ TORCH_LIBRARY(resnet_fused, m) {
         "int[] padding, int[] dilation, bool relu) -> str");
 }
 
+// What the Python package checks before it uses the library (resnet_fused/extension.py,
+// OPS_VERSION): bump it when the ops' split between C++ and Python changes. 2: autograd in C++.
+constexpr long kOpsVersion = 2;
+
 extern "C" PyObject* PyInit__C(void) {
   static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C",
                                    "resnet_fused operator library (loads the ops)", -1, nullptr};
@@ -79,6 +83,7 @@ extern "C" PyObject* PyInit__C(void) {
   const long with_cuda = 0;
 #endif
   if (PyModule_AddIntConstant(module, "with_cuda", with_cuda) < 0 ||
+      PyModule_AddIntConstant(module, "ops_version", kOpsVersion) < 0 ||
       PyModule_AddStringConstant(module, "cuda_archs", RESNET_FUSED_CUDA_ARCHS) < 0 ||
       PyModule_AddStringConstant(module, "cuda_version", RESNET_FUSED_CUDA_VERSION) < 0 ||
       PyModule_AddStringConstant(module, "torch_version", RESNET_FUSED_TORCH_VERSION) < 0 ||

@@ -20,6 +20,9 @@ from typing import Callable, List, Optional, Tuple
 import torch
 
 DISABLE_ENV = "RESNET_FUSED_DISABLE_EXT"
+# What this package expects of the library (its `ops_version`, csrc/resnet_fused.cpp); 2: the
+# ops' autograd is C++. An older build would run the ops with no autograd at all: refused.
+OPS_VERSION = 2
 _BUILD_HINT = ("build it with `make install` (or `pip install --no-build-isolation --no-deps -e .`"
                " with torch installed)")
 
@@ -50,6 +53,10 @@ def _load() -> Tuple[Optional[ModuleType], Optional[str]]:
     if built and built != torch.__version__:
         return None, (f"{spec.origin} was built against torch {built}, this is torch "
                       f"{torch.__version__}; {_BUILD_HINT}")
+    version = getattr(module, "ops_version", 1)
+    if version != OPS_VERSION:
+        return None, (f"{spec.origin} was built from other sources (ops version {version}, this "
+                      f"package needs {OPS_VERSION}); {_BUILD_HINT}")
     return module, None
 
 

@@ -101,8 +101,18 @@ def test_library_is_in_the_package_and_reports_itself():
     module = extension.load()
     assert os.path.dirname(module.__file__) == os.path.dirname(resnet_fused.__file__)
     assert module.torch_version == torch.__version__
+    assert module.ops_version == extension.OPS_VERSION
     status = extension.status()
     assert status.startswith("built: ") and module.__file__ in status
+
+
+def test_library_from_other_sources_is_refused(monkeypatch):
+    """A build whose ops_version differs (e.g. one from before the autograd moved to C++, which
+    would run the ops without gradients) is refused, with the rebuild command."""
+    monkeypatch.setattr(extension, "OPS_VERSION", extension.OPS_VERSION + 1)
+    module, reason = extension._load()
+    assert module is None
+    assert f"ops version {extension.OPS_VERSION - 1}" in reason and "make install" in reason
 
 
 @pytest.mark.skipif(not torch.version.cuda, reason="a CPU-only torch: no CUDA kernels to build")
