@@ -1,7 +1,9 @@
 """Saved-activation memory of one training step: resnet_fused (stages recomputing BN, adds and
 ReLUs in the backward pass: $RESNET_FUSED_TRAIN_MEMORY=recompute, stage_recompute.py; and by
 default, keeping what torchvision keeps) vs torchvision, NCHW and channels_last (the training
-BatchNorm policy as on this machine).
+BatchNorm policy as on this machine), and torchvision with torch.utils.checkpoint around each
+stage (stock PyTorch's way to trade compute for activation memory: it reruns the stages'
+convolutions; `bench --train --providers checkpoint,...` times it).
 
 What autograd keeps for the backward pass is recorded with saved-tensor hooks during the forward
 pass (CPU, no GPU needed). Two figures per model:
@@ -31,6 +33,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import resnet_fused  # noqa: E402
 from resnet_fused import extension, stage_recompute, training  # noqa: E402
+from resnet_fused.tools.bench_train import checkpoint_stages  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 
@@ -89,9 +92,12 @@ def main(argv=None) -> int:
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
     theirs = torchvision.models.resnet50()
+    # (the reentrant checkpoint: its stage inputs go through save_for_backward, so the hooks
+    # see them; the default variant holds the same tensors out of their sight)
     models = {"resnet_fused": (resnet_fused.fuse(theirs), "recompute"),
               "resnet_fused_save": (resnet_fused.fuse(theirs), "save"),
-              "torchvision": (theirs, None)}
+              "torchvision": (theirs, None),
+              "torchvision_checkpoint": (checkpoint_stages(theirs, use_reentrant=True), None)}
     x = torch.randn(args.batch, 3, args.size, args.size, dtype=dtype).to(device)
     rows, rows_cl = {}, {}
     for name, (model, memory) in models.items():
@@ -120,11 +126,13 @@ def main(argv=None) -> int:
              "",
              "resnet_fused: $RESNET_FUSED_TRAIN_MEMORY=recompute (stages recompute BN, adds and "
              "ReLUs in the backward pass); resnet_fused, save: the default (torchvision's "
-             "saved tensors). Training BatchNorm: "
+             "saved tensors); torchvision, checkpointed: torch.utils.checkpoint around each of "
+             "layer1..layer4. Training BatchNorm: "
              f"{result['train_bn']}.",
              "",
-             "| | resnet_fused | resnet_fused, save | torchvision | resnet_fused / torchvision |",
-             "|---|---:|---:|---:|---:|"]
+             "| | resnet_fused | resnet_fused, save | torchvision | resnet_fused / torchvision "
+             "| torchvision, checkpointed (/ torchvision) |",
+             "|---|---:|---:|---:|---:|---:|"]
     rows_of = [("saved by the ops (per save)", "saved_bytes", "saved_tensors"),
                ("held (distinct storages)", "unique_bytes", "unique_storages"),
                ("CUDA peak over a fwd+bwd step", "cuda_peak_bytes", None)]
@@ -134,8 +142,10 @@ def main(argv=None) -> int:
                 continue
             cells = [mib(table[n][key]) + (f" ({table[n][count]})" if count else "")
                      for n in ("resnet_fused", "resnet_fused_save", "torchvision")]
+            ckpt = table["torchvision_checkpoint"][key]
             lines.append(f"| {layout}{what} | {' | '.join(cells)} | "
-                         f"{table['resnet_fused'][key] / table['torchvision'][key]:.3f} |")
+                         f"{table['resnet_fused'][key] / table['torchvision'][key]:.3f} | "
+                         f"{mib(ckpt)} ({ckpt / table['torchvision'][key]:.3f}) |")
     text = "\n".join(lines) + "\n"
     with open(os.path.join(args.out, "train_memory.md"), "w") as f:
         f.write(text)

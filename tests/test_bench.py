@@ -79,7 +79,8 @@ def test_bench_train_cli(tmp_path, capsys):
     torchvision's; an unknown provider is a row with an error naming the known ones."""
     js = tmp_path / "t.json"
     rc = main(["bench", "--train", "--arch", "resnet18", "--batch", "2", "--size", "32",
-               "--device", "cpu", "--providers", "eager,eager_cl,fused,fused_cl,fused_bn,bogus",
+               "--device", "cpu", "--providers",
+               "eager,eager_cl,fused,fused_cl,fused_bn,checkpoint_cl,bogus",
                "--warmup", "0", "--min-reps", "2", "--min-time", "0", "--quiet", "--json",
                str(js)])
     assert rc == 0
@@ -87,7 +88,7 @@ def test_bench_train_cli(tmp_path, capsys):
     assert report["meta"]["mode"] == "train" and report["meta"]["train_bn"] == "fused"
     rows = {r["provider"]: r for r in report["results"]}
     assert "expected one of" in rows["bogus"]["error"]
-    for name in ("eager", "eager_cl", "fused", "fused_cl", "fused_bn"):
+    for name in ("eager", "eager_cl", "fused", "fused_cl", "fused_bn", "checkpoint_cl"):
         r = rows[name]
         assert "error" not in r, r
         assert r["reps"] >= 2 and r["max_rel_diff_vs_eager"] < 1e-4  # the loss

@@ -19,6 +19,9 @@ torch.autocast), the way models are trained in those dtypes.
   fused_save          resnet_fused with $RESNET_FUSED_TRAIN_MEMORY=save (torchvision's saved
   fused_save_cl       tensors; the default, unless the variable says otherwise)
                                                                       (opt-in: --providers)
+  checkpoint          torchvision with torch.utils.checkpoint around each of layer1..layer4:
+  checkpoint_cl       stock PyTorch's way to trade compute for activation memory, what
+                      fused_recompute is measured against               (opt-in: --providers)
 """
 from __future__ import annotations
 
@@ -29,13 +32,44 @@ from typing import Any, Callable, List, Optional
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from .. import extension, stage_recompute, training
 
 PROVIDERS = ("eager", "eager_cl", "compile", "fused", "fused_cl", "fused_bn", "fused_bn_cl",
-             "fused_recompute", "fused_recompute_cl", "fused_save", "fused_save_cl")
+             "fused_recompute", "fused_recompute_cl", "fused_save", "fused_save_cl",
+             "checkpoint", "checkpoint_cl")
 LABELS = {"eager": "train eager (torchvision, NCHW)", "eager_cl": "train eager (channels_last)",
-          "compile": "train torch.compile (channels_last)"}
+          "compile": "train torch.compile (channels_last)",
+          "checkpoint": "train eager, checkpointed stages (NCHW)",
+          "checkpoint_cl": "train eager, checkpointed stages (channels_last)"}
+STAGES = ("layer1", "layer2", "layer3", "layer4")
+
+
+class _Checkpointed(torch.nn.Module):
+    """A stage run under torch.utils.checkpoint: only its input is kept for the backward
+    pass, which runs the stage's forward again."""
+
+    def __init__(self, stage: torch.nn.Module, use_reentrant: bool):
+        super().__init__()
+        self.stage, self.use_reentrant = stage, use_reentrant
+
+    def forward(self, x):
+        return torch.utils.checkpoint.checkpoint(self.stage, x, use_reentrant=self.use_reentrant)
+
+
+def checkpoint_stages(model: torch.nn.Module, use_reentrant: bool = False) -> torch.nn.Module:
+    """A shallow copy of a torchvision ResNet (sharing its parameters) whose layer1..layer4 run
+    under torch.utils.checkpoint. (The reentrant variant saves the stage inputs through
+    save_for_backward, where saved-tensor hooks count them; the default one holds them
+    elsewhere: same memory, not visible to the hooks.) As with any checkpointed BatchNorm, the
+    backward's rerun updates the running statistics a second time: fine for timing, not for
+    training as torchvision does."""
+    out = copy.copy(model)
+    out._modules = dict(model._modules)
+    for name in STAGES:
+        out._modules[name] = _Checkpointed(model._modules[name], use_reentrant)
+    return out
 
 
 def default_providers(device: torch.device) -> List[str]:
@@ -94,6 +128,8 @@ def make_runner(provider: str, stock: torch.nn.Module, x: torch.Tensor, target: 
     channels_last = provider.endswith("_cl") or provider == "compile"
     if provider.startswith("fused"):
         model = resnet_fused.fuse(copy.deepcopy(stock)).train()
+    elif provider.startswith("checkpoint"):
+        model = checkpoint_stages(copy.deepcopy(stock)).train()
     else:
         model = copy.deepcopy(stock).train()
     if channels_last:
