@@ -21,7 +21,7 @@ bit for bit (tests/test_stage_recompute.py).
 Used only where nothing can tell the difference (`supported`): eager autograd, no autocast,
 torchvision's own block types, plain nn.Conv2d / nn.BatchNorm2d (training mode) / nn.ReLU, and
 no hooks anywhere in the stage; otherwise the stage runs as modules (the per-chain path).
-Opt-in, $RESNET_FUSED_TRAIN_MEMORY=recompute: the recompute passes cost 1-8% of a resnet50
+Opt-in, $RESNET_FUSED_TRAIN_MEMORY=recompute: the recompute passes cost 1-9% of a resnet50
 training step on this project's CPU runs (benchmarks/RESULTS.md, "Activation memory"), so by
 default a step saves what torchvision saves (never slower than stock); not run on a GPU yet.
 """
@@ -50,10 +50,10 @@ def memory_report() -> str:
     """One line for `info`: what a training step keeps for the backward pass."""
     if memory_setting() == "recompute":
         return (f"${MEMORY_ENV}=recompute: stages keep their conv outputs and recompute BN, adds "
-                "and ReLUs in the backward pass (about 0.65x torchvision's activations; 1-8% "
+                "and ReLUs in the backward pass (about 0.65x torchvision's activations; 1-9% "
                 "slower on this project's CPU runs)")
     return (f"saved as torchvision saves (${MEMORY_ENV}=recompute: about 0.65x the "
-            "activations, 1-8% slower on this project's CPU runs)")
+            "activations, 1-9% slower on this project's CPU runs)")
 
 
 class Chain(NamedTuple):
