@@ -194,9 +194,12 @@ def grad_chain(conv: nn.Conv2d, x: torch.Tensor, tensors: folding.Sources, eps: 
     acc = epilogue_dtype(dtype)
     scale, center = folding.bn_affine(conv_bias, bn_weight, running_mean, running_var, eps, acc)
     center_q = center.to(dtype)  # what the conv adds, in its dtype; shift carries the rounding
-    shift = (center_q.to(acc) - center) * scale
-    if bn_bias is not None:
-        shift = shift + bn_bias.to(acc)
+    if dtype == acc:  # (no rounding to carry: two autograd nodes fewer, ~40 us a chain)
+        shift = bn_bias.to(acc) if bn_bias is not None else torch.zeros_like(scale)
+    else:
+        shift = (center_q.to(acc) - center) * scale
+        if bn_bias is not None:
+            shift = shift + bn_bias.to(acc)
     if dtype != x.dtype:  # autocast casts, as stock conv does
         x = x.to(dtype)
         residual = None if residual is None else residual.to(dtype)

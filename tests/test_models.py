@@ -219,6 +219,38 @@ def test_eval_gradients_match(name, backend, monkeypatch):
         assert max_err(a, b) <= 1e-10 * max(b.abs().max().item(), 1e-30)
 
 
+def test_eval_with_autograd_keeps_the_weights_layout(monkeypatch):
+    """Eval mode: activations go channels_last for the fused kernels (cached, prepared weights),
+    except where autograd records on an NCHW model: its chains run stock's conv on the module's
+    own weights, so the activations stay as given (no weight reorder per conv and call for
+    NCHW input); a channels_last model gets channels_last activations either way."""
+    model = resnet_fused.resnet18(num_classes=10).eval()
+    x = _input((32, 32), torch.float32, channels_last=False)
+    seen = []
+    original = layers.F.conv2d
+    monkeypatch.setattr(layers.F, "conv2d", lambda inp, *a, **k: seen.append(
+        inp.is_contiguous(memory_format=torch.channels_last)) or original(inp, *a, **k))
+    with resnet_fused.backend("torch"):
+        model(x)  # grad enabled, parameters require grad: stock convs, NCHW throughout
+        assert seen and not all(seen)  # (1x1 maps are both layouts)
+        seen.clear()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        with torch.no_grad():
+            assert model._eval_wants_channels_last()
+        assert model._eval_wants_channels_last()  # (nothing records: the cached path)
+        for p in model.parameters():
+            p.requires_grad_(True)
+        assert not model._eval_wants_channels_last()
+        model(x.contiguous(memory_format=torch.channels_last))  # as given, as stock runs it
+        assert seen and all(seen)
+        seen.clear()
+        model = model.to(memory_format=torch.channels_last)
+        assert model._eval_wants_channels_last()
+        model(x)
+        assert seen and all(seen)
+
+
 def test_fuse_shares_tensors_and_matches(pair):
     name, _, theirs = pair
     tv = copy.deepcopy(theirs).eval()

@@ -229,8 +229,9 @@ class ResNet(_Scriptable):
     def _forward_fused(self, x: Tensor) -> Tensor:
         if not isinstance(x, torch.fx.Proxy) and not torch.jit.is_tracing():
             self._check_input(x)  # (captured graphs: checking the example input is moot)
-        if not self.training:  # the fused kernels want NHWC; convert once here
-            x = x.contiguous(memory_format=torch.channels_last)
+        if not self.training and (isinstance(x, torch.fx.Proxy)
+                                  or self._eval_wants_channels_last()):
+            x = x.contiguous(memory_format=torch.channels_last)  # (once here, not per chain)
         x = conv_bn(self.conv1, self.bn1, x, act=self.relu)
         x = self.maxpool(x)
         x = self._stage(self.layer1, x)
@@ -240,6 +241,20 @@ class ResNet(_Scriptable):
         x = self.avgpool(x)
         x = torch.flatten(x, 1)
         return self.fc(x)
+
+    @torch.jit.unused
+    def _eval_wants_channels_last(self) -> bool:
+        """Eval mode: the fused kernels want NHWC activations, and their weights come prepared
+        from the fold cache. Where autograd records (grad enabled, parameters that require it:
+        frozen-BN fine-tuning, or an eval forward outside no_grad), the chains run stock's conv
+        on the module's own weights instead, and channels_last activations with NCHW weights
+        would make every conv reorder its weight (and its weight's grad) per call: then they
+        stay as given, as stock's do (resnet50 batch 1 eval forward with grad enabled, NCHW
+        model: 0.89x torchvision before; benchmarks/RESULTS.md)."""
+        w = self.conv1.weight
+        if w.is_contiguous(memory_format=torch.channels_last) or not torch.is_grad_enabled():
+            return True
+        return not any(p.requires_grad for p in self.parameters())
 
     @torch.jit.unused
     def _stage(self, stage: nn.Module, x: Tensor) -> Tensor:
