@@ -229,7 +229,7 @@ class ResNet(_Scriptable):
     def _forward_fused(self, x: Tensor) -> Tensor:
         if not isinstance(x, torch.fx.Proxy) and not torch.jit.is_tracing():
             self._check_input(x)  # (captured graphs: checking the example input is moot)
-        if not self.training and (isinstance(x, torch.fx.Proxy)
+        if not self.training and (isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing()
                                   or self._eval_wants_channels_last()):
             x = x.contiguous(memory_format=torch.channels_last)  # (once here, not per chain)
         x = conv_bn(self.conv1, self.bn1, x, act=self.relu)
@@ -250,7 +250,8 @@ class ResNet(_Scriptable):
         on the module's own weights instead, and channels_last activations with NCHW weights
         would make every conv reorder its weight (and its weight's grad) per call: then they
         stay as given, as stock's do (resnet50 batch 1 eval forward with grad enabled, NCHW
-        model: 0.89x torchvision before; benchmarks/RESULTS.md)."""
+        model: 0.89x torchvision before; benchmarks/RESULTS.md). (fx and jit.trace graphs,
+        made to deploy, always convert, as before.)"""
         w = self.conv1.weight
         if w.is_contiguous(memory_format=torch.channels_last) or not torch.is_grad_enabled():
             return True
