@@ -17,7 +17,7 @@ never carry it.
 from __future__ import annotations
 
 import weakref
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Iterable, Optional, Tuple
 
 import torch
 from torch import nn
@@ -89,8 +89,9 @@ def fold_scale_shift(conv: nn.Conv2d, bn: nn.Module,
                        dtype)
 
 
-def needs_grad(tensors: Sources) -> bool:
-    """Whether autograd records a fold of these tensors now."""
+def needs_grad(tensors: Iterable[Optional[torch.Tensor]]) -> bool:
+    """Whether autograd records a fold of these tensors now (a chain's `sources`, or a whole
+    model's parameters)."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 

@@ -19,6 +19,8 @@ from torch import nn
 
 from .ops import out_hw
 
+STAGES = ("layer1", "layer2", "layer3", "layer4")  # a torchvision ResNet's stages, in order
+
 
 @dataclass
 class Layer:
@@ -93,7 +95,7 @@ def layers(model: nn.Module, input_shape: Tuple[int, int, int, int]) -> List[Lay
     out.append(stem)
     shape = _pool_out(stem.out_shape, model.maxpool)
     out.append(Layer("maxpool", "maxpool", stem.out_shape, shape, 0, modules=(model.maxpool,)))
-    for lname in ("layer1", "layer2", "layer3", "layer4"):
+    for lname in STAGES:
         for i, block in enumerate(getattr(model, lname)):
             prefix = f"{lname}.{i}"
             block_in = shape

@@ -10,7 +10,7 @@ from typing import Any, Callable, List, Optional, Type, Union
 import torch
 from torch import Tensor, nn
 
-from .. import stage_recompute
+from .. import fold as folding, stage_recompute
 from ..layers import conv_bn, observed
 from ..stage_recompute import Block, Chain
 from .weights import load_weights
@@ -252,10 +252,8 @@ class ResNet(_Scriptable):
         stay as given, as stock's do (resnet50 batch 1 eval forward with grad enabled, NCHW
         model: 0.89x torchvision before; benchmarks/RESULTS.md). (fx and jit.trace graphs,
         made to deploy, always convert, as before.)"""
-        w = self.conv1.weight
-        if w.is_contiguous(memory_format=torch.channels_last) or not torch.is_grad_enabled():
-            return True
-        return not any(p.requires_grad for p in self.parameters())
+        return (not folding.needs_grad(self.parameters())
+                or self.conv1.weight.is_contiguous(memory_format=torch.channels_last))
 
     @torch.jit.unused
     def _stage(self, stage: nn.Module, x: Tensor) -> Tensor:

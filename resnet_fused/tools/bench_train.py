@@ -35,6 +35,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from .. import extension, stage_recompute, training
+from ..walk import STAGES
 
 PROVIDERS = ("eager", "eager_cl", "compile", "fused", "fused_cl", "fused_bn", "fused_bn_cl",
              "fused_recompute", "fused_recompute_cl", "fused_save", "fused_save_cl",
@@ -43,7 +44,6 @@ LABELS = {"eager": "train eager (torchvision, NCHW)", "eager_cl": "train eager (
           "compile": "train torch.compile (channels_last)",
           "checkpoint": "train eager, checkpointed stages (NCHW)",
           "checkpoint_cl": "train eager, checkpointed stages (channels_last)"}
-STAGES = ("layer1", "layer2", "layer3", "layer4")
 
 
 class _Checkpointed(torch.nn.Module):
