@@ -244,7 +244,7 @@ def extension_build():
                       f"#define RESNET_FUSED_CUDA_VERSION \"{cuda_version}\"\n"
                       f"#define RESNET_FUSED_TORCH_VERSION \"{torch.__version__}\"\n"
                       f"#define RESNET_FUSED_CUDNN_FRONTEND \"{frontend}\"\n")
-    sources = ["csrc/resnet_fused.cpp", "csrc/autograd.cpp",
+    sources = ["csrc/resnet_fused.cpp", "csrc/autograd.cpp", "csrc/bn_eval.cpp",
                *sorted(glob.glob("csrc/cpu/*.cpp", root_dir=ROOT))]
     # -fopenmp: at::parallel_for is inline and runs serially without it. The link then needs
     # libgomp.so.1, which resolves to the one torch has loaded (one OpenMP runtime, one thread

@@ -1,12 +1,13 @@
-// Autograd for the resnet_fused ops (bn_act_train, scale_shift_act and their backward ops),
-// registered for the Autograd key in C++ (torch::autograd::Function), so a training chain pays
+// Autograd for the resnet_fused ops (bn_act_train, scale_shift_act, bn_eval_act and the backward
+// ops), registered for the Autograd key in C++ (torch::autograd::Function), so a chain pays
 // no Python autograd machinery: torch.library's Python autograd cost ~100 us of host time per
 // call and as much in the backward (benchmarks/RESULTS.md, "Host overhead of a training
 // chain"), more than stock BatchNorm + ReLU in total on small tensors. The formulas are those
 // the Python registration had (docs/design.md, "Training BatchNorm"). The backward ops are not
 // differentiable: recorded under create_graph, their node raises when a double backward
-// reaches it (scale_shift_act's create_graph runs a differentiable torch-ops formula instead).
-// Fake kernels: Python (resnet_fused/extension_ops.py).
+// reaches it (scale_shift_act's and bn_eval_act's create_graph run a differentiable torch-ops
+// formula instead). bn_eval_fold has none: bn_eval_act differentiates the fold itself.
+// Fake kernels: Python (resnet_fused/extension_ops.py); bn_eval.cpp's composites for bn_eval_*.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
@@ -64,13 +65,33 @@ at::Tensor scale_shift_act_op(const at::Tensor& x, const at::Tensor& scale,
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> scale_shift_act_backward_op(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& scale,
-    const OptTensor& out, bool relu, bool grad_residual) {
+    const OptTensor& out, bool relu, bool grad_residual, const OptTensor& center) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("resnet_fused::scale_shift_act_backward", "")
                        .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
                            const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                           const OptTensor&, bool, bool)>();
-  return op.call(grad_out, x, scale, out, relu, grad_residual);
+                           const OptTensor&, bool, bool, const OptTensor&)>();
+  return op.call(grad_out, x, scale, out, relu, grad_residual, center);
+}
+
+Fold bn_eval_fold_op(const at::Tensor& x, const OptTensor& weight, const OptTensor& bias,
+                     const at::Tensor& running_mean, const at::Tensor& running_var, double eps) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("resnet_fused::bn_eval_fold", "")
+                       .typed<Fold(const at::Tensor&, const OptTensor&, const OptTensor&,
+                                   const at::Tensor&, const at::Tensor&, double)>();
+  return op.call(x, weight, bias, running_mean, running_var, eps);
+}
+
+at::Tensor bn_eval_act_op(const at::Tensor& x, const OptTensor& weight, const OptTensor& bias,
+                          const at::Tensor& running_mean, const at::Tensor& running_var,
+                          double eps, const OptTensor& residual, bool relu) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("resnet_fused::bn_eval_act", "")
+                       .typed<at::Tensor(const at::Tensor&, const OptTensor&, const OptTensor&,
+                                         const at::Tensor&, const at::Tensor&, double,
+                                         const OptTensor&, bool)>();
+  return op.call(x, weight, bias, running_mean, running_var, eps, residual, relu);
 }
 
 // The edge index of each tensor argument that is given (torch::autograd::Function numbers only
@@ -192,19 +213,21 @@ struct ScaleShiftAct : public torch::autograd::Function<ScaleShiftAct> {
     variable_list result(6);
     const at::Tensor& grad = grads[0];
     if (!grad.defined()) return result;
-    if (x.device().is_cpu() && !center.defined() && !at::GradMode::is_enabled()) {
+    if (x.device().is_cpu() && !at::GradMode::is_enabled()) {
       // one sweep of the CPU kernel: the masked grad, grad_x and both sums together
       const at::Tensor g = grad.to(x.scalar_type()).contiguous(layout_of(x));
       at::AutoDispatchBelowADInplaceOrView below;
-      auto [grad_x, grad_scale, grad_shift, grad_res] =
-          scale_shift_act_backward_op(g, x, scale, out, relu, relu && need_res);
+      auto [grad_x, grad_scale, grad_shift, grad_res] = scale_shift_act_backward_op(
+          g, x, scale, out, relu, relu && need_res,
+          center.defined() ? OptTensor(center) : std::nullopt);
       if (need_x) result[0] = grad_x;
       if (need_scale) result[1] = grad_scale;
       if (need_shift) result[2] = grad_shift;
       if (need_res) result[3] = relu ? grad_res : g;
+      if (need_center) result[5] = -scale * grad_shift;
       return result;
     }
-    // create_graph, a center, or CUDA: the differentiable torch-ops formula
+    // create_graph or CUDA: the differentiable torch-ops formula
     at::Tensor g = grad.to(scale.scalar_type());
     if (relu) g = at::where(out <= 0, at::zeros({}, g.options()), g);
     const at::Tensor per_channel_scale = scale.view({1, -1, 1, 1});
@@ -233,6 +256,93 @@ at::Tensor scale_shift_act_autograd(const at::Tensor& x, const at::Tensor& scale
     return scale_shift_act_op(x, scale, shift, residual, relu, center);
   }
   return ScaleShiftAct::apply(x, scale, shift, residual, relu, center);
+}
+
+// ---- bn_eval_act -------------------------------------------------------------------------------
+// The fold (bn_eval_fold: a loop on CPU) then scale_shift_act centred on the running mean (so
+// the weight's grad is a sum of centred products, as stock's), one node for autograd.
+at::Tensor like(const at::Tensor& grad, const OptTensor& param) {
+  return given(param) ? grad.to(param->scalar_type()) : grad;
+}
+
+struct BnEvalAct : public torch::autograd::Function<BnEvalAct> {
+  // args: x, weight, bias, running_mean, running_var, eps, residual, relu
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const OptTensor& weight,
+                            const OptTensor& bias, const at::Tensor& running_mean,
+                            const at::Tensor& running_var, double eps,
+                            const OptTensor& residual, bool relu) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    auto [inv_std, scale, shift, center] =
+        bn_eval_fold_op(x, weight, bias, running_mean, running_var, eps);
+    at::Tensor out = scale_shift_act_op(x, scale, shift, residual, relu, center);
+    ctx->saved_data["relu"] = relu;
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["bias_dtype"] = static_cast<int64_t>(
+        given(bias) ? bias->scalar_type() : shift.scalar_type());
+    ctx->saved_data["edges"] = edge_indices({true, given(weight), given(bias), true, true, false,
+                                             given(residual), false});
+    ctx->save_for_backward({x, weight.value_or(at::Tensor()), running_mean, running_var,
+                            relu ? out : at::Tensor(), inv_std, scale, center});
+    ctx->set_materialize_grads(false);
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &weight = saved[1], &mean = saved[2], &var = saved[3],
+                     &out = saved[4];
+    const bool relu = ctx->saved_data["relu"].toBool();
+    const auto edges = ctx->saved_data["edges"].toIntVector();
+    const bool need_x = needs(ctx, edges, 0), need_w = needs(ctx, edges, 1),
+               need_b = needs(ctx, edges, 2), need_mean = needs(ctx, edges, 3),
+               need_var = needs(ctx, edges, 4), need_res = needs(ctx, edges, 6);
+    variable_list result(8);
+    const at::Tensor& grad = grads[0];
+    if (!grad.defined()) return result;
+    const OptTensor w = weight.defined() ? OptTensor(weight) : std::nullopt;
+    at::Tensor inv_std, scale, center, g, g_shift, g_scale;  // g_scale: sum g * (x - mean)
+    if (x.device().is_cpu() && !at::GradMode::is_enabled()) {
+      // one sweep of the CPU kernel: the masked grad, grad_x and both sums together
+      inv_std = saved[5], scale = saved[6], center = saved[7];
+      g = grad.to(x.scalar_type()).contiguous(layout_of(x));
+      at::AutoDispatchBelowADInplaceOrView below;
+      at::Tensor grad_x, grad_res;
+      std::tie(grad_x, g_scale, g_shift, grad_res) =
+          scale_shift_act_backward_op(g, x, scale, out, relu, relu && need_res, center);
+      if (need_x) result[0] = grad_x;
+      if (need_res) result[6] = relu ? grad_res : g;
+    } else {
+      // create_graph or CUDA: the differentiable torch-ops formula, the fold redone from the
+      // saved inputs so that it is differentiated too
+      std::tie(inv_std, scale, std::ignore, center) = bn_eval_fold_torch(
+          x, w, std::nullopt, mean, var, ctx->saved_data["eps"].toDouble());
+      g = grad.to(scale.scalar_type());
+      if (relu) g = at::where(out <= 0, at::zeros({}, g.options()), g);
+      if (need_x) result[0] = (g * scale.view({1, -1, 1, 1})).to(x.scalar_type());
+      if (need_res) result[6] = g.to(x.scalar_type());
+      if (need_b || need_mean) g_shift = g.sum({0, 2, 3});
+      if (need_w || need_var)
+        g_scale = (g * (x.to(g.scalar_type()) - center.view({1, -1, 1, 1}))).sum({0, 2, 3});
+    }
+    if (need_w) result[1] = like(g_scale * inv_std, w);
+    if (need_b) result[2] = g_shift.to(c10::ScalarType(ctx->saved_data["bias_dtype"].toInt()));
+    if (need_mean) result[3] = (-scale * g_shift).to(mean.scalar_type());
+    if (need_var) result[4] = (g_scale * scale * inv_std * inv_std * -0.5).to(var.scalar_type());
+    return result;
+  }
+};
+
+at::Tensor bn_eval_act_autograd(const at::Tensor& x, const OptTensor& weight,
+                                const OptTensor& bias, const at::Tensor& running_mean,
+                                const at::Tensor& running_var, double eps,
+                                const OptTensor& residual, bool relu) {
+  if (!at::GradMode::is_enabled() ||
+      !(x.requires_grad() || requires_grad(weight) || requires_grad(bias) ||
+        running_mean.requires_grad() || running_var.requires_grad() || requires_grad(residual))) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    return bn_eval_act_op(x, weight, bias, running_mean, running_var, eps, residual, relu);
+  }
+  return BnEvalAct::apply(x, weight, bias, running_mean, running_var, eps, residual, relu);
 }
 
 // ---- the backward ops: recorded only under create_graph, where their own backward is an error --
@@ -280,15 +390,15 @@ Grads bn_act_train_backward_autograd(const at::Tensor& grad_out, const at::Tenso
 
 Grads scale_shift_act_backward_autograd(const at::Tensor& grad_out, const at::Tensor& x,
                                         const at::Tensor& scale, const OptTensor& out, bool relu,
-                                        bool grad_residual) {
+                                        bool grad_residual, const OptTensor& center) {
   if (!at::GradMode::is_enabled() ||
       !(grad_out.requires_grad() || x.requires_grad() || scale.requires_grad() ||
-        requires_grad(out))) {
+        requires_grad(out) || requires_grad(center))) {
     at::AutoDispatchBelowADInplaceOrView below;
-    return scale_shift_act_backward_op(grad_out, x, scale, out, relu, grad_residual);
+    return scale_shift_act_backward_op(grad_out, x, scale, out, relu, grad_residual, center);
   }
   auto r = NotDifferentiable<kSsaBackwardOnly>::apply(&scale_shift_act_backward_op, grad_out, x,
-                                                      scale, out, relu, grad_residual);
+                                                      scale, out, relu, grad_residual, center);
   return {r[0], r[1], r[2], r[3]};
 }
 
@@ -300,4 +410,6 @@ TORCH_LIBRARY_IMPL(resnet_fused, Autograd, m) {
   m.impl("bn_act_train_backward", &resnet_fused::bn_act_train_backward_autograd);
   m.impl("scale_shift_act", &resnet_fused::scale_shift_act_autograd);
   m.impl("scale_shift_act_backward", &resnet_fused::scale_shift_act_backward_autograd);
+  m.impl("bn_eval_act", &resnet_fused::bn_eval_act_autograd);
 }
+

@@ -89,7 +89,8 @@ inline Shape check_scale_shift_act(const at::Tensor& x, const at::Tensor& scale,
 
 inline Shape check_scale_shift_act_backward(const at::Tensor& grad_out, const at::Tensor& x,
                                             const at::Tensor& scale,
-                                            const std::optional<at::Tensor>& out, bool relu) {
+                                            const std::optional<at::Tensor>& out, bool relu,
+                                            const std::optional<at::Tensor>& center) {
   constexpr const char* op = "scale_shift_act_backward";
   const Layout l = check_activation(x, op, "x");
   check_like_x(grad_out, "grad_out", x, l, op);
@@ -99,9 +100,31 @@ inline Shape check_scale_shift_act_backward(const at::Tensor& grad_out, const at
                 ": expected the forward output `out` (for the ReLU mask) when relu=True, got None");
     check_like_x(*out, "out", x, l, op);
   }
+  if (center.has_value() && center->defined())
+    check_channel_vector(*center, "center", x.size(1), x, opmath_type(x.scalar_type()), op);
   return shape_of(x, l);
 }
 
 inline bool given(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+// bn_eval_fold / bn_eval_act: x an activation, BN's tensors per-channel vectors of one dtype
+// (x's, or Float for Half/BFloat16 x). Returns the layout of x.
+inline Shape check_bn_eval(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                           const std::optional<at::Tensor>& bias, const at::Tensor& running_mean,
+                           const at::Tensor& running_var, const char* op) {
+  const Layout l = check_activation(x, op, "x");
+  const std::optional<at::Tensor> mean(running_mean), var(running_var);
+  check_bn_params({{&weight, "weight"}, {&bias, "bias"}, {&mean, "running_mean"},
+                   {&var, "running_var"}}, x, op);
+  return shape_of(x, l);
+}
+
+// BN's eval fold in x's arithmetic dtype (fp32; fp64 for fp64 x), with torch ops (recorded by
+// autograd where it records; bn_eval.cpp): (inv_std, scale = weight * inv_std, shift = bias,
+// center = running_mean), inv_std = 1 / sqrt(running_var + eps).
+using Fold = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+Fold bn_eval_fold_torch(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                        const std::optional<at::Tensor>& bias, const at::Tensor& running_mean,
+                        const at::Tensor& running_var, double eps);
 
 }  // namespace resnet_fused

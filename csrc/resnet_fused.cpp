@@ -1,5 +1,6 @@
 // The resnet_fused operator library: every schema is declared once, here.
-// Implementations: cpu/bn_act.cpp (CPU) and cuda/bn_act.cu (CUDA, when built with nvcc).
+// Implementations: cpu/bn_act.cpp (CPU) and cuda/bn_act.cu (CUDA, when built with nvcc);
+// bn_eval.cpp: bn_eval_act and bn_eval_fold for every device, from the other ops.
 // Autograd: autograd.cpp. Fake (meta) kernels: in Python, resnet_fused/extension_ops.py.
 //
 // This file is also the Python module `resnet_fused._C`: importing it loads the library (which
@@ -51,11 +52,24 @@ TORCH_LIBRARY(resnet_fused, m) {
   m.def("scale_shift_act(Tensor x, Tensor scale, Tensor shift, Tensor? residual, bool relu, "
         "Tensor? center=None) -> Tensor");
   // Its backward (CPU): with g the grad below the ReLU (zero where out <= 0), grad_x = g * scale,
-  // grad_scale = sum g * x, grad_shift = sum g per channel (fp32, fp64 for fp64 x) and the
-  // residual's grad g (written only when relu and grad_residual, else empty).
+  // grad_scale = sum g * (x - center), grad_shift = sum g per channel (fp32, fp64 for fp64 x)
+  // and the residual's grad g (written only when relu and grad_residual, else empty).
   m.def("scale_shift_act_backward(Tensor grad_out, Tensor x, Tensor scale, Tensor? out, bool relu, "
-        "bool grad_residual) -> (Tensor grad_x, Tensor grad_scale, Tensor grad_shift, "
-        "Tensor grad_residual)");
+        "bool grad_residual, Tensor? center=None) -> (Tensor grad_x, Tensor grad_scale, "
+        "Tensor grad_shift, Tensor grad_residual)");
+  // Eval-mode BatchNorm (frozen statistics) (+ residual) (+ ReLU) from BN's own tensors, as
+  // stock's batch_norm(training=False) takes them: relu?((x - running_mean) * weight /
+  // sqrt(running_var + eps) + bias + residual). scale_shift_act with the fold done inside, so
+  // autograd records one node (every input differentiable, as in stock's batch_norm).
+  m.def("bn_eval_act(Tensor x, Tensor? weight, Tensor? bias, Tensor running_mean, "
+        "Tensor running_var, float eps, Tensor? residual, bool relu) -> Tensor");
+  // Its fold, per channel in x's arithmetic dtype: inv_std = 1 / sqrt(running_var + eps),
+  // scale = weight * inv_std, shift = bias (0 when None), center = running_mean. Not
+  // differentiable (bn_eval_act's autograd differentiates the fold itself). A CPU kernel (one
+  // loop: four torch ops cost ~10 us of host time per chain) and torch ops elsewhere.
+  m.def("bn_eval_fold(Tensor x, Tensor? weight, Tensor? bias, Tensor running_mean, "
+        "Tensor running_var, float eps) -> (Tensor inv_std, Tensor scale, Tensor shift, "
+        "Tensor center)");
   // One conv -> scale -> shift (-> + residual) (-> ReLU) chain as ONE cuDNN kernel (the graph
   // API's runtime fusion; fp32 pointwise math on the accumulator): NHWC fp16/bf16 x, weight and
   // residual, fp32 scale/shift, channels_last output in x's dtype; groups 1. CUDA only, in builds
@@ -69,8 +83,9 @@ TORCH_LIBRARY(resnet_fused, m) {
 }
 
 // What the Python package checks before it uses the library (resnet_fused/extension.py,
-// OPS_VERSION): bump it when the ops' split between C++ and Python changes. 2: autograd in C++.
-constexpr long kOpsVersion = 2;
+// OPS_VERSION): bump it when the ops or their split between C++ and Python change. 2: autograd
+// in C++. 3: bn_eval_act and bn_eval_fold, scale_shift_act_backward's center.
+constexpr long kOpsVersion = 3;
 
 extern "C" PyObject* PyInit__C(void) {
   static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C",

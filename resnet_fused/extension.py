@@ -22,7 +22,7 @@ import torch
 DISABLE_ENV = "RESNET_FUSED_DISABLE_EXT"
 # What this package expects of the library (its `ops_version`, csrc/resnet_fused.cpp); 2: the
 # ops' autograd is C++. An older build would run the ops with no autograd at all: refused.
-OPS_VERSION = 2
+OPS_VERSION = 3
 _BUILD_HINT = ("build it with `make install` (or `pip install --no-build-isolation --no-deps -e .`"
                " with torch installed)")
 

@@ -13,9 +13,13 @@ Schemas (csrc/resnet_fused.cpp):
       -> relu?((x - center) * scale + shift + residual): the conv epilogue (center None), and
          bn_act_train's output again from its save_mean, scale and shift (bit for bit)
   resnet_fused::scale_shift_act_backward(...)  its backward (CPU kernel; torch ops elsewhere)
+  resnet_fused::bn_eval_act(x, weight?, bias?, running_mean, running_var, eps, residual?, relu)
+      -> eval-mode BatchNorm2d (+ residual) (+ ReLU) from BN's own tensors: scale_shift_act
+         with the fold inside, so autograd records one node (layers.grad_chain)
 
 Autograd is C++ (csrc/autograd.cpp: no Python per call; a double backward through
-bn_act_train raises, scale_shift_act's create_graph runs a differentiable formula); the fake
+bn_act_train raises, scale_shift_act's and bn_eval_act's create_graph run a differentiable
+formula); bn_eval_act's forward is C++ for every device (fake tensors too); the other fake
 kernels are registered here when the library loads (extension.on_load, below). Callers use the
 wrappers (never torch.ops.resnet_fused.* directly), which import this.
 """
@@ -65,6 +69,16 @@ def scale_shift_act(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
     return torch.ops.resnet_fused.scale_shift_act(x, scale, shift, residual, bool(relu), center)
 
 
+def bn_eval_act(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                running_mean: torch.Tensor, running_var: torch.Tensor, eps: float,
+                residual: Optional[torch.Tensor] = None, relu: bool = True) -> torch.Tensor:
+    """relu?(batch_norm(x, running_mean, running_var, weight, bias, training=False, eps=eps) +
+    residual) in one pass, output in x's layout (its parameters' dtype: x's, or fp32 for
+    fp16/bf16 x)."""
+    return torch.ops.resnet_fused.bn_eval_act(x, weight, bias, running_mean, running_var,
+                                              float(eps), residual, bool(relu))
+
+
 def memory_format(x: torch.Tensor) -> torch.memory_format:
     """The layout the kernels use for x (and write their outputs in): NCHW when x is
     contiguous (also when it is both), else channels_last."""
@@ -98,7 +112,7 @@ def _fake_bn_act_train_backward(grad_out, x, weight, out, save_mean, save_invstd
     return _fake_grads(x, relu, grad_residual)
 
 
-def _fake_scale_shift_act_backward(grad_out, x, scale, out, relu, grad_residual):
+def _fake_scale_shift_act_backward(grad_out, x, scale, out, relu, grad_residual, center=None):
     return _fake_grads(x, relu, grad_residual)
 
 

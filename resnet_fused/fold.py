@@ -59,7 +59,7 @@ def bn_affine(conv_bias: Optional[torch.Tensor], bn_weight: Optional[torch.Tenso
               running_mean: torch.Tensor, running_var: torch.Tensor, eps: float,
               acc: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
     """(scale, center) in `acc` with bn(conv(x) + conv_bias) = (conv(x) - center) * scale +
-    bn.bias: the one formula (scale_shift, and layers.grad_chain's centred form, use it)."""
+    bn.bias: the one formula of the fold cache (the extension's bn_eval_fold is its C++ twin)."""
     inv_std = torch.rsqrt(running_var.to(acc) + eps)
     scale = inv_std if bn_weight is None else bn_weight.to(acc) * inv_std
     center = running_mean.to(acc)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import backends, extension, extension_ops, fold as folding
-from .ops import apply, check_inputs, empty_output, epilogue_dtype, out_hw, run
+from .ops import apply, check_inputs, empty_output, out_hw, run
 from .training import bn_tail, train_chain
 
 
@@ -182,34 +182,23 @@ def conv_bn(conv: nn.Module, bn: nn.Module, x: torch.Tensor,
 def grad_chain(conv: nn.Conv2d, x: torch.Tensor, tensors: folding.Sources, eps: float,
                residual: Optional[torch.Tensor], relu: bool, dtype: torch.dtype) -> torch.Tensor:
     """An eval-mode chain whose parameters require grad (fine-tuning with frozen BatchNorm
-    statistics, as detection backbones do): stock's conv, whose backward gives both of its grads
-    in one call, then BN + residual + ReLU as one epilogue op whose backward is one sweep
-    (extension; stock ops without it). The fused conv op would recompute the conv in its
-    backward for the BN weight's grad.
-
-    The conv's bias add subtracts the running mean, so the epilogue sees y - mean and the BN
-    weight's grad is sum(g * (y - mean)) * invstd as stock computes it, not the difference of
-    two large sums. Everything is differentiable: autograd does the rest."""
+    statistics, as detection backbones do; also any eval forward outside torch.no_grad()):
+    stock's conv, whose backward gives both of its grads in one call, then BN (+ residual) (+
+    ReLU) as one op, `bn_eval_act`, with one autograd node and a one-sweep backward (extension;
+    stock's ops without it). The fused conv op would recompute the conv in its backward for the
+    BN weight's grad; a fold in Python would record its own small ops per call."""
     weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, _ = tensors
-    acc = epilogue_dtype(dtype)
-    scale, center = folding.bn_affine(conv_bias, bn_weight, running_mean, running_var, eps, acc)
-    center_q = center.to(dtype)  # what the conv adds, in its dtype; shift carries the rounding
-    if dtype == acc:  # (no rounding to carry: two autograd nodes fewer, ~40 us a chain)
-        shift = bn_bias.to(acc) if bn_bias is not None else torch.zeros_like(scale)
-    else:
-        shift = (center_q.to(acc) - center) * scale
-        if bn_bias is not None:
-            shift = shift + bn_bias.to(acc)
     if dtype != x.dtype:  # autocast casts, as stock conv does
         x = x.to(dtype)
+        weight, conv_bias = weight.to(dtype), None if conv_bias is None else conv_bias.to(dtype)
         residual = None if residual is None else residual.to(dtype)
-    y = F.conv2d(x, weight.to(dtype), -center_q, conv.stride, conv.padding, conv.dilation,
-                 conv.groups)
+    y = F.conv2d(x, weight, conv_bias, conv.stride, conv.padding, conv.dilation, conv.groups)
     if extension.unavailable_reason(y.device) is None:
         if residual is not None:
             residual = residual.contiguous(memory_format=extension_ops.memory_format(y))
-        return extension_ops.scale_shift_act(y, scale, shift, residual, relu)
-    out = torch.addcmul(shift.view(1, -1, 1, 1), y, scale.view(1, -1, 1, 1)).to(y.dtype)
+        return extension_ops.bn_eval_act(y, bn_weight, bn_bias, running_mean, running_var, eps,
+                                         residual, relu)
+    out = F.batch_norm(y, running_mean, running_var, bn_weight, bn_bias, False, 0.0, eps)
     if residual is not None:
         out = out + residual
     return torch.relu(out) if relu else out

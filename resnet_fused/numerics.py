@@ -6,7 +6,10 @@
 ATOL only has to cover the case where stock happens to be (nearly) exact: a few rounding steps of
 the dtype at the output's magnitude: 2^-10 * 4 for fp16, 2^-7 * 4 for bf16, 2^-23 * 4 for fp32.
 Non-finite elements are compared apart: the fused result must be NaN/Inf exactly where the
-reference is (stock PyTorch propagates NaN through conv, BatchNorm, add and ReLU).
+reference is (stock PyTorch propagates NaN through conv, BatchNorm, add and ReLU), or exactly
+where stock's same-dtype result is, where stock's own pattern departs from float64's (oneDNN's
+bf16 convolution on an AMD EPYC turns an Inf input into NaN where float64 keeps the Inf): the
+package's promise is stock's behaviour.
 """
 from __future__ import annotations
 
@@ -32,16 +35,9 @@ def _max_err_where_finite(a: torch.Tensor, ref: torch.Tensor) -> float:
     return max_err(a[finite], ref[finite]) if bool(finite.any()) else 0.0
 
 
-def rule_violation(fused: torch.Tensor, stock: Union[None, torch.Tensor, Sequence[torch.Tensor]],
-                   ref64: torch.Tensor, dtype: torch.dtype, factor: float = 2.0) -> Optional[str]:
-    """None when `fused` satisfies the rule, else a sentence saying how it fails.
-
-    `stock` is one tensor, several (the largest error counts: stock's two layouts round
-    differently) or None when no stock same-dtype result exists."""
-    if fused.shape != ref64.shape:
-        return f"shape {tuple(fused.shape)}, expected {tuple(ref64.shape)}"
+def _pattern_problems(fused64: torch.Tensor, ref64: torch.Tensor) -> list:
+    """How the NaN/Inf elements of `fused64` depart from the reference's (empty: they do not)."""
     problems = []
-    fused64 = fused.to(torch.float64)
     nan_f, nan_r = torch.isnan(fused64), torch.isnan(ref64)
     if not torch.equal(nan_f, nan_r):
         problems.append(f"NaN pattern differs from the reference: {int(nan_f.sum())} NaN, "
@@ -53,9 +49,32 @@ def rule_violation(fused: torch.Tensor, stock: Union[None, torch.Tensor, Sequenc
     if not torch.equal(both, torch.isfinite(ref64)):
         problems.append(f"{int((torch.isfinite(ref64) & ~both).sum())} non-finite elements where "
                         f"the reference is finite")
+    return problems
+
+
+def _same_pattern(fused64: torch.Tensor, stock: torch.Tensor) -> bool:
+    """NaN, +Inf and -Inf exactly where `stock` has them."""
+    stock64 = stock.to(torch.float64)
+    return (fused64.shape == stock64.shape
+            and all(torch.equal(f(fused64), f(stock64))
+                    for f in (torch.isnan, torch.isposinf, torch.isneginf)))
+
+
+def rule_violation(fused: torch.Tensor, stock: Union[None, torch.Tensor, Sequence[torch.Tensor]],
+                   ref64: torch.Tensor, dtype: torch.dtype, factor: float = 2.0) -> Optional[str]:
+    """None when `fused` satisfies the rule, else a sentence saying how it fails.
+
+    `stock` is one tensor, several (the largest error counts: stock's two layouts round
+    differently) or None when no stock same-dtype result exists."""
+    if fused.shape != ref64.shape:
+        return f"shape {tuple(fused.shape)}, expected {tuple(ref64.shape)}"
+    fused64 = fused.to(torch.float64)
+    stocks = [] if stock is None else [stock] if isinstance(stock, torch.Tensor) else list(stock)
+    problems = _pattern_problems(fused64, ref64)
+    if problems and any(_same_pattern(fused64, s) for s in stocks):
+        problems = []  # stock's own pattern, where it departs from float64's
     # The error on the elements both got finite (the non-finite ones are judged above).
     err = _max_err_where_finite(fused64, ref64)
-    stocks = [] if stock is None else [stock] if isinstance(stock, torch.Tensor) else list(stock)
     stock_err = max([_max_err_where_finite(s.to(torch.float64), ref64) for s in stocks],
                     default=0.0)
     finite_ref = ref64[torch.isfinite(ref64)]

@@ -95,3 +95,17 @@ def test_rule_judges_nan_pattern_and_ignores_stock_nan_elsewhere():
     assert rule_violation(good, spread, ref, torch.float32) is None
     off = torch.tensor([1.01, float("nan"), 3.0])
     assert "err" in rule_violation(off, good, ref, torch.float32)
+
+
+def test_rule_takes_stocks_own_nonfinite_pattern():
+    """Where stock's pattern departs from float64's (oneDNN's bf16 conv on an AMD EPYC turns an
+    Inf input into NaN), exactly stock's pattern passes too; anything else still fails."""
+    ref = torch.tensor([float("inf"), 2.0, 3.0], dtype=torch.float64)
+    stock = torch.tensor([float("nan"), 2.0, 3.0])
+    assert rule_violation(stock.clone(), stock, ref, torch.float32) is None
+    assert rule_violation(ref.float(), stock, ref, torch.float32) is None  # float64's pattern
+    spread = torch.tensor([float("nan"), float("nan"), 3.0])
+    assert "NaN pattern" in rule_violation(spread, stock, ref, torch.float32)
+    assert "NaN pattern" in rule_violation(stock.clone(), None, ref, torch.float32)
+    off = torch.tensor([float("nan"), 2.5, 3.0])
+    assert "err" in rule_violation(off, stock, ref, torch.float32)

@@ -1,6 +1,6 @@
-"""The compiled extension (csrc/): the build itself, bn_act_train (+ backward) and scale_shift_act
-against float64 references on odd shapes and both layouts, gradcheck, opcheck, bad input, and the
-package without the extension."""
+"""The compiled extension (csrc/): the build itself, bn_act_train (+ backward), scale_shift_act
+and bn_eval_act against float64 references on odd shapes and both layouts, gradcheck, opcheck,
+bad input, and the package without the extension."""
 from __future__ import annotations
 
 import os
@@ -350,6 +350,59 @@ def test_scale_shift_act_matches_float64(device, shape, fmt, dtype, residual, re
                 raise AssertionError(f"{name}: {e}") from None
 
 
+# ---- bn_eval_act (eval-mode BN + residual + ReLU from BN's own tensors) --------------------------
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", SHAPES[:4])
+@pytest.mark.parametrize("fmt", LAYOUTS, ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("residual,relu,affine", [(True, True, True), (False, True, True),
+                                                  (False, False, False)])
+def test_bn_eval_act_matches_float64(device, shape, fmt, dtype, residual, relu, affine):
+    """Against F.batch_norm(training=False) (+ residual) (+ ReLU) in float64 and in the same dtype,
+    forward and every grad (x, weight, bias, residual, and the running statistics, which stock
+    cannot differentiate: their float64 reference is the formula's autograd)."""
+    x, w, b, res, rm, rv = _bn_inputs(shape, dtype, _acc(dtype), residual, device, seed=9)
+    x, res = _fmt(x, fmt), _fmt(res, fmt)
+    w, b = (w, b) if affine else (None, None)
+    leaves = [t.requires_grad_() for t in (x, w, b, res, rm, rv) if t is not None]
+    out = ops.bn_eval_act(x, w, b, rm, rv, 1e-5, res, relu)
+
+    def formula(x, w, b, res, rm, rv):
+        v = lambda t: t.view(1, -1, 1, 1)  # noqa: E731
+        y = (x - v(rm)) * v(torch.rsqrt(rv + 1e-5))
+        y = y * v(w) + v(b) if w is not None else y
+        y = y + res if res is not None else y
+        return torch.relu(y) if relu else y
+    doubles = _double(x, w, b, res, rm, rv)
+    ref = formula(*doubles)
+    stock = F.batch_norm(x, rm.detach(), rv.detach(), w, b, False, 0.0, 1e-5)
+    stock = stock + res if residual else stock
+    stock = torch.relu(stock) if relu else stock
+    assert out.dtype == dtype and out.shape == x.shape
+    assert out.is_contiguous(memory_format=fmt)
+    grad = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(device, dtype)
+    grad = grad.contiguous(memory_format=fmt)
+    got = torch.autograd.grad(out, leaves, grad)
+    want = torch.autograd.grad(ref, [t for t in doubles if t is not None], grad.double())
+    stock_grads = list(torch.autograd.grad(stock, [t for t in (x, w, b, res) if t is not None],
+                                           grad)) + [None, None]
+    names = [n for n, t in zip(("x", "weight", "bias", "residual", "running_mean",
+                                "running_var"), (x, w, b, res, rm, rv)) if t is not None]
+    pairs = [("out", out, stock, ref)] + [
+        (f"grad {n}", g, s, r) for n, g, s, r in zip(names, got, stock_grads, want)]
+    for name, fused, stock_t, ref_t in pairs:
+        if dtype == torch.float64:
+            assert max_err(fused, ref_t) <= 1e-12 * max(1.0, ref_t.abs().max().item()), name
+        elif stock_t is None:  # running statistics' grads: fp32 sums, no stock to compare
+            assert max_err(fused, ref_t) <= 1e-4 * max(1.0, ref_t.abs().max().item()), name
+        else:
+            try:  # the per-channel grads are fp32 sums
+                assert_within_rule(fused, stock_t, ref_t,
+                                   torch.float32 if fused.dtype == torch.float32 else dtype)
+            except AssertionError as e:
+                raise AssertionError(f"{name}: {e}") from None
+
+
 @CUDA_KERNELS
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("fmt", LAYOUTS, ids=["nchw", "nhwc"])
@@ -482,6 +535,39 @@ def test_opcheck_scale_shift_act_backward(fmt):
         torch.library.opcheck(ops.scale_shift_act_backward.default,
                               (g, x, torch.rand(5, generator=gen), out if relu else None, relu,
                                grad_res))
+    torch.library.opcheck(ops.scale_shift_act_backward.default,
+                          (g, x, torch.rand(5, generator=gen), out, True, True,
+                           torch.randn(5, generator=gen)))
+
+
+@pytest.mark.parametrize("fmt", LAYOUTS, ids=["nchw", "nhwc"])
+def test_opcheck_bn_eval_act(fmt):
+    x, w, b, res, rm, rv = _bn_inputs((2, 5, 3, 3), torch.float32, torch.float32, True)
+    x, res = _fmt(x, fmt), _fmt(res, fmt)
+    torch.library.opcheck(ops.bn_eval_act.default,
+                          (x.requires_grad_(), w.requires_grad_(), b.requires_grad_(), rm, rv,
+                           1e-5, res.requires_grad_(), True))
+    torch.library.opcheck(ops.bn_eval_act.default,
+                          (x.detach().to(torch.bfloat16), None, None, rm, rv, 1e-3, None, False))
+    for args in ((x.detach(), w.detach(), None, rm, rv, 1e-5),
+                 (x.detach().double(), None, b.detach().double(), rm.double(), rv.double(), 0.1)):
+        torch.library.opcheck(ops.bn_eval_fold.default, args)
+
+
+@pytest.mark.parametrize("fmt", LAYOUTS, ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("residual,relu,affine", [(True, True, True), (False, False, False)])
+def test_gradcheck_bn_eval_act(fmt, residual, relu, affine):
+    """First and second derivatives (create_graph runs the differentiable formula), the running
+    statistics included."""
+    x, w, b, res, rm, rv = _bn_inputs((2, 3, 2, 3), torch.float64, torch.float64, residual)
+    x, res = _fmt(x, fmt), _fmt(res, fmt)
+    w, b = (w, b) if affine else (None, None)
+    inputs = [t.requires_grad_() if t is not None else None for t in (x, w, b, rm, rv, res)]
+
+    def f(x, w, b, rm, rv, res):
+        return ops.bn_eval_act(x, w, b, rm, rv, 1e-5, res, relu)
+    assert torch.autograd.gradcheck(f, inputs)
+    assert torch.autograd.gradgradcheck(f, inputs)
 
 
 def test_bn_act_train_under_torch_compile():
@@ -557,6 +643,45 @@ def test_backward_and_epilogue_bad_input():
         ssa(x, w, torch.zeros(8)[::2], None, True)
     with pytest.raises(RuntimeError, match=r"expected center of shape \[4\] .* got \[3\]"):
         ssa(x, w, b, None, True, torch.zeros(3))
+    sab = ops.scale_shift_act_backward
+    with pytest.raises(RuntimeError, match=r"scale_shift_act_backward: expected center of dtype "
+                                           r"Float for Float x, got Double"):
+        sab(g, x, w, out, True, False, rm.double())
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(x=torch.zeros(2, 4, 3)), r"expected x of shape \(N, C, H, W\) \(4-D\), got a 3-D"),
+    (dict(weight=torch.ones(3)), r"expected weight of shape \[4\] .* got \[3\]"),
+    (dict(running_var=torch.ones(4, dtype=torch.float64)),
+     r"expected running_var of dtype Float \(the dtype of weight\), got Double"),
+    (dict(running_mean=torch.zeros(8)[::2]), r"expected running_mean contiguous, got strides"),
+    (dict(residual=torch.zeros(2, 4, 3, 2)), r"expected residual of shape \[2, 4, 3, 3\]"),
+])
+def test_bn_eval_act_bad_input(change, message):
+    """Both the op and its fold name what they expected and what came (CPU fold loop, and the
+    torch-ops composite under fake tensors would run the same checks)."""
+    x, w, b, res, rm, rv = _bn_inputs((2, 4, 3, 3), torch.float32, torch.float32, True)
+    args = {**dict(x=x, weight=w, bias=b, running_mean=rm, running_var=rv, residual=res),
+            **change}
+    with pytest.raises(RuntimeError, match=message):
+        ops.bn_eval_act(args["x"], args["weight"], args["bias"], args["running_mean"],
+                        args["running_var"], 1e-5, args["residual"], True)
+
+
+def test_bn_eval_act_half_parameters():
+    """A model made .half() (fp16 parameters and statistics with fp16 x) folds in fp32 exactly as
+    the call with those values in fp32 parameters does; the fold is 1 / sqrt(var + eps) in fp32
+    (within 1 ulp of float64 after each rounding: 2 roundings here)."""
+    x, w, b, _, rm, rv = _bn_inputs((2, 5, 3, 4), torch.float16, torch.float16, False)
+    half = ops.bn_eval_act(x, w, b, rm, rv, 1e-5, None, True)
+    full = ops.bn_eval_act(x, w.float(), b.float(), rm.float(), rv.float(), 1e-5, None, True)
+    assert torch.equal(half, full)
+    inv, scale, shift, center = ops.bn_eval_fold(x, w, b, rm, rv, 1e-5)
+    assert inv.dtype == scale.dtype == shift.dtype == center.dtype == torch.float32
+    want = 1 / torch.sqrt(rv.double() + 1e-5)
+    assert ((inv.double() - want).abs() <= 2 * 2.0 ** -23 * want).all()
+    assert torch.equal(scale, w.float() * inv) and torch.equal(center, rm.float())
+    assert torch.equal(shift, b.float())
 
 
 @CUDA_KERNELS

@@ -197,8 +197,8 @@ def test_train_parity_momentum_none_channels_last():
 @pytest.mark.parametrize("name", ["resnet18", "resnext50_32x4d"])
 def test_eval_gradients_match(name, backend, monkeypatch):
     """Eval mode with autograd on (frozen-BN fine-tuning) vs torchvision, fp64. `auto` runs
-    stock's modules for fp64; an explicit backend runs layers.grad_chain (conv with the running
-    mean in its bias, then scale_shift_act and its backward kernel)."""
+    stock's modules for fp64; an explicit backend runs layers.grad_chain (stock's conv, then
+    bn_eval_act and its backward kernel)."""
     ours, theirs = build_pair(name, num_classes=10)
     for m in (ours, theirs):
         randomize_bn(m, seed=7)

@@ -1,6 +1,6 @@
-// CPU launchers: bn_act_train and scale_shift_act, each with its backward. Inputs are checked (ops.h),
-// outputs allocated, and the element loops run from the kernel table for this CPU
-// (kernels.h: compiled per instruction set, picked once).
+// CPU launchers: bn_act_train and scale_shift_act, each with its backward, and bn_eval_fold's
+// loop. Inputs are checked (ops.h), outputs allocated, and the element loops run from the
+// kernel table for this CPU (kernels.h: compiled per instruction set, picked once).
 #include "kernels.h"
 
 #include <torch/library.h>
@@ -90,14 +90,44 @@ at::Tensor scale_shift_act_cpu(const at::Tensor& x, const at::Tensor& scale,
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> scale_shift_act_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& scale,
-    const std::optional<at::Tensor>& out, bool relu, bool grad_residual) {
-  const Shape s = check_scale_shift_act_backward(grad_out, x, scale, out, relu);
+    const std::optional<at::Tensor>& out, bool relu, bool grad_residual,
+    const std::optional<at::Tensor>& center) {
+  const Shape s = check_scale_shift_act_backward(grad_out, x, scale, out, relu, center);
   auto [grad_x, grad_scale, grad_shift, grad_res] =
       backward_outputs(x, s, relu && grad_residual);
   if (s.numel() == 0) return {grad_x, grad_scale, grad_shift, grad_res};
-  cpu::kernels().scale_shift_act_backward(s, grad_out, x, scale, out, relu, grad_x, grad_scale,
-                                          grad_shift, grad_res);
+  cpu::kernels().scale_shift_act_backward(s, grad_out, x, scale, out, relu, center, grad_x,
+                                          grad_scale, grad_shift, grad_res);
   return {grad_x, grad_scale, grad_shift, grad_res};
+}
+
+Fold bn_eval_fold_cpu(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                      const std::optional<at::Tensor>& bias, const at::Tensor& running_mean,
+                      const at::Tensor& running_var, double eps) {
+  check_bn_eval(x, weight, bias, running_mean, running_var, "bn_eval_fold");
+  const int64_t C = x.size(1);
+  const at::ScalarType acc = opmath_type(x.scalar_type());
+  at::Tensor f[4];  // inv_std, scale, shift, center (apart: outputs may not alias)
+  for (auto& t : f) t = empty_channels(x, C, acc);
+  AT_DISPATCH_FLOATING_TYPES(acc, "bn_eval_fold_cpu", [&] {
+    using A = scalar_t;
+    A *inv = f[0].mutable_data_ptr<A>(), *scale = f[1].mutable_data_ptr<A>(),
+      *shift = f[2].mutable_data_ptr<A>(), *center = f[3].mutable_data_ptr<A>();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, running_var.scalar_type(),
+                                    "bn_eval_fold_cpu", [&] {
+      const scalar_t* w = given(weight) ? weight->const_data_ptr<scalar_t>() : nullptr;
+      const scalar_t* b = given(bias) ? bias->const_data_ptr<scalar_t>() : nullptr;
+      const scalar_t* mean = running_mean.const_data_ptr<scalar_t>();
+      const scalar_t* var = running_var.const_data_ptr<scalar_t>();
+      for (int64_t c = 0; c < C; ++c) {
+        inv[c] = A(1) / std::sqrt(A(var[c]) + A(eps));  // (as stock's CPU batch_norm)
+        scale[c] = w ? A(w[c]) * inv[c] : inv[c];
+        shift[c] = b ? A(b[c]) : A(0);
+        center[c] = A(mean[c]);
+      }
+    });
+  });
+  return {f[0], f[1], f[2], f[3]};
 }
 
 }  // namespace
@@ -107,6 +137,7 @@ TORCH_LIBRARY_IMPL(resnet_fused, CPU, m) {
   m.impl("bn_act_train_backward", &bn_act_train_backward_cpu);
   m.impl("scale_shift_act", &scale_shift_act_cpu);
   m.impl("scale_shift_act_backward", &scale_shift_act_backward_cpu);
+  m.impl("bn_eval_fold", &bn_eval_fold_cpu);
 }
 
 }  // namespace resnet_fused

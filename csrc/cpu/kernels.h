@@ -43,6 +43,7 @@ struct Kernels {
   void (*scale_shift_act_backward)(const Shape& s, const at::Tensor& grad_out,
                                    const at::Tensor& x, const at::Tensor& scale,
                                    const std::optional<at::Tensor>& out, bool relu,
+                                   const std::optional<at::Tensor>& center,
                                    at::Tensor& grad_x, at::Tensor& grad_scale,
                                    at::Tensor& grad_shift, at::Tensor& grad_res);
 };

@@ -628,13 +628,16 @@ void scale_shift_act(const Shape& s, const at::Tensor& x, const at::Tensor& scal
 
 // ---- scale_shift_act_backward ------------------------------------------------------------
 // One sweep: with g the grad below the ReLU, grad_x = g * scale[c] (and the residual's grad g)
-// are written while grad_shift = sum g and grad_scale = sum g * x accumulate per channel (per
-// channel task in NCHW; per chunk, merged in chunk order, in NHWC). Nothing reduced feeds back
+// are written while grad_shift = sum g and grad_scale = sum g * (x - center[c]) accumulate per
+// channel (per channel task in NCHW; per chunk, merged in chunk order, in NHWC). The center
+// (eval BN's running mean) keeps grad_scale a sum of centred products, as stock's BN backward
+// computes it, not the difference of two large sums. Nothing reduced feeds back
 // into the elements, unlike the training backward, so x, g and out are read once.
 template <typename T>
 void scale_shift_act_backward_typed(const Shape& s, const at::Tensor& grad_out,
                                     const at::Tensor& x, const at::Tensor& scale,
                                     const std::optional<at::Tensor>& out, bool relu,
+                                    const std::optional<at::Tensor>& center,
                                     at::Tensor& grad_x, at::Tensor& grad_scale,
                                     at::Tensor& grad_shift, at::Tensor& grad_res) {
   using A = acc_type<T>;
@@ -643,36 +646,40 @@ void scale_shift_act_backward_typed(const Shape& s, const at::Tensor& grad_out,
   const T* xp = x.const_data_ptr<T>();
   const T* yp = relu ? out->const_data_ptr<T>() : nullptr;
   const A* sc = scale.const_data_ptr<A>();
+  const std::vector<A> zeros(given(center) ? 0 : C, A(0));
+  const A* ce = given(center) ? center->const_data_ptr<A>() : zeros.data();
   T* gxp = grad_x.mutable_data_ptr<T>();
   T* grp = grad_res.numel() ? grad_res.mutable_data_ptr<T>() : nullptr;
   std::vector<double> sum_g(C), sum_gx(C);
-  // Element (vector) i with its channel's scale k: writes the grads, adds to the sums a, q.
-  auto element = [&](auto z, int64_t i, const auto& k, auto& a, auto& q) {
+  // Element (vector) i with its channel's scale k and center m: writes the grads, adds to the
+  // sums a, q.
+  auto element = [&](auto z, int64_t i, const auto& k, const auto& m, auto& a, auto& q) {
     using V = decltype(z);
     V gi = get<V>(gp + i);
     if (yp) gi = below_relu(gi, get<V>(yp + i));
     put(gxp + i, V(gi * k));
     if (grp) put(grp + i, gi);
     a += gi;
-    q += gi * get<V>(xp + i);
+    q += gi * (get<V>(xp + i) - m);
   };
 
   if (s.layout == Layout::NCHW) {
     const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(1, s.count()));
     at::parallel_for(0, C, grain, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
-        const A k = sc[c];
+        const A k = sc[c], m = ce[c];
         for (int64_t n = 0; n < N; ++n) {
           const int64_t base = (n * C + c) * HW;
           lane_sum2<A>(HW, [&](auto z, int64_t i, auto& a, auto& q) {
-            element(z, base + i, k, a, q);
+            element(z, base + i, k, m, a, q);
           }, sum_g[c], sum_gx[c]);
         }
       }
     });
   } else {
     chunked_sums2<A>(Chunks(s), C, [&](auto z, int64_t i, int64_t c, auto& a, auto& q) {
-      element(z, i, get<decltype(z)>(sc + c), a, q);
+      using V = decltype(z);
+      element(z, i, get<V>(sc + c), get<V>(ce + c), a, q);
     }, sum_g, sum_gx);
   }
   write_channels(grad_scale, sum_gx);
@@ -681,13 +688,14 @@ void scale_shift_act_backward_typed(const Shape& s, const at::Tensor& grad_out,
 
 void scale_shift_act_backward(const Shape& s, const at::Tensor& grad_out, const at::Tensor& x,
                               const at::Tensor& scale, const std::optional<at::Tensor>& out,
-                              bool relu, at::Tensor& grad_x, at::Tensor& grad_scale,
+                              bool relu, const std::optional<at::Tensor>& center,
+                              at::Tensor& grad_x, at::Tensor& grad_scale,
                               at::Tensor& grad_shift, at::Tensor& grad_res) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
                                   "scale_shift_act_backward_cpu", [&] {
                                     scale_shift_act_backward_typed<scalar_t>(
-                                        s, grad_out, x, scale, out, relu, grad_x, grad_scale,
-                                        grad_shift, grad_res);
+                                        s, grad_out, x, scale, out, relu, center, grad_x,
+                                        grad_scale, grad_shift, grad_res);
                                   });
 }
 

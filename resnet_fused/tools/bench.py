@@ -29,6 +29,9 @@ With --autocast, fp16/bf16 rows keep fp32 models and inputs and run every call u
 torch.autocast(device, dtype) (mixed-precision inference); without it they convert the model.
 With --train, each call is one training step instead (forward, cross-entropy, backward; AMP for
 fp16/bf16) and the providers are bench_train's; TFLOP/s counts 3x the forward's work.
+With --eval-grad, the models stay in eval mode but autograd records (parameters require grad):
+`forward` times an eval forward run outside torch.no_grad(), `backward` a frozen-BatchNorm
+fine-tuning step (gradients cleared, forward, sum, backward; TFLOP/s counts 3x the forward's).
 """
 from __future__ import annotations
 
@@ -165,7 +168,7 @@ def make_runner(provider: str, stock, x: torch.Tensor, device: torch.device,
     import resnet_fused
 
     if provider == "eager":
-        return lambda: stock(x)
+        return _calling(stock, x)
     if provider == "openvino":
         return _openvino(stock, x, device, autocast)
     if provider == "jit_ofi":  # deprecated in recent torch, still the CPU reference point
@@ -179,12 +182,12 @@ def make_runner(provider: str, stock, x: torch.Tensor, device: torch.device,
         xcl = x.contiguous(memory_format=torch.channels_last)
         if provider != "eager_cl":
             model = _compile(model, provider == "compile_max", device)
-        return lambda: model(xcl)
+        return _calling(model, xcl)
     fused = resnet_fused.fuse(stock)  # shares stock's tensors
     if provider == "fused+compile":  # the same channels_last input as `compile` gets
         model = _compile(fused, False, device)
         xcl = x.contiguous(memory_format=torch.channels_last)
-        return lambda: model(xcl)
+        return _calling(model, xcl)
     if provider in GRAPHS:
         if device.type != "cuda":
             raise RuntimeError("CUDA graphs need a CUDA device")
@@ -196,10 +199,39 @@ def make_runner(provider: str, stock, x: torch.Tensor, device: torch.device,
     if reason is not None:
         raise RuntimeError(f"backend {name!r} unavailable: {reason}")
 
-    def run():
-        return fused(x)
+    run = _calling(fused, x)
     run.backend = name  # run_bench selects it around the timing, not inside each call
     return run
+
+
+def _calling(model, x: torch.Tensor) -> Callable[[], Any]:
+    """model(x) as a runner that knows its model (for --eval-grad's gradient clearing)."""
+    def run():
+        return model(x)
+    run.model = model
+    return run
+
+
+EVAL_GRAD = ("forward", "backward")
+
+
+def _with_autograd(run: Callable[[], Any], backward: bool) -> Callable[[], Any]:
+    """An eval-mode runner with autograd recording: the forward alone, or a frozen-statistics
+    fine-tuning step (gradients cleared, forward, sum, backward), returning the output."""
+    model = getattr(run, "model", None)
+    if model is None:
+        raise RuntimeError("this provider has no autograd (--eval-grad)")
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step():
+        for p in params:
+            p.grad = None
+        out = run()
+        if backward:
+            out.float().sum().backward()
+        return out.detach()
+    step.backend = getattr(run, "backend", None)
+    return step
 
 
 # ---------------------------------------------------------------------------------- run ----
@@ -214,10 +246,12 @@ def run_bench(arch: str = "resnet50", batches: Sequence[int] = (8,),
               size: int = 224, warmup: int = 1, min_reps: int = 5, max_reps: int = 100,
               min_time_s: Optional[float] = None, progress: bool = True, seed: int = 0,
               on_row: Optional[Callable[[Dict[str, Any]], None]] = None,
-              train: bool = False, autocast: bool = False) -> Dict[str, Any]:
+              train: bool = False, autocast: bool = False,
+              eval_grad: Optional[str] = None) -> Dict[str, Any]:
     """Run the side-by-side benchmark; returns {"meta": ..., "results": [...]} (see module doc).
     train=True: training steps with bench_train's providers. autocast=True: fp16/bf16 inference
-    rows run fp32 models under torch.autocast.
+    rows run fp32 models under torch.autocast. eval_grad='forward'|'backward': eval mode with
+    autograd recording (the forward alone, or forward + backward).
 
     `on_row(report_so_far)` is called after every row (the CLI rewrites --json with it, so a run
     cut short by a timeout keeps the rows it finished)."""
@@ -233,7 +267,13 @@ def run_bench(arch: str = "resnet50", batches: Sequence[int] = (8,),
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
     macs_per_image = count_macs(arch, size)
-    meta = {"arch": arch, "image_size": size, "mode": "train" if train else "inference",
+    if eval_grad not in (None, *EVAL_GRAD) or (eval_grad and train):
+        raise ValueError(f"bench: eval_grad must be one of {EVAL_GRAD} (not with train), got "
+                         f"{eval_grad!r}")
+    grad = train or eval_grad is not None
+    meta = {"arch": arch, "image_size": size,
+            "mode": ("train" if train else f"eval with autograd ({eval_grad})" if eval_grad
+                     else "inference"),
             "autocast": bool(autocast and not train),
             "device": dev.type, "device_name": device_name(dev),
             "threads": torch.get_num_threads(), "versions": versions(),
@@ -262,7 +302,8 @@ def run_bench(arch: str = "resnet50", batches: Sequence[int] = (8,),
         row.update(summarize(times))
         row["times_ms"] = [round(t, 4) for t in times]
         row["images_per_s"] = batch / row["median_ms"] * 1e3
-        work = 3 if train else 1  # a training step: forward + two backward GEMMs per layer
+        # a training step: forward + two backward GEMMs per layer
+        work = 3 if train or eval_grad == "backward" else 1
         row["tflops"] = 2 * work * macs_per_image * batch / (row["median_ms"] * 1e-3) / 1e12
         _progress(progress, f"      {row['label']}: median {row['median_ms']:.3f} ms "
                             f"({row['images_per_s']:.1f} img/s, {row['reps']} reps)")
@@ -299,8 +340,10 @@ def run_bench(arch: str = "resnet50", batches: Sequence[int] = (8,),
                     run = (bench_train.make_runner(provider, stock, x, target, amp) if train
                            else _under_autocast(make_runner(provider, stock, x, dev, amp), dev,
                                                 amp))
+                    if eval_grad:
+                        run = _with_autograd(run, eval_grad == "backward")
                     name = getattr(run, "backend", None)
-                    mode = contextlib.nullcontext() if train else torch.inference_mode()
+                    mode = contextlib.nullcontext() if grad else torch.inference_mode()
                     with mode, selected(name):
                         t0 = time.perf_counter()
                         out = run()  # first call: compile / autotune / fold, timed apart
@@ -333,7 +376,7 @@ def run_bench(arch: str = "resnet50", batches: Sequence[int] = (8,),
             if ready:  # CPU: all providers interleaved, round by round
                 _progress(progress, f"      timing {len(ready)} providers interleaved ...")
                 times = interleaved([(r, n) for _, r, n in ready], warmup, min_reps, max_reps,
-                                     min_time_s, inference=not train)
+                                     min_time_s, inference=not grad)
                 for (row, _, _), t in zip(ready, times):
                     finish(row, t, batch)
                 _set_speedup(rows)
@@ -360,6 +403,7 @@ def _under_autocast(run: Callable[[], Any], device: torch.device,
         with torch.autocast(device.type, dtype=dtype):
             return run()
     autocast_run.backend = getattr(run, "backend", None)
+    autocast_run.model = getattr(run, "model", None)
     return autocast_run
 
 
@@ -467,6 +511,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--autocast", action="store_true",
                    help="fp16/bf16 inference as fp32 models under torch.autocast (default: the "
                         "model converted to the dtype)")
+    p.add_argument("--eval-grad", choices=EVAL_GRAD, default=None,
+                   help="eval mode with autograd recording: 'forward' (an eval forward outside "
+                        "torch.no_grad()) or 'backward' (frozen-BatchNorm fine-tuning: forward "
+                        "+ backward)")
     p.add_argument("--train", action="store_true",
                    help="time training steps (forward + loss + backward; AMP for fp16/bf16) "
                         "with the providers " + ", ".join(bench_train.PROVIDERS) +
@@ -475,6 +523,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.train and args.eval_grad:
+        raise SystemExit("bench: --train and --eval-grad exclude each other (a training step "
+                         "runs in train mode)")
     if args.threads:
         torch.set_num_threads(args.threads)
     dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -498,7 +549,7 @@ def main(args: argparse.Namespace) -> int:
                        str(dev), args.size, args.warmup, args.min_reps, args.max_reps,
                        args.min_time, progress=not args.quiet,
                        on_row=write_json if args.json else None, train=args.train,
-                       autocast=args.autocast)
+                       autocast=args.autocast, eval_grad=args.eval_grad)
     print(format_table(report))
     if args.json:
         write_json(report)
