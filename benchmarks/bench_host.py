@@ -6,7 +6,8 @@ same 1x8x4x4 channels_last input, inference mode, one intra-op thread; compare t
 (`pytest benchmarks/bench_host.py --benchmark-only`, group "host"). On CUDA the calls are not
 synchronised: the figure is the host's launch cost, which is what a launch-bound batch-1 forward
 waits for. `test_train_chain_host_overhead`: the same for a training chain, forward + backward
-(group "host train").
+(group "host train"); `test_eval_grad_chain_host_overhead`: an eval chain that autograd records
+(group "host eval-grad").
 """
 from __future__ import annotations
 
@@ -80,6 +81,42 @@ def test_train_chain_host_overhead(benchmark, monkeypatch, device_name, provider
         fn()
         assert training.bn_act_supported(bn, conv(x), None) == (provider == "fused")
         benchmark(fn)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("device_name", ["cpu", "cuda"])
+@pytest.mark.parametrize("pass_", ["forward", "backward"])
+@pytest.mark.parametrize("provider", ["stock", "fused"])
+def test_eval_grad_chain_host_overhead(benchmark, device_name, pass_, provider):
+    """Eval mode with autograd recording (frozen-BN fine-tuning, or any eval forward outside
+    no_grad): stock's modules against `layers.conv_bn` (stock's conv, then the extension's
+    bn_eval_act: one autograd node), forward alone or forward + backward, 1x8x4x4 channels_last
+    input, parameters requiring grad (group "host eval-grad")."""
+    device = device_or_skip(device_name)
+    if provider == "fused":
+        components.require("extension", extension.unavailable_reason(device))
+    conv = torch.nn.Conv2d(8, 8, 3, padding=1, bias=False).to(device).eval()
+    bn = torch.nn.BatchNorm2d(8).to(device).eval()
+    x = torch.randn(1, 8, 4, 4, device=device).contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(1, 8, 4, 4, device=device)
+    relu = torch.nn.ReLU(inplace=True)
+
+    def fn():
+        out = relu(bn(conv(x))) if provider == "stock" else conv_bn(conv, bn, x, act=relu)
+        if pass_ == "backward":
+            out.backward(grad)
+
+    benchmark.group = f"host eval-grad {pass_} {device_name}"
+    benchmark.extra_info.update(provider=provider, device=device_name, pass_=pass_)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with resnet_fused.backend("torch" if provider == "stock" else "auto"):
+            fn()
+            if provider == "fused":  # the chain ran as bn_eval_act, not stock's modules
+                assert "BnEvalAct" in conv_bn(conv, bn, x, act=relu).grad_fn.name()
+            benchmark(fn)
     finally:
         torch.set_num_threads(threads)
 

@@ -28,7 +28,9 @@
 #                batch 64; benchmarks/bench_train_ops.py)                       -> train_ops.json;
 #                then activation memory, fp32 batch 64 with the fused kernels forced: saved
 #                bytes and CUDA peak, recomputing stages vs saving vs torchvision
-#                (benchmarks/train_memory.py)                                   -> train_memory/
+#                (benchmarks/train_memory.py)                                   -> train_memory/;
+#                then eval mode with autograd (frozen-BN fine-tuning steps, AMP, batch 1 and 64)
+#                with the fused bn_eval_act forced against torchvision          -> eval_grad.json
 #   9. extra     bf16/fp32 rows, then torch.compile max-autotune, in whatever time is left
 #  10. report    benchmarks/results/<date>-<gpu>.{json,md}; with $OUT set, the report, the log
 #                and every raw file (raw.tar.gz) land under $OUT
@@ -190,6 +192,11 @@ run_step train_ops 60 "$PY" -m pytest benchmarks/bench_train_ops.py -q -p no:cac
 # (with stock BatchNorm, CUDA's policy until measured, a recomputing stage has nothing to redo)
 run_step train_memory 60 env RESNET_FUSED_TRAIN_BN=fused "$PY" benchmarks/train_memory.py \
   --device $DEV --batch $TB --size $SIZE --out "$TMP/train_memory"
+# eval mode with autograd (frozen-BN fine-tuning step, AMP) with bn_eval_act forced: the numbers
+# that decide its CUDA policy (stock's ops until measured)
+run_step eval_grad 40 env RESNET_FUSED_TRAIN_BN=fused "$PY" -m resnet_fused bench --device $DEV \
+  --arch $ARCH --size $SIZE --batch 1 $TB --dtype "${TDT[0]}" --autocast --eval-grad backward \
+  --providers eager,fused:auto --min-time $MT --json "$TMP/eval_grad.json"
 
 # 9. extra (whatever time is left) -----------------------------------------------------------
 if [ "${SUITE_SMOKE:-0}" != 1 ]; then
@@ -210,7 +217,8 @@ timeout 120 "$PY" benchmarks/suite_report.py --out "$OUTBASE" --env "$TMP/env.js
   --steps "$STEPS" --tests "$TMP/tests.xml" --check "$TMP/check.json" \
   --train-ops "$TMP/train_ops.json" --train-memory "$TMP/train_memory" \
   --warmup "cold=$TMP/warmup_cold.json" "warm=$TMP/warmup_warm.json" \
-  --bench "$TMP/bench.json" "$TMP/train.json" "$TMP/bench_dtypes.json" "$TMP/compile.json" \
+  --bench "$TMP/bench.json" "$TMP/train.json" "$TMP/eval_grad.json" "$TMP/bench_dtypes.json" \
+  "$TMP/compile.json" \
   --profile "$TMP/profile_1.json" "$TMP/profile_2.json" 2>&1 | tee -a "$LOG"
 [ -f "$TMP/bench.png" ] && cp "$TMP/bench.png" "$OUTBASE.png"
 echo "== done in ${SECONDS}s, correctness failed: $FAILED; results: $OUTBASE.{json,md}" | tee -a "$LOG"

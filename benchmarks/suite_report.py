@@ -87,9 +87,13 @@ def _bench_md(report: Dict[str, Any], title: str) -> List[str]:
 def _bench_title(report: Dict[str, Any]) -> str:
     providers = {r["provider"] for r in report["results"]}
     dtypes = {r["dtype"] for r in report["results"]}
-    if report["meta"].get("mode") == "train":
+    mode = report["meta"].get("mode", "")
+    if mode == "train":
         return (f"Training step (AMP for fp16/bf16; BN policy here: "
                 f"{report['meta'].get('train_bn', '?')})")
+    if mode.startswith("eval with autograd"):
+        return (f"Eval mode with autograd: {mode[len('eval with autograd'):].strip(' ()')} "
+                f"(frozen-BN fine-tuning; AMP for fp16/bf16; bn_eval_act forced)")
     if "compile_max" in providers:
         return "End-to-end: torch.compile max-autotune"
     if "fp16" in dtypes:

@@ -20,7 +20,7 @@ from torch import nn
 
 from . import backends, extension, extension_ops, fold as folding
 from .ops import apply, check_inputs, empty_output, out_hw, run
-from .training import bn_tail, train_chain
+from .training import bn_tail, eval_grad_fuses, train_chain
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -184,16 +184,17 @@ def grad_chain(conv: nn.Conv2d, x: torch.Tensor, tensors: folding.Sources, eps: 
     """An eval-mode chain whose parameters require grad (fine-tuning with frozen BatchNorm
     statistics, as detection backbones do; also any eval forward outside torch.no_grad()):
     stock's conv, whose backward gives both of its grads in one call, then BN (+ residual) (+
-    ReLU) as one op, `bn_eval_act`, with one autograd node and a one-sweep backward (extension;
-    stock's ops without it). The fused conv op would recompute the conv in its backward for the
-    BN weight's grad; a fold in Python would record its own small ops per call."""
+    ReLU) as one op, `bn_eval_act`, with one autograd node and a one-sweep backward (extension,
+    where the policy has it measured no slower: training.eval_grad_fuses; stock's ops
+    elsewhere). The fused conv op would recompute the conv in its backward for the BN weight's
+    grad; a fold in Python would record its own small ops per call."""
     weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, _ = tensors
     if dtype != x.dtype:  # autocast casts, as stock conv does
         x = x.to(dtype)
         weight, conv_bias = weight.to(dtype), None if conv_bias is None else conv_bias.to(dtype)
         residual = None if residual is None else residual.to(dtype)
     y = F.conv2d(x, weight, conv_bias, conv.stride, conv.padding, conv.dilation, conv.groups)
-    if extension.unavailable_reason(y.device) is None:
+    if extension.unavailable_reason(y.device) is None and eval_grad_fuses(y):
         if residual is not None:
             residual = residual.contiguous(memory_format=extension_ops.memory_format(y))
         return extension_ops.bn_eval_act(y, bn_weight, bn_bias, running_mean, running_var, eps,

@@ -27,6 +27,12 @@ _ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float6
 TRAIN_BN_ENV = "RESNET_FUSED_TRAIN_BN"  # auto (the policy) | fused | stock
 TRAIN_BN_CHOICES = ("auto", "fused", "stock")
 MEASURED_FASTER = {"cpu": ((torch.float32, torch.float64), (1 << 16, 1 << 11))}
+# Eval mode with autograd (frozen statistics: layers.grad_chain): the activation dtypes per
+# device type where the extension's bn_eval_act (forward + backward) is measured no slower than
+# stock batch_norm + add + relu, at every size (benchmarks/RESULTS.md, "Eval mode with
+# autograd"); stock's ops elsewhere. $RESNET_FUSED_TRAIN_BN forces either way here too: the
+# same question, BatchNorm kernels under autograd.
+EVAL_GRAD_MEASURED = {"cpu": (torch.float32, torch.float64)}
 
 
 def _setting() -> str:
@@ -52,6 +58,32 @@ def _policy_fuses(x: torch.Tensor) -> bool:
     if measured is None or x.dtype not in measured[0]:
         return False
     return x.numel() >= measured[1][0 if x.is_contiguous() else 1]
+
+
+def eval_grad_fuses(y: torch.Tensor) -> bool:
+    """Whether an eval-mode chain that autograd records runs BN (+ residual) (+ ReLU) on the conv
+    output `y` as the extension's bn_eval_act (else stock's ops)."""
+    setting = _setting()
+    if setting != "auto":
+        return setting == "fused"
+    return y.dtype in EVAL_GRAD_MEASURED.get(y.device.type, ())
+
+
+def eval_grad_report(device: torch.device) -> str:
+    """One line for `info`: what eval-mode BatchNorm runs on `device` when autograd records."""
+    reason = extension.unavailable_reason(device)
+    setting = _setting()
+    dtypes = "/".join(str(d)[6:] for d in EVAL_GRAD_MEASURED.get(device.type, ()))
+    if setting == "stock" or (setting == "auto" and not dtypes):
+        why = (f"${TRAIN_BN_ENV}=stock" if setting == "stock" else
+               "bn_eval_act is not measured no slower here yet")
+        return f"stock conv + BatchNorm + add + ReLU ({why})"
+    if reason is not None:
+        return f"stock conv + BatchNorm + add + ReLU (extension unavailable: {reason})"
+    if setting == "fused":
+        return f"stock conv + fused bn_eval_act (${TRAIN_BN_ENV}=fused)"
+    return (f"stock conv + fused bn_eval_act for {dtypes} (measured no slower than stock); "
+            f"stock BatchNorm + add + ReLU for other dtypes")
 
 
 def train_bn_report(device: torch.device) -> str:

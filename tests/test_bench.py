@@ -95,6 +95,32 @@ def test_bench_train_cli(tmp_path, capsys):
     assert "train fused" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("pass_", bench.EVAL_GRAD)
+def test_bench_eval_grad_cli(tmp_path, pass_, monkeypatch):
+    """--eval-grad: eval mode with autograd recording for every provider (the fused chains run
+    bn_eval_act), outputs compared with torchvision's; --train with it is refused."""
+    from resnet_fused import extension_ops
+    calls = []
+    original = extension_ops.bn_eval_act
+    monkeypatch.setattr(extension_ops, "bn_eval_act", lambda *a: calls.append(1) or original(*a))
+    js = tmp_path / "g.json"
+    rc = main(["bench", "--eval-grad", pass_, "--arch", "resnet18", "--batch", "1", "--size",
+               "32", "--device", "cpu", "--providers", "eager,eager_cl,fused:torch",
+               "--warmup", "0", "--min-reps", "2", "--min-time", "0", "--quiet", "--json",
+               str(js)])
+    assert rc == 0
+    report = json.loads(js.read_text())
+    assert report["meta"]["mode"] == f"eval with autograd ({pass_})"
+    for r in report["results"]:
+        assert "error" not in r, r
+        assert r["reps"] >= 2 and r["max_rel_diff_vs_eager"] < 1e-4
+    from resnet_fused import extension
+    if extension.unavailable_reason() is None:  # (stock's ops without it: the rows still run)
+        assert calls  # the fused rows ran the eval-with-autograd chain
+    with pytest.raises(SystemExit, match="--train and --eval-grad exclude each other"):
+        main(["bench", "--train", "--eval-grad", pass_, "--device", "cpu"])
+
+
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
 def test_bench_openvino_and_autocast_rows(tmp_path, autocast):
     """The opt-in OpenVINO provider (a test-time extra) next to eager and fused, in fp32 and

@@ -17,7 +17,7 @@ import torchvision
 from torch import nn
 
 import resnet_fused
-from resnet_fused import extension, training
+from resnet_fused import extension, extension_ops, training
 import components
 from numerics import ATOL, assert_within_rule, max_err, randomize_bn
 
@@ -422,6 +422,37 @@ def test_policy_switch(monkeypatch):
     with pytest.raises(ValueError, match="RESNET_FUSED_TRAIN_BN='sometimes': expected one of "
                                          "auto, fused, stock"):
         training.train_bn_choice(torch.device("cpu"))
+
+
+def test_eval_grad_policy(monkeypatch):
+    """Eval mode with autograd: bn_eval_act where measured no slower (CPU fp32/fp64), stock's
+    ops for other dtypes and unmeasured devices; the same switch forces either way."""
+    monkeypatch.delenv(training.TRAIN_BN_ENV)
+    y = torch.randn(1, 4, 2, 2)
+    assert training.eval_grad_fuses(y) and training.eval_grad_fuses(y.double())
+    assert not training.eval_grad_fuses(y.bfloat16()) and not training.eval_grad_fuses(y.half())
+    assert not training.eval_grad_fuses(torch.empty(1, 4, 2, 2, device="meta"))
+    assert "fused bn_eval_act for float32/float64" in training.eval_grad_report(
+        torch.device("cpu"))
+    assert "not measured no slower" in training.eval_grad_report(torch.device("cuda"))
+    monkeypatch.setenv(training.TRAIN_BN_ENV, "fused")
+    assert training.eval_grad_fuses(y.bfloat16())
+    monkeypatch.setenv(training.TRAIN_BN_ENV, "stock")
+    assert not training.eval_grad_fuses(y)
+    assert "=stock" in training.eval_grad_report(torch.device("cpu"))
+    # the model follows it: stock's BatchNorm runs, with the same gradients
+    model = resnet_fused.resnet18(num_classes=10).eval()
+    calls = []
+    original = extension_ops.bn_eval_act
+    monkeypatch.setattr(extension_ops, "bn_eval_act",
+                        lambda *a: calls.append(1) or original(*a))
+    x = torch.randn(1, 3, 32, 32)
+    with resnet_fused.backend("torch"):
+        model(x).sum().backward()
+        assert not calls
+        monkeypatch.setenv(training.TRAIN_BN_ENV, "auto")
+        model(x).sum().backward()
+        assert len(calls) == sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
 
 
 @pytest.mark.slow

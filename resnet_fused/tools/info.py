@@ -50,6 +50,11 @@ def report() -> str:
         except ValueError as e:
             train = f"invalid: {e}"
         lines.append(f"training on {device.type}: {train}")
+        try:
+            frozen = training.eval_grad_report(device)
+        except ValueError as e:
+            frozen = f"invalid: {e}"
+        lines.append(f"eval with autograd on {device.type}: {frozen}")
     from .. import stage_recompute
     try:
         memory = stage_recompute.memory_report()
