@@ -339,11 +339,21 @@ def test_scale_shift_act_matches_float64(device, shape, fmt, dtype, residual, re
     stock_grads = torch.autograd.grad(stock, leaves, grad)
     pairs = [("out", out, stock, ref)]
     pairs += [(f"grad{i}", g, s, r) for i, (g, s, r) in enumerate(zip(got, stock_grads, want))]
+    _assert_pairs(pairs, dtype)
+
+
+def _assert_pairs(pairs, dtype):
+    """(name, fused, stock or None, float64 reference): float64 within 1e-12 relative; other
+    dtypes by the accuracy rule (the per-channel grads are fp32 sums), or where stock has no
+    such grad (the running statistics' in bn_eval_act) within fp32 summation error: sums of at
+    most 60 products of inputs exact in fp32, ~60 * 2^-24 = 4e-6 relative, bounded by 1e-5."""
     for name, fused, stock_t, ref_t in pairs:
         if dtype == torch.float64:
             assert max_err(fused, ref_t) <= 1e-12 * max(1.0, ref_t.abs().max().item()), name
+        elif stock_t is None:
+            assert max_err(fused, ref_t) <= 1e-5 * max(1.0, ref_t.abs().max().item()), name
         else:
-            try:  # the per-channel grads are fp32 sums
+            try:
                 assert_within_rule(fused, stock_t, ref_t,
                                    torch.float32 if fused.dtype == torch.float32 else dtype)
             except AssertionError as e:
@@ -390,17 +400,7 @@ def test_bn_eval_act_matches_float64(device, shape, fmt, dtype, residual, relu, 
                                 "running_var"), (x, w, b, res, rm, rv)) if t is not None]
     pairs = [("out", out, stock, ref)] + [
         (f"grad {n}", g, s, r) for n, g, s, r in zip(names, got, stock_grads, want)]
-    for name, fused, stock_t, ref_t in pairs:
-        if dtype == torch.float64:
-            assert max_err(fused, ref_t) <= 1e-12 * max(1.0, ref_t.abs().max().item()), name
-        elif stock_t is None:  # running statistics' grads: fp32 sums, no stock to compare
-            assert max_err(fused, ref_t) <= 1e-4 * max(1.0, ref_t.abs().max().item()), name
-        else:
-            try:  # the per-channel grads are fp32 sums
-                assert_within_rule(fused, stock_t, ref_t,
-                                   torch.float32 if fused.dtype == torch.float32 else dtype)
-            except AssertionError as e:
-                raise AssertionError(f"{name}: {e}") from None
+    _assert_pairs(pairs, dtype)
 
 
 @CUDA_KERNELS
