@@ -28,8 +28,9 @@ TRAIN_BN_ENV = "RESNET_FUSED_TRAIN_BN"  # auto (the policy) | fused | stock
 TRAIN_BN_CHOICES = ("auto", "fused", "stock")
 MEASURED_FASTER = {"cpu": ((torch.float32, torch.float64), (1 << 16, 1 << 11))}
 # Eval mode with autograd (frozen statistics: layers.grad_chain): the activation dtypes per
-# device type where the extension's bn_eval_act (forward + backward) is measured no slower than
-# stock batch_norm + add + relu, at every size (benchmarks/RESULTS.md, "Eval mode with
+# device type where the extension's bn_eval_act is measured no slower than stock batch_norm +
+# add + relu at every size tried (CPU fp32 0.99-2.9x, fp64 1.2-2.1x, forward and forward +
+# backward; bf16 dipped to 0.87x, fp16 0.3-0.6x: benchmarks/RESULTS.md, "Eval mode with
 # autograd"); stock's ops elsewhere. $RESNET_FUSED_TRAIN_BN forces either way here too: the
 # same question, BatchNorm kernels under autograd.
 EVAL_GRAD_MEASURED = {"cpu": (torch.float32, torch.float64)}
