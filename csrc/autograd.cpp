@@ -18,15 +18,37 @@
 #include "ops.h"
 
 namespace resnet_fused {
+
+using OptTensor = std::optional<at::Tensor>;
+
+// The ops below the Autograd key (the device kernels, the fake kernels under torch.compile);
+// these two are shared with bn_eval.cpp's composite (ops.h).
+at::Tensor scale_shift_act_op(const at::Tensor& x, const at::Tensor& scale,
+                              const at::Tensor& shift, const OptTensor& residual, bool relu,
+                              const OptTensor& center) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("resnet_fused::scale_shift_act", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         const OptTensor&, bool, const OptTensor&)>();
+  return op.call(x, scale, shift, residual, relu, center);
+}
+
+Fold bn_eval_fold_op(const at::Tensor& x, const OptTensor& weight, const OptTensor& bias,
+                     const at::Tensor& running_mean, const at::Tensor& running_var, double eps) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("resnet_fused::bn_eval_fold", "")
+                       .typed<Fold(const at::Tensor&, const OptTensor&, const OptTensor&,
+                                   const at::Tensor&, const at::Tensor&, double)>();
+  return op.call(x, weight, bias, running_mean, running_var, eps);
+}
+
 namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-using OptTensor = std::optional<at::Tensor>;
 
 bool requires_grad(const OptTensor& t) { return given(t) && t->requires_grad(); }
 
-// The ops below the Autograd key: the device kernels, the fake kernels under torch.compile.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 bn_act_train_op(const at::Tensor& x, const OptTensor& weight, const OptTensor& bias,
                 const OptTensor& residual, const OptTensor& running_mean,
@@ -53,16 +75,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_train_backward
   return op.call(grad_out, x, weight, out, save_mean, save_invstd, relu, grad_residual);
 }
 
-at::Tensor scale_shift_act_op(const at::Tensor& x, const at::Tensor& scale,
-                              const at::Tensor& shift, const OptTensor& residual, bool relu,
-                              const OptTensor& center) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("resnet_fused::scale_shift_act", "")
-                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                         const OptTensor&, bool, const OptTensor&)>();
-  return op.call(x, scale, shift, residual, relu, center);
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> scale_shift_act_backward_op(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& scale,
     const OptTensor& out, bool relu, bool grad_residual, const OptTensor& center) {
@@ -72,15 +84,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> scale_shift_act_backw
                            const at::Tensor&, const at::Tensor&, const at::Tensor&,
                            const OptTensor&, bool, bool, const OptTensor&)>();
   return op.call(grad_out, x, scale, out, relu, grad_residual, center);
-}
-
-Fold bn_eval_fold_op(const at::Tensor& x, const OptTensor& weight, const OptTensor& bias,
-                     const at::Tensor& running_mean, const at::Tensor& running_var, double eps) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("resnet_fused::bn_eval_fold", "")
-                       .typed<Fold(const at::Tensor&, const OptTensor&, const OptTensor&,
-                                   const at::Tensor&, const at::Tensor&, double)>();
-  return op.call(x, weight, bias, running_mean, running_var, eps);
 }
 
 at::Tensor bn_eval_act_op(const at::Tensor& x, const OptTensor& weight, const OptTensor& bias,
@@ -261,10 +264,6 @@ at::Tensor scale_shift_act_autograd(const at::Tensor& x, const at::Tensor& scale
 // ---- bn_eval_act -------------------------------------------------------------------------------
 // The fold (bn_eval_fold: a loop on CPU) then scale_shift_act centred on the running mean (so
 // the weight's grad is a sum of centred products, as stock's), one node for autograd.
-at::Tensor like(const at::Tensor& grad, const OptTensor& param) {
-  return given(param) ? grad.to(param->scalar_type()) : grad;
-}
-
 struct BnEvalAct : public torch::autograd::Function<BnEvalAct> {
   // args: x, weight, bias, running_mean, running_var, eps, residual, relu
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const OptTensor& weight,
@@ -324,7 +323,7 @@ struct BnEvalAct : public torch::autograd::Function<BnEvalAct> {
       if (need_w || need_var)
         g_scale = (g * (x.to(g.scalar_type()) - center.view({1, -1, 1, 1}))).sum({0, 2, 3});
     }
-    if (need_w) result[1] = like(g_scale * inv_std, w);
+    if (need_w) result[1] = (g_scale * inv_std).to(weight.scalar_type());
     if (need_b) result[2] = g_shift.to(c10::ScalarType(ctx->saved_data["bias_dtype"].toInt()));
     if (need_mean) result[3] = (-scale * g_shift).to(mean.scalar_type());
     if (need_var) result[4] = (g_scale * scale * inv_std * inv_std * -0.5).to(var.scalar_type());

@@ -2,7 +2,6 @@
 // tensors under torch.compile), from the other ops and torch ops; CPU has its own fold loop
 // (cpu/bn_act.cpp), which wins over the composite there. Autograd: autograd.cpp.
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include "ops.h"
@@ -28,19 +27,9 @@ at::Tensor bn_eval_act_composite(const at::Tensor& x, const std::optional<at::Te
                                  const at::Tensor& running_mean, const at::Tensor& running_var,
                                  double eps, const std::optional<at::Tensor>& residual,
                                  bool relu) {
-  static auto fold = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("resnet_fused::bn_eval_fold", "")
-                         .typed<Fold(const at::Tensor&, const std::optional<at::Tensor>&,
-                                     const std::optional<at::Tensor>&, const at::Tensor&,
-                                     const at::Tensor&, double)>();
-  static auto apply = c10::Dispatcher::singleton()
-                          .findSchemaOrThrow("resnet_fused::scale_shift_act", "")
-                          .typed<at::Tensor(const at::Tensor&, const at::Tensor&,
-                                            const at::Tensor&, const std::optional<at::Tensor>&,
-                                            bool, const std::optional<at::Tensor>&)>();
   auto [inv_std, scale, shift, center] =
-      fold.call(x, weight, bias, running_mean, running_var, eps);
-  return apply.call(x, scale, shift, residual, relu, center);
+      bn_eval_fold_op(x, weight, bias, running_mean, running_var, eps);
+  return scale_shift_act_op(x, scale, shift, residual, relu, center);
 }
 
 }  // namespace

@@ -108,15 +108,14 @@ inline Shape check_scale_shift_act_backward(const at::Tensor& grad_out, const at
 inline bool given(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
 // bn_eval_fold / bn_eval_act: x an activation, BN's tensors per-channel vectors of one dtype
-// (x's, or Float for Half/BFloat16 x). Returns the layout of x.
-inline Shape check_bn_eval(const at::Tensor& x, const std::optional<at::Tensor>& weight,
-                           const std::optional<at::Tensor>& bias, const at::Tensor& running_mean,
-                           const at::Tensor& running_var, const char* op) {
-  const Layout l = check_activation(x, op, "x");
+// (x's, or Float for Half/BFloat16 x).
+inline void check_bn_eval(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                          const std::optional<at::Tensor>& bias, const at::Tensor& running_mean,
+                          const at::Tensor& running_var, const char* op) {
+  check_activation(x, op, "x");
   const std::optional<at::Tensor> mean(running_mean), var(running_var);
   check_bn_params({{&weight, "weight"}, {&bias, "bias"}, {&mean, "running_mean"},
                    {&var, "running_var"}}, x, op);
-  return shape_of(x, l);
 }
 
 // BN's eval fold in x's arithmetic dtype (fp32; fp64 for fp64 x), with torch ops (recorded by
@@ -126,5 +125,13 @@ using Fold = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 Fold bn_eval_fold_torch(const at::Tensor& x, const std::optional<at::Tensor>& weight,
                         const std::optional<at::Tensor>& bias, const at::Tensor& running_mean,
                         const at::Tensor& running_var, double eps);
+
+// The dispatcher's entry to scale_shift_act and bn_eval_fold (autograd.cpp), for a composite.
+at::Tensor scale_shift_act_op(const at::Tensor& x, const at::Tensor& scale,
+                              const at::Tensor& shift, const std::optional<at::Tensor>& residual,
+                              bool relu, const std::optional<at::Tensor>& center);
+Fold bn_eval_fold_op(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                     const std::optional<at::Tensor>& bias, const at::Tensor& running_mean,
+                     const at::Tensor& running_var, double eps);
 
 }  // namespace resnet_fused
