@@ -10,7 +10,7 @@ from torch import nn
 
 import components
 import resnet_fused
-from resnet_fused import layers
+from resnet_fused import layers, training
 from numerics import (ATOL, BUILDER_PARAMS, assert_within_rule, max_err,
                       randomize_bn, stock_outputs)
 
@@ -223,7 +223,8 @@ def test_eval_with_autograd_keeps_the_weights_layout(monkeypatch):
     """Eval mode: activations go channels_last for the fused kernels (cached, prepared weights),
     except where autograd records on an NCHW model: its chains run stock's conv on the module's
     own weights, so the activations stay as given (no weight reorder per conv and call for
-    NCHW input); a channels_last model gets channels_last activations either way."""
+    NCHW input) unless they are large enough to repay it; a channels_last model gets
+    channels_last activations either way."""
     model = resnet_fused.resnet18(num_classes=10).eval()
     x = _input((32, 32), torch.float32, channels_last=False)
     seen = []
@@ -237,16 +238,29 @@ def test_eval_with_autograd_keeps_the_weights_layout(monkeypatch):
         for p in model.parameters():
             p.requires_grad_(False)
         with torch.no_grad():
-            assert model._eval_wants_channels_last()
-        assert model._eval_wants_channels_last()  # (nothing records: the cached path)
+            assert model._eval_wants_channels_last(x)
+        assert model._eval_wants_channels_last(x)  # (nothing records: the cached path)
         for p in model.parameters():
             p.requires_grad_(True)
-        assert not model._eval_wants_channels_last()
+        assert not model._eval_wants_channels_last(x)
         model(x.contiguous(memory_format=torch.channels_last))  # as given, as stock runs it
         assert seen and all(seen)
         seen.clear()
+        # large activations (here: from 2 images of 32x32) go channels_last: the convs' gain
+        # repays their weights' reorders
+        pixels = x.shape[0] * x.shape[2] * x.shape[3]
+        monkeypatch.setitem(training.EVAL_GRAD_CHANNELS_LAST_FROM, "cpu", {"Bottleneck": 1})
+        assert not model._eval_wants_channels_last(x)  # (measured per block type)
+        monkeypatch.setitem(training.EVAL_GRAD_CHANNELS_LAST_FROM, "cpu", {"BasicBlock": pixels})
+        assert model._eval_wants_channels_last(x)
+        assert not model._eval_wants_channels_last(x[:1])
+        model(x)
+        assert seen and all(seen)
+        seen.clear()
+        monkeypatch.setitem(training.EVAL_GRAD_CHANNELS_LAST_FROM, "cpu",
+                            {"BasicBlock": pixels + 1})
         model = model.to(memory_format=torch.channels_last)
-        assert model._eval_wants_channels_last()
+        assert model._eval_wants_channels_last(x)
         model(x)
         assert seen and all(seen)
 

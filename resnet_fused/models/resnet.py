@@ -10,7 +10,7 @@ from typing import Any, Callable, List, Optional, Type, Union
 import torch
 from torch import Tensor, nn
 
-from .. import fold as folding, stage_recompute
+from .. import fold as folding, stage_recompute, training
 from ..layers import conv_bn, observed
 from ..stage_recompute import Block, Chain
 from .weights import load_weights
@@ -143,6 +143,7 @@ class ResNet(_Scriptable):
         if norm_layer is None:
             norm_layer = nn.BatchNorm2d
         self._norm_layer = norm_layer
+        self._block_name = block.__name__  # (a layout rule is measured per block type)
 
         self.inplanes = 64
         self.dilation = 1
@@ -230,7 +231,7 @@ class ResNet(_Scriptable):
         if not isinstance(x, torch.fx.Proxy) and not torch.jit.is_tracing():
             self._check_input(x)  # (captured graphs: checking the example input is moot)
         if not self.training and (isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing()
-                                  or self._eval_wants_channels_last()):
+                                  or self._eval_wants_channels_last(x)):
             x = x.contiguous(memory_format=torch.channels_last)  # (once here, not per chain)
         x = conv_bn(self.conv1, self.bn1, x, act=self.relu)
         x = self.maxpool(x)
@@ -243,17 +244,18 @@ class ResNet(_Scriptable):
         return self.fc(x)
 
     @torch.jit.unused
-    def _eval_wants_channels_last(self) -> bool:
+    def _eval_wants_channels_last(self, x: Tensor) -> bool:
         """Eval mode: the fused kernels want NHWC activations, and their weights come prepared
         from the fold cache. Where autograd records (grad enabled, parameters that require it:
         frozen-BN fine-tuning, or an eval forward outside no_grad), the chains run stock's conv
         on the module's own weights instead, and channels_last activations with NCHW weights
-        would make every conv reorder its weight (and its weight's grad) per call: then they
-        stay as given, as stock's do (resnet50 batch 1 eval forward with grad enabled, NCHW
-        model: 0.89x torchvision before; benchmarks/RESULTS.md). (fx and jit.trace graphs,
-        made to deploy, always convert, as before.)"""
+        make every conv reorder its weight (and its weight's grad) per call: then they stay as
+        given, as stock's do, unless `x` is large enough for the channels_last convs to repay
+        that (training.eval_grad_channels_last). (fx and jit.trace graphs, made to deploy,
+        always convert, as before.)"""
         return (not folding.needs_grad(self.parameters())
-                or self.conv1.weight.is_contiguous(memory_format=torch.channels_last))
+                or self.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+                or training.eval_grad_channels_last(x, getattr(self, "_block_name", "")))
 
     @torch.jit.unused
     def _stage(self, stage: nn.Module, x: Tensor) -> Tensor:
