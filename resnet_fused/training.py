@@ -34,18 +34,21 @@ MEASURED_FASTER = {"cpu": ((torch.float32, torch.float64), (1 << 16, 1 << 11))}
 # autograd"); stock's ops elsewhere. $RESNET_FUSED_TRAIN_BN forces either way here too: the
 # same question, BatchNorm kernels under autograd.
 EVAL_GRAD_MEASURED = {"cpu": (torch.float32, torch.float64)}
-# ... and the layout of an NCHW model's activations there: channels_last activations with the
-# module's own NCHW weights make every conv reorder its weight (and, in the backward, its
-# weight's grad), a cost per call that the faster channels_last convs repay only on large
-# activations. So they stay as given below this many input pixels (N*H*W), per device type and
-# block type, and go channels_last from it. Measured on CPU (eval forward / forward + backward,
-# converting vs keeping, vs torchvision, 224x224 unless said; benchmarks/RESULTS.md):
-# resnet50 batch 2 0.96/0.97x vs 1.04/0.98x, batch 3 1.05/1.03x vs 1.00/0.97x, batch 8
-# 1.12/1.10x vs 0.99/1.01x, 448x448 batch 1 1.06/1.05x vs 0.96/1.00x; resnext50 batch 4
-# 1.05/1.09x vs 0.98/1.00x; resnet18 (3x3 convs, slower to repay) batch 4 0.94/1.03x vs
-# 0.96/1.06x, batch 5 1.01/1.02x vs 1.00/0.94x, batch 8 1.16/1.12x vs 0.98/1.02x. Other
-# devices and block types: not measured, kept as given.
-EVAL_GRAD_CHANNELS_LAST_FROM = {"cpu": {"Bottleneck": 125_000, "BasicBlock": 240_000}}
+# The layout of an NCHW model's activations in training and wherever autograd records (the
+# chains run stock's conv on the module's own weights): channels_last activations with NCHW
+# weights make every conv reorder its weight (and, in the backward, its weight's grad), a cost
+# per call that the faster channels_last convs repay only on large activations. So they stay as
+# given below this many input pixels (N*H*W), per device type and block type, and go
+# channels_last from it. Measured on CPU (resnet50 224x224 unless said, vs torchvision NCHW,
+# converting / keeping; benchmarks/RESULTS.md). Train step: resnet50 batch 2 1.09x / 1.10x,
+# batch 4 1.07x / 1.03x, batch 8 1.18x / 1.07x; resnet18 batch 4 0.95x / 1.04x, batch 8 1.10x
+# / 0.98x. Eval forward, forward + backward: resnet50 batch 2 0.96, 0.97x / 1.04, 0.98x; batch
+# 3 1.05, 1.03x / 1.00, 0.97x; batch 8 1.12, 1.10x / 0.99, 1.01x; 448x448 batch 1 1.06,
+# 1.05x / 0.96, 1.00x; resnext50 batch 4 1.05, 1.09x / 0.98, 1.00x; resnet18 (3x3 convs,
+# slower to repay) batch 4 0.94, 1.03x / 0.96, 1.06x, batch 5 1.01, 1.02x / 1.00, 0.94x,
+# batch 8 1.16, 1.12x / 0.98, 1.02x. All fp32 without autocast: other dtypes, devices and
+# block types are not measured, and stay as given.
+GRAD_CHANNELS_LAST_FROM = {("cpu", torch.float32): {"Bottleneck": 125_000, "BasicBlock": 240_000}}
 
 
 def _setting() -> str:
@@ -82,12 +85,13 @@ def eval_grad_fuses(y: torch.Tensor) -> bool:
     return y.dtype in EVAL_GRAD_MEASURED.get(y.device.type, ())
 
 
-def eval_grad_channels_last(x: torch.Tensor, block: str) -> bool:
-    """Whether an eval forward that autograd records on an NCHW model of `block`s (the block
-    class's name) turns the activations of its input `x` (N, C, H, W) channels_last
-    (EVAL_GRAD_CHANNELS_LAST_FROM)."""
-    least = EVAL_GRAD_CHANNELS_LAST_FROM.get(x.device.type, {}).get(block)
-    return least is not None and x.shape[0] * x.shape[2] * x.shape[3] >= least
+def grad_channels_last(x: torch.Tensor, block: str) -> bool:
+    """Whether a training forward, or one that autograd records, of an NCHW model of `block`s
+    (the block class's name) turns the activations of its input `x` (N, C, H, W) channels_last
+    (GRAD_CHANNELS_LAST_FROM: by device type and dtype, never under autocast)."""
+    least = GRAD_CHANNELS_LAST_FROM.get((x.device.type, x.dtype), {}).get(block)
+    return (least is not None and not torch.is_autocast_enabled(x.device.type)
+            and x.shape[0] * x.shape[2] * x.shape[3] >= least)
 
 
 def eval_grad_report(device: torch.device) -> str:

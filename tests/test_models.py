@@ -219,12 +219,15 @@ def test_eval_gradients_match(name, backend, monkeypatch):
         assert max_err(a, b) <= 1e-10 * max(b.abs().max().item(), 1e-30)
 
 
-def test_eval_with_autograd_keeps_the_weights_layout(monkeypatch):
+CPU_FP32 = ("cpu", torch.float32)
+
+
+def test_layout_where_autograd_records(monkeypatch):
     """Eval mode: activations go channels_last for the fused kernels (cached, prepared weights),
     except where autograd records on an NCHW model: its chains run stock's conv on the module's
     own weights, so the activations stay as given (no weight reorder per conv and call for
-    NCHW input) unless they are large enough to repay it; a channels_last model gets
-    channels_last activations either way."""
+    NCHW input) unless they are large enough to repay it, as in training; a channels_last
+    model gets channels_last activations either way."""
     model = resnet_fused.resnet18(num_classes=10).eval()
     x = _input((32, 32), torch.float32, channels_last=False)
     seen = []
@@ -238,29 +241,43 @@ def test_eval_with_autograd_keeps_the_weights_layout(monkeypatch):
         for p in model.parameters():
             p.requires_grad_(False)
         with torch.no_grad():
-            assert model._eval_wants_channels_last(x)
-        assert model._eval_wants_channels_last(x)  # (nothing records: the cached path)
+            assert model._wants_channels_last(x)
+        assert model._wants_channels_last(x)  # (nothing records: the cached path)
         for p in model.parameters():
             p.requires_grad_(True)
-        assert not model._eval_wants_channels_last(x)
+        assert not model._wants_channels_last(x)
         model(x.contiguous(memory_format=torch.channels_last))  # as given, as stock runs it
         assert seen and all(seen)
         seen.clear()
         # large activations (here: from 2 images of 32x32) go channels_last: the convs' gain
         # repays their weights' reorders
         pixels = x.shape[0] * x.shape[2] * x.shape[3]
-        monkeypatch.setitem(training.EVAL_GRAD_CHANNELS_LAST_FROM, "cpu", {"Bottleneck": 1})
-        assert not model._eval_wants_channels_last(x)  # (measured per block type)
-        monkeypatch.setitem(training.EVAL_GRAD_CHANNELS_LAST_FROM, "cpu", {"BasicBlock": pixels})
-        assert model._eval_wants_channels_last(x)
-        assert not model._eval_wants_channels_last(x[:1])
+        monkeypatch.setitem(training.GRAD_CHANNELS_LAST_FROM, CPU_FP32, {"Bottleneck": 1})
+        assert not model._wants_channels_last(x)  # (measured per block type)
+        assert resnet_fused.fuse(torchvision.models.resnet50())._block_name() == "Bottleneck"
+        monkeypatch.setitem(training.GRAD_CHANNELS_LAST_FROM, CPU_FP32, {"BasicBlock": pixels})
+        assert model._wants_channels_last(x)
+        assert not model._wants_channels_last(x[:1])
+        assert not model._wants_channels_last(x.double())  # (measured for fp32 only)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not model._wants_channels_last(x)
         model(x)
         assert seen and all(seen)
         seen.clear()
-        monkeypatch.setitem(training.EVAL_GRAD_CHANNELS_LAST_FROM, "cpu",
-                            {"BasicBlock": pixels + 1})
+        model.train()  # training runs stock's convs on the module's weights too: the same rule
+        assert model._wants_channels_last(x) and not model._wants_channels_last(x[:1])
+        with torch.no_grad():
+            assert not model._wants_channels_last(x[:1])
+        model(x)
+        assert seen and all(seen)
+        seen.clear()
+        model(x[:, :, :16, :16].contiguous())  # 2x16x16: below the size, as given
+        assert seen and not all(seen)
+        seen.clear()
+        model.eval()
+        monkeypatch.setitem(training.GRAD_CHANNELS_LAST_FROM, CPU_FP32, {"BasicBlock": pixels + 1})
         model = model.to(memory_format=torch.channels_last)
-        assert model._eval_wants_channels_last(x)
+        assert model._wants_channels_last(x)
         model(x)
         assert seen and all(seen)
 

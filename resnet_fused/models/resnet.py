@@ -143,7 +143,6 @@ class ResNet(_Scriptable):
         if norm_layer is None:
             norm_layer = nn.BatchNorm2d
         self._norm_layer = norm_layer
-        self._block_name = block.__name__  # (a layout rule is measured per block type)
 
         self.inplanes = 64
         self.dilation = 1
@@ -228,10 +227,14 @@ class ResNet(_Scriptable):
 
     @torch.jit.unused
     def _forward_fused(self, x: Tensor) -> Tensor:
-        if not isinstance(x, torch.fx.Proxy) and not torch.jit.is_tracing():
-            self._check_input(x)  # (captured graphs: checking the example input is moot)
-        if not self.training and (isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing()
-                                  or self._eval_wants_channels_last(x)):
+        if isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing():
+            # (captured graphs, made to deploy: checking the example input is moot, and eval
+            # graphs get the fused kernels' layout)
+            to_channels_last = not self.training
+        else:
+            self._check_input(x)
+            to_channels_last = self._wants_channels_last(x)
+        if to_channels_last:
             x = x.contiguous(memory_format=torch.channels_last)  # (once here, not per chain)
         x = conv_bn(self.conv1, self.bn1, x, act=self.relu)
         x = self.maxpool(x)
@@ -244,18 +247,25 @@ class ResNet(_Scriptable):
         return self.fc(x)
 
     @torch.jit.unused
-    def _eval_wants_channels_last(self, x: Tensor) -> bool:
-        """Eval mode: the fused kernels want NHWC activations, and their weights come prepared
-        from the fold cache. Where autograd records (grad enabled, parameters that require it:
-        frozen-BN fine-tuning, or an eval forward outside no_grad), the chains run stock's conv
-        on the module's own weights instead, and channels_last activations with NCHW weights
-        make every conv reorder its weight (and its weight's grad) per call: then they stay as
-        given, as stock's do, unless `x` is large enough for the channels_last convs to repay
-        that (training.eval_grad_channels_last). (fx and jit.trace graphs, made to deploy,
-        always convert, as before.)"""
-        return (not folding.needs_grad(self.parameters())
-                or self.conv1.weight.is_contiguous(memory_format=torch.channels_last)
-                or training.eval_grad_channels_last(x, getattr(self, "_block_name", "")))
+    def _wants_channels_last(self, x: Tensor) -> bool:
+        """The activations' layout. Eval mode where nothing records: channels_last, the fused
+        kernels' (their weights come prepared from the fold cache). In training, and where
+        autograd records in eval mode (frozen-BN fine-tuning, an eval forward outside no_grad),
+        the chains run stock's conv on the module's own weights, and channels_last activations
+        with NCHW weights make every conv reorder its weight (and its weight's grad) per call:
+        then they stay as given, as stock's do, unless the weights are channels_last or `x` is
+        large enough for the channels_last convs to repay that (training.grad_channels_last)."""
+        if not self.training and not folding.needs_grad(self.parameters()):
+            return True
+        return (self.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+                or training.grad_channels_last(x, self._block_name()))
+
+    @torch.jit.unused
+    def _block_name(self) -> str:
+        """The class name of layer1's first block: what a layout rule is measured for ('' where
+        it is not one of ours, e.g. a custom block class)."""
+        first = next(iter(self.layer1.children()), None)
+        return type(first).__name__ if type(first) in (BasicBlock, Bottleneck) else ""
 
     @torch.jit.unused
     def _stage(self, stage: nn.Module, x: Tensor) -> Tensor:
