@@ -37,18 +37,26 @@ EVAL_GRAD_MEASURED = {"cpu": (torch.float32, torch.float64)}
 # The layout of an NCHW model's activations in training and wherever autograd records (the
 # chains run stock's conv on the module's own weights): channels_last activations with NCHW
 # weights make every conv reorder its weight (and, in the backward, its weight's grad), a cost
-# per call that the faster channels_last convs repay only on large activations. So they stay as
-# given below this many input pixels (N*H*W), per device type and block type, and go
-# channels_last from it. Measured on CPU (resnet50 224x224 unless said, vs torchvision NCHW,
-# converting / keeping; benchmarks/RESULTS.md). Train step: resnet50 batch 2 1.09x / 1.10x,
-# batch 4 1.07x / 1.03x, batch 8 1.18x / 1.07x; resnet18 batch 4 0.95x / 1.04x, batch 8 1.10x
-# / 0.98x. Eval forward, forward + backward: resnet50 batch 2 0.96, 0.97x / 1.04, 0.98x; batch
-# 3 1.05, 1.03x / 1.00, 0.97x; batch 8 1.12, 1.10x / 0.99, 1.01x; 448x448 batch 1 1.06,
-# 1.05x / 0.96, 1.00x; resnext50 batch 4 1.05, 1.09x / 0.98, 1.00x; resnet18 (3x3 convs,
-# slower to repay) batch 4 0.94, 1.03x / 0.96, 1.06x, batch 5 1.01, 1.02x / 1.00, 0.94x,
-# batch 8 1.16, 1.12x / 0.98, 1.02x. All fp32 without autocast: other dtypes, devices and
-# block types are not measured, and stay as given.
-GRAD_CHANNELS_LAST_FROM = {("cpu", torch.float32): {"Bottleneck": 125_000, "BasicBlock": 240_000}}
+# per call that the faster channels_last convs repay only on large activations, the sooner the
+# more of the work is 1x1 convs (GEMMs in channels_last). So they stay as given below this many
+# input pixels (N*H*W) and go channels_last from it, per (device type, dtype) and model design
+# (block class, groups, width per group). Measured on CPU fp32, 224x224 unless said, converting
+# / keeping vs torchvision NCHW as eval forward, forward + backward (benchmarks/RESULTS.md):
+#   resnet50: batch 2 0.96, 0.97x / 1.04, 0.98x; 3 1.05, 1.03x / 1.00, 0.97x; 8 1.12, 1.10x /
+#     0.99, 1.01x; 448x448 batch 1 1.06, 1.05x / 0.96, 1.00x; train step batch 2 1.09x / 1.10x,
+#     4 1.07x / 1.03x, 8 1.18x / 1.07x. resnet101: batch 2 0.97, 0.97x / 0.99, 1.03x; 4 1.09,
+#     1.05x / 0.98, 1.02x.
+#   resnext50_32x4d: batch 2 0.96, 1.02x / 0.99, 0.99x; 4 1.05, 1.09x / 0.98, 1.00x.
+#   resnet18: batch 4 0.94, 1.03x / 0.96, 1.06x; 5 1.01, 1.02x / 1.00, 0.94x; 8 1.16, 1.12x /
+#     0.98, 1.02x; train step batch 4 0.95x / 1.04x, 8 1.10x / 0.98x. resnet34: batch 4 1.01,
+#     0.98x / 1.01, 1.01x; 8 1.04, 1.04x / 0.98, 0.99x.
+#   wide_resnet50_2: batch 4 0.94, 1.02x / 1.01, 1.00x; 6 0.97, 1.00x / 1.03, 1.00x; 8 0.99,
+#     1.05x / 0.99, 0.99x.
+# Other dtypes (and autocast), devices and designs (resnext101_32x8d, resnext101_64x4d): not
+# measured, kept as given.
+_BOTTLENECK, _BASIC, _WIDE = ("Bottleneck", 1, 64), ("BasicBlock", 1, 64), ("Bottleneck", 1, 128)
+GRAD_CHANNELS_LAST_FROM = {("cpu", torch.float32): {
+    _BOTTLENECK: 125_000, ("Bottleneck", 32, 4): 125_000, _BASIC: 240_000, _WIDE: 350_000}}
 
 
 def _setting() -> str:
@@ -85,11 +93,12 @@ def eval_grad_fuses(y: torch.Tensor) -> bool:
     return y.dtype in EVAL_GRAD_MEASURED.get(y.device.type, ())
 
 
-def grad_channels_last(x: torch.Tensor, block: str) -> bool:
-    """Whether a training forward, or one that autograd records, of an NCHW model of `block`s
-    (the block class's name) turns the activations of its input `x` (N, C, H, W) channels_last
-    (GRAD_CHANNELS_LAST_FROM: by device type and dtype, never under autocast)."""
-    least = GRAD_CHANNELS_LAST_FROM.get((x.device.type, x.dtype), {}).get(block)
+def grad_channels_last(x: torch.Tensor, design: Optional[tuple]) -> bool:
+    """Whether a training forward, or one that autograd records, of an NCHW model of `design`
+    (block class name, groups, width per group) turns the activations of its input `x` (N, C, H,
+    W) channels_last (GRAD_CHANNELS_LAST_FROM: by device type and dtype, never under
+    autocast)."""
+    least = GRAD_CHANNELS_LAST_FROM.get((x.device.type, x.dtype), {}).get(design)
     return (least is not None and not torch.is_autocast_enabled(x.device.type)
             and x.shape[0] * x.shape[2] * x.shape[3] >= least)
 

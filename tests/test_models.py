@@ -219,7 +219,7 @@ def test_eval_gradients_match(name, backend, monkeypatch):
         assert max_err(a, b) <= 1e-10 * max(b.abs().max().item(), 1e-30)
 
 
-CPU_FP32 = ("cpu", torch.float32)
+CPU_FP32, RESNET18 = ("cpu", torch.float32), ("BasicBlock", 1, 64)
 
 
 def test_layout_where_autograd_records(monkeypatch):
@@ -252,10 +252,10 @@ def test_layout_where_autograd_records(monkeypatch):
         # large activations (here: from 2 images of 32x32) go channels_last: the convs' gain
         # repays their weights' reorders
         pixels = x.shape[0] * x.shape[2] * x.shape[3]
-        monkeypatch.setitem(training.GRAD_CHANNELS_LAST_FROM, CPU_FP32, {"Bottleneck": 1})
-        assert not model._wants_channels_last(x)  # (measured per block type)
-        assert resnet_fused.fuse(torchvision.models.resnet50())._block_name() == "Bottleneck"
-        monkeypatch.setitem(training.GRAD_CHANNELS_LAST_FROM, CPU_FP32, {"BasicBlock": pixels})
+        monkeypatch.setitem(training.GRAD_CHANNELS_LAST_FROM, CPU_FP32, {("Bottleneck", 1, 64): 1})
+        assert not model._wants_channels_last(x)  # (measured per design)
+        assert resnet_fused.fuse(torchvision.models.resnet50())._design() == ("Bottleneck", 1, 64)
+        monkeypatch.setitem(training.GRAD_CHANNELS_LAST_FROM, CPU_FP32, {RESNET18: pixels})
         assert model._wants_channels_last(x)
         assert not model._wants_channels_last(x[:1])
         assert not model._wants_channels_last(x.double())  # (measured for fp32 only)
@@ -275,7 +275,7 @@ def test_layout_where_autograd_records(monkeypatch):
         assert seen and not all(seen)
         seen.clear()
         model.eval()
-        monkeypatch.setitem(training.GRAD_CHANNELS_LAST_FROM, CPU_FP32, {"BasicBlock": pixels + 1})
+        monkeypatch.setitem(training.GRAD_CHANNELS_LAST_FROM, CPU_FP32, {RESNET18: pixels + 1})
         model = model.to(memory_format=torch.channels_last)
         assert model._wants_channels_last(x)
         model(x)

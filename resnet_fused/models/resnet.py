@@ -258,14 +258,16 @@ class ResNet(_Scriptable):
         if not self.training and not folding.needs_grad(self.parameters()):
             return True
         return (self.conv1.weight.is_contiguous(memory_format=torch.channels_last)
-                or training.grad_channels_last(x, self._block_name()))
+                or training.grad_channels_last(x, self._design()))
 
     @torch.jit.unused
-    def _block_name(self) -> str:
-        """The class name of layer1's first block: what a layout rule is measured for ('' where
-        it is not one of ours, e.g. a custom block class)."""
+    def _design(self) -> Optional[tuple]:
+        """(block class name, groups, width per group): what a layout rule is measured for (None
+        where layer1's first block is not one of ours, e.g. a custom block class)."""
         first = next(iter(self.layer1.children()), None)
-        return type(first).__name__ if type(first) in (BasicBlock, Bottleneck) else ""
+        if type(first) not in (BasicBlock, Bottleneck):
+            return None
+        return (type(first).__name__, getattr(self, "groups", 1), getattr(self, "base_width", 64))
 
     @torch.jit.unused
     def _stage(self, stage: nn.Module, x: Tensor) -> Tensor:
