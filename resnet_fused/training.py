@@ -54,9 +54,12 @@ EVAL_GRAD_MEASURED = {"cpu": (torch.float32, torch.float64)}
 #     1.05x / 0.99, 0.99x.
 # Other dtypes (and autocast), devices and designs (resnext101_32x8d, resnext101_64x4d): not
 # measured, kept as given.
-_BOTTLENECK, _BASIC, _WIDE = ("Bottleneck", 1, 64), ("BasicBlock", 1, 64), ("Bottleneck", 1, 128)
 GRAD_CHANNELS_LAST_FROM = {("cpu", torch.float32): {
-    _BOTTLENECK: 125_000, ("Bottleneck", 32, 4): 125_000, _BASIC: 240_000, _WIDE: 350_000}}
+    ("Bottleneck", 1, 64): 125_000,  # resnet50/101/152
+    ("Bottleneck", 32, 4): 125_000,  # resnext50_32x4d
+    ("BasicBlock", 1, 64): 240_000,  # resnet18/34
+    ("Bottleneck", 1, 128): 350_000,  # wide_resnet50_2/101_2
+}}
 
 
 def _setting() -> str:

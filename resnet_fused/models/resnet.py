@@ -267,7 +267,7 @@ class ResNet(_Scriptable):
         first = next(iter(self.layer1.children()), None)
         if type(first) not in (BasicBlock, Bottleneck):
             return None
-        return (type(first).__name__, getattr(self, "groups", 1), getattr(self, "base_width", 64))
+        return (type(first).__name__, self.groups, self.base_width)
 
     @torch.jit.unused
     def _stage(self, stage: nn.Module, x: Tensor) -> Tensor:
