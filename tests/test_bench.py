@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import json
+import platform
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -68,10 +71,42 @@ def test_bench_cli_json_and_plot(tmp_path, capsys):
         assert r["images_per_s"] == pytest.approx(r["batch"] / r["median_ms"] * 1e3)
         assert r["max_rel_diff_vs_eager"] < 1e-3
         assert r["reps"] >= 2 and len(r["times_ms"]) == r["reps"]
+        assert r["page_faults_per_call"] >= 0 or timing.minor_faults() is None
+    assert meta["heap"] == "the allocator as configured"
     assert all(r["speedup_vs_eager"] == 1.0 for r in rows if r["provider"] == "eager")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     out = capsys.readouterr().out
     assert "median ms" in out and "vs eager" in out and "fused" in out
+
+
+_FAULTS_OF_A_FRESH_BLOCK = """
+import sys, torch
+from resnet_fused.tools import timing
+if sys.argv[1] == "keep":
+    print(timing.keep_heap_memory())
+torch.empty(16 << 20).fill_(1.0)  # 64 MiB, freed: above glibc's largest mmap threshold
+f0 = timing.minor_faults()
+torch.empty(15 << 20).fill_(1.0)  # 60 MiB: fits in the freed block where the heap kept it
+print(timing.minor_faults() - f0)
+"""
+
+
+@pytest.mark.skipif(timing.minor_faults() is None, reason="no page-fault count on this platform")
+def test_keep_heap_memory_stops_the_allocators_page_faults():
+    """timing.keep_heap_memory (bench --keep-heap): a freed block is reused without faulting its
+    pages in again; as configured, glibc unmaps it and the next one faults every page. In a
+    subprocess: the setting is for the whole process."""
+    if platform.libc_ver()[0] != "glibc":
+        with pytest.raises(RuntimeError, match="glibc"):
+            timing.keep_heap_memory()
+        return
+    page = 4096
+    runs = {how: subprocess.run([sys.executable, "-c", _FAULTS_OF_A_FRESH_BLOCK, how],
+                                capture_output=True, text=True, check=True).stdout.split("\n")
+            for how in ("as-configured", "keep")}
+    assert "mallopt" in runs["keep"][0]
+    assert int(runs["keep"][1]) < 64, runs  # (a few pages of the interpreter's own)
+    assert int(runs["as-configured"][0]) >= (60 << 20) // page // 2, runs
 
 
 def test_bench_train_cli(tmp_path, capsys):

@@ -32,6 +32,9 @@ fp16/bf16) and the providers are bench_train's; TFLOP/s counts 3x the forward's 
 With --eval-grad, the models stay in eval mode but autograd records (parameters require grad):
 `forward` times an eval forward run outside torch.no_grad(), `backward` a frozen-BatchNorm
 fine-tuning step (gradients cleared, forward, sum, backward; TFLOP/s counts 3x the forward's).
+On CPU each row reports the median minor page faults of a call: glibc hands freed memory back to
+the system and faults it in again, ~1-2 us a page, differently for each model's allocation order;
+--keep-heap turns that off for the process (every provider alike) to compare the compute alone.
 """
 from __future__ import annotations
 
@@ -53,7 +56,8 @@ import torch
 from .. import backends, training
 from ..walk import count_macs
 from . import bench_train, cli
-from .timing import (device_name, interleaved, measure, selected, summarize, synchronize,
+from .timing import (device_name, interleaved, keep_heap_memory, measure, quantile, selected,
+                     summarize, synchronize,
                      versions)
 
 BASE_PROVIDERS = ("eager", "eager_cl", "compile", "compile_max", "jit_ofi", "openvino")
@@ -247,11 +251,13 @@ def run_bench(arch: str = "resnet50", batches: Sequence[int] = (8,),
               min_time_s: Optional[float] = None, progress: bool = True, seed: int = 0,
               on_row: Optional[Callable[[Dict[str, Any]], None]] = None,
               train: bool = False, autocast: bool = False,
-              eval_grad: Optional[str] = None) -> Dict[str, Any]:
+              eval_grad: Optional[str] = None, keep_heap: bool = False) -> Dict[str, Any]:
     """Run the side-by-side benchmark; returns {"meta": ..., "results": [...]} (see module doc).
     train=True: training steps with bench_train's providers. autocast=True: fp16/bf16 inference
     rows run fp32 models under torch.autocast. eval_grad='forward'|'backward': eval mode with
-    autograd recording (the forward alone, or forward + backward).
+    autograd recording (the forward alone, or forward + backward). keep_heap=True: CPU timing
+    with freed memory kept in the heap (timing.keep_heap_memory: no page faults from the
+    allocator, for the whole process).
 
     `on_row(report_so_far)` is called after every row (the CLI rewrites --json with it, so a run
     cut short by a timeout keeps the rows it finished)."""
@@ -264,6 +270,7 @@ def run_bench(arch: str = "resnet50", batches: Sequence[int] = (8,),
         bench_train.default_providers(dev) if train else default_providers(dev))
     if min_time_s is None:
         min_time_s = 1.0 if dev.type == "cuda" else 6.0
+    heap = keep_heap_memory() if keep_heap else "the allocator as configured"
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
     macs_per_image = count_macs(arch, size)
@@ -282,6 +289,7 @@ def run_bench(arch: str = "resnet50", batches: Sequence[int] = (8,),
             "available_backends": available_fused_backends(dev),
             "macs_per_image": macs_per_image,
             "cudnn_benchmark": bool(torch.backends.cudnn.benchmark) if dev.type == "cuda" else None,
+            "heap": heap if dev.type == "cpu" else None,
             "timing": ("CUDA events per call, one provider at a time" if dev.type == "cuda" else
                        "time.perf_counter per call, providers interleaved round by round") +
                       f", warm-up {warmup}, >= {min_reps} reps and >= {min_time_s:g} s per "
@@ -375,10 +383,13 @@ def run_bench(arch: str = "resnet50", batches: Sequence[int] = (8,),
                     emit(row)
             if ready:  # CPU: all providers interleaved, round by round
                 _progress(progress, f"      timing {len(ready)} providers interleaved ...")
+                faults: List[List[int]] = []
                 times = interleaved([(r, n) for _, r, n in ready], warmup, min_reps, max_reps,
-                                     min_time_s, inference=not grad)
-                for (row, _, _), t in zip(ready, times):
+                                     min_time_s, inference=not grad, faults=faults)
+                for (row, _, _), t, f in zip(ready, times, faults):
                     finish(row, t, batch)
+                    if f:  # the allocator's share of the time (timing module doc)
+                        row["page_faults_per_call"] = quantile(f, 0.5)
                 _set_speedup(rows)
                 for row in rows:
                     emit(row)
@@ -426,7 +437,10 @@ def format_table(report: Dict[str, Any]) -> str:
              f"torch {v['torch']}, triton {v['triton']}; auto backend -> {m['auto_backend']}",
              f"timing: {m['timing']}",
              f"{'batch':>5} {'dtype':5} {'provider':34} {'median ms':>10} {'p20 ms':>10} "
-             f"{'p80 ms':>10} {'img/s':>9} {'vs eager':>8} {'TFLOP/s':>8} {'rel diff':>8}"]
+             f"{'p80 ms':>10} {'img/s':>9} {'vs eager':>8} {'TFLOP/s':>8} {'rel diff':>8}"
+             f"{' faults':>8}"]
+    if m.get("heap"):
+        lines.insert(2, f"heap: {m['heap']}; faults: the median minor page faults of a call")
     for r in report["results"]:
         head = f"{r['batch']:>5} {r['dtype']:5} {r['label'][:34]:34}"
         if "error" in r:
@@ -435,8 +449,10 @@ def format_table(report: Dict[str, Any]) -> str:
         speed = f"{r['speedup_vs_eager']:7.2f}x" if "speedup_vs_eager" in r else f"{'-':>8}"
         diff = (f"{r['max_rel_diff_vs_eager']:8.1e}" if "max_rel_diff_vs_eager" in r
                 else f"{'-':>8}")
+        faults = (f"{r['page_faults_per_call']:8.0f}" if "page_faults_per_call" in r
+                  else f"{'-':>8}")
         lines.append(f"{head} {r['median_ms']:10.3f} {r['p20_ms']:10.3f} {r['p80_ms']:10.3f} "
-                     f"{r['images_per_s']:9.1f} {speed} {r['tflops']:8.3f} {diff}")
+                     f"{r['images_per_s']:9.1f} {speed} {r['tflops']:8.3f} {diff}{faults}")
     return "\n".join(lines)
 
 
@@ -520,6 +536,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "with the providers " + ", ".join(bench_train.PROVIDERS) +
                         " (default: " + ", ".join(bench_train.default_providers(
                             torch.device("cpu"))) + " on cpu)")
+    p.add_argument("--keep-heap", action="store_true",
+                   help="CPU: keep freed memory in the process's heap (glibc mallopt: no mmap, "
+                        "no trimming), so that no provider's time includes page faults from the "
+                        "allocator (each row reports its faults per call either way)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -549,7 +569,8 @@ def main(args: argparse.Namespace) -> int:
                        str(dev), args.size, args.warmup, args.min_reps, args.max_reps,
                        args.min_time, progress=not args.quiet,
                        on_row=write_json if args.json else None, train=args.train,
-                       autocast=args.autocast, eval_grad=args.eval_grad)
+                       autocast=args.autocast, eval_grad=args.eval_grad,
+                       keep_heap=args.keep_heap)
     print(format_table(report))
     if args.json:
         write_json(report)

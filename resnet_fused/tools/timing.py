@@ -6,10 +6,17 @@ machine's description, statistics, and the three ways a call is timed.
   from other processes on a shared machine hits all of them alike.
 - time_ms(): one median; triton.testing.do_bench on CUDA (L2 flushed between calls) when triton
   imports, else measure().
+
+CPU timings carry the allocator's page faults: glibc returns freed memory to the system (heap
+trimming, mmap for large blocks) and the next call faults it back in, a cost that differs between
+models (their allocation order) and between runs. `interleaved` counts them per call and
+`keep_heap_memory()` switches them off for the whole process (benchmarks/RESULTS.md, "Page
+faults").
 """
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import math
 import platform
 import time
@@ -73,6 +80,32 @@ def summarize(times_ms: Sequence[float]) -> Dict[str, float]:
             "p80_ms": quantile(times_ms, 0.8), "reps": len(times_ms)}
 
 
+# ------------------------------------------------------------------------ host allocator --
+def minor_faults() -> Optional[int]:
+    """This process's minor page faults so far (None where the platform does not count them)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
+
+
+def keep_heap_memory() -> str:
+    """Keep freed memory in this process's heap (glibc: no mmap'd blocks, no trimming), so that
+    repeated calls reuse it instead of faulting pages in again; for the whole process, every
+    provider alike. Returns a description for the report; raises RuntimeError elsewhere."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        raise RuntimeError(f"keep heap: needs glibc's mallopt, this is "
+                           f"{platform.system()} {platform.libc_ver()[0] or 'without glibc'}")
+    libc = ctypes.CDLL(None)
+    if not (libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, 2 ** 31 - 1)):
+        raise RuntimeError("keep heap: glibc's mallopt refused M_MMAP_MAX=0 / M_TRIM_THRESHOLD")
+    return "glibc heap kept (mallopt M_MMAP_MAX=0, M_TRIM_THRESHOLD=2^31-1)"
+
+
 # -------------------------------------------------------------------------------- timing --
 def measure(fn: Callable[[], Any], device: torch.device, *, warmup: int = 1, min_reps: int = 5,
             max_reps: int = 100, min_time_s: float = 1.0) -> List[float]:
@@ -118,13 +151,17 @@ def selected(name: Optional[str]):
 
 
 def interleaved(runs: List[tuple], warmup: int, min_reps: int, max_reps: int,
-                min_time_s: float, inference: bool = True) -> List[List[float]]:
+                min_time_s: float, inference: bool = True,
+                faults: Optional[List[List[int]]] = None) -> List[List[float]]:
     """CPU timing, fair on a shared machine: `runs` are (callable, backend name or None); each
     round calls every one once (in a rotating order), so load from other processes hits all
     alike. `min_time_s` is per callable. Returns per-call ms, one list per run. inference=False
-    for callables that need autograd (training steps)."""
+    for callables that need autograd (training steps). `faults`, a list: gets one list per run
+    of the minor page faults each timed call took (empty lists where the platform has no count).
+    """
     n = len(runs)
     times: List[List[float]] = [[] for _ in range(n)]
+    counted: List[List[int]] = [[] for _ in range(n)]
     with torch.inference_mode() if inference else contextlib.nullcontext():
         for _ in range(warmup):
             for run, name in runs:
@@ -137,12 +174,17 @@ def interleaved(runs: List[tuple], warmup: int, min_reps: int, max_reps: int,
                 i = (k + rnd) % n
                 run, name = runs[i]
                 with selected(name):
+                    f0 = minor_faults()
                     t0 = time.perf_counter()
                     run()
                     times[i].append((time.perf_counter() - t0) * 1e3)
+                    if f0 is not None:
+                        counted[i].append(minor_faults() - f0)
             rnd += 1
             if rnd >= min_reps and time.perf_counter() - begin >= min_time_s * n:
                 break
+    if faults is not None:
+        faults.extend(counted)
     return times
 
 
@@ -217,5 +259,6 @@ def measured_peak_tflops(device: torch.device, dtype: torch.dtype) -> Tuple[floa
                      f"{', '.join(tried)} GFLOP/s")
 
 
-__all__ = ["device_name", "versions", "synchronize", "quantile", "summarize", "measure",
-           "selected", "interleaved", "time_ms", "measured_peak_tflops"]
+__all__ = ["device_name", "versions", "synchronize", "quantile", "summarize", "minor_faults",
+           "keep_heap_memory", "measure", "selected", "interleaved", "time_ms",
+           "measured_peak_tflops"]
