@@ -45,7 +45,9 @@ EVAL_GRAD_MEASURED = {"cpu": (torch.float32, torch.float64)}
 #   resnet50: batch 2 0.96, 0.97x / 1.04, 0.98x; 3 1.05, 1.03x / 1.00, 0.97x; 8 1.12, 1.10x /
 #     0.99, 1.01x; 448x448 batch 1 1.06, 1.05x / 0.96, 1.00x; train step batch 2 1.09x / 1.10x,
 #     4 1.07x / 1.03x, 8 1.18x / 1.07x. resnet101: batch 2 0.97, 0.97x / 0.99, 1.03x; 4 1.09,
-#     1.05x / 0.98, 1.02x.
+#     1.05x / 0.98, 1.02x. resnet50 with replace_stride_with_dilation=[False, True, True] (the
+#     same key; forward + backward, train step): batch 1 0.98x / 1.02x; 2 0.99x, 1.04x / 0.99x,
+#     1.03x; 3 1.01x, 1.05x / 0.99x, 1.03x.
 #   resnext50_32x4d: batch 2 0.96, 1.02x / 0.99, 0.99x; 4 1.05, 1.09x / 0.98, 1.00x.
 #   resnet18: batch 4 0.94, 1.03x / 0.96, 1.06x; 5 1.01, 1.02x / 1.00, 0.94x; 8 1.16, 1.12x /
 #     0.98, 1.02x; train step batch 4 0.95x / 1.04x, 8 1.10x / 0.98x. resnet34: batch 4 1.01,
