@@ -11,7 +11,7 @@ import torch
 
 from resnet_fused import backends
 from resnet_fused.__main__ import main
-from resnet_fused.tools import bench, timing
+from resnet_fused.tools import bench, bench_isolated, timing
 
 import components
 
@@ -71,7 +71,7 @@ def test_bench_cli_json_and_plot(tmp_path, capsys):
         assert r["images_per_s"] == pytest.approx(r["batch"] / r["median_ms"] * 1e3)
         assert r["max_rel_diff_vs_eager"] < 1e-3
         assert r["reps"] >= 2 and len(r["times_ms"]) == r["reps"]
-        assert r["page_faults_per_call"] >= 0 or timing.minor_faults() is None
+        assert timing.minor_faults() is None or r["page_faults_per_call"] >= 0
     assert meta["heap"] == "the allocator as configured"
     assert all(r["speedup_vs_eager"] == 1.0 for r in rows if r["provider"] == "eager")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -107,6 +107,50 @@ def test_keep_heap_memory_stops_the_allocators_page_faults():
     assert "mallopt" in runs["keep"][0]
     assert int(runs["keep"][1]) < 64, runs  # (a few pages of the interpreter's own)
     assert int(runs["as-configured"][0]) >= (60 << 20) // page // 2, runs
+
+
+def test_bench_isolate_runs_each_provider_in_processes_of_its_own(tmp_path):
+    """--isolate N: every provider timed alone in N fresh processes; a row merges their calls
+    and the speed-up is against the merged eager row."""
+    js = tmp_path / "i.json"
+    rc = main(["bench", "--arch", "resnet18", "--batch", "1", "--size", "32", "--device", "cpu",
+               "--providers", "eager,fused:torch", "--isolate", "2", "--min-reps", "2",
+               "--warmup", "0", "--threads", "1", "--quiet", "--json", str(js)])
+    assert rc == 0
+    report = json.loads(js.read_text())
+    assert "processes of its own" in report["meta"]["timing"]
+    rows = {r["provider"]: r for r in report["results"]}
+    assert list(rows) == ["eager", "fused:torch"]
+    for r in rows.values():
+        assert "error" not in r, r
+        assert r["processes"] == 2 and r["reps"] == 4 and len(r["times_ms"]) == 4
+        assert r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
+        assert "max_rel_diff_vs_eager" not in r  # (outputs live in different processes)
+    assert rows["eager"]["speedup_vs_eager"] == 1.0
+    assert rows["fused:torch"]["speedup_vs_eager"] == pytest.approx(
+        rows["eager"]["median_ms"] / rows["fused:torch"]["median_ms"])
+
+
+def test_bench_isolate_merge_keeps_errors_and_scales_rates():
+    def report(times, tflops, error=None):
+        row = {"batch": 2, "dtype": "fp32", "provider": "fused:torch", "label": "f"}
+        if error:
+            row["error"] = error
+        else:
+            row.update(timing.summarize(times), times_ms=times, tflops=tflops,
+                       page_faults=[1] * len(times), max_rel_diff_vs_eager=0.0)
+        eager = {"batch": 2, "dtype": "fp32", "provider": "eager", "label": "e",
+                 **timing.summarize([4.0, 4.0]), "times_ms": [4.0, 4.0], "tflops": 1.0}
+        return {"meta": {"arch": "resnet18"}, "results": [eager, row]}
+    merged = bench_isolated.merge([report([1.0, 3.0], 2.0), report([2.0, 2.0], 2.0)], 2, 2)
+    eager, fused = merged["results"]
+    assert fused["times_ms"] == [1.0, 3.0, 2.0, 2.0] and fused["median_ms"] == 2.0
+    assert fused["tflops"] == pytest.approx(2.0) and fused["speedup_vs_eager"] == 2.0
+    assert fused["processes"] == 2 and fused["page_faults_per_call"] == 1
+    assert "max_rel_diff_vs_eager" not in fused and eager["reps"] == 4
+    merged = bench_isolated.merge([report([1.0], 1.0), report(None, None, "RuntimeError: x")],
+                                  2, 1)
+    assert merged["results"][1]["error"] == "RuntimeError: x"
 
 
 def test_bench_train_cli(tmp_path, capsys):

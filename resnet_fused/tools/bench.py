@@ -34,7 +34,8 @@ With --eval-grad, the models stay in eval mode but autograd records (parameters 
 fine-tuning step (gradients cleared, forward, sum, backward; TFLOP/s counts 3x the forward's).
 On CPU each row reports the median minor page faults of a call: glibc hands freed memory back to
 the system and faults it in again, ~1-2 us a page, differently for each model's allocation order;
---keep-heap turns that off for the process (every provider alike) to compare the compute alone.
+--keep-heap turns that off for the process (every provider alike) to compare the compute alone;
+--isolate N times each provider alone in N processes of its own instead (bench_isolated).
 """
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ import torch
 
 from .. import backends, training
 from ..walk import count_macs
-from . import bench_train, cli
+from . import bench_isolated, bench_train, cli
 from .timing import (device_name, interleaved, keep_heap_memory, measure, quantile, selected,
                      summarize, synchronize,
                      versions)
@@ -389,6 +390,7 @@ def run_bench(arch: str = "resnet50", batches: Sequence[int] = (8,),
                 for (row, _, _), t, f in zip(ready, times, faults):
                     finish(row, t, batch)
                     if f:  # the allocator's share of the time (timing module doc)
+                        row["page_faults"] = f
                         row["page_faults_per_call"] = quantile(f, 0.5)
                 _set_speedup(rows)
                 for row in rows:
@@ -536,6 +538,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "with the providers " + ", ".join(bench_train.PROVIDERS) +
                         " (default: " + ", ".join(bench_train.default_providers(
                             torch.device("cpu"))) + " on cpu)")
+    p.add_argument("--isolate", type=cli.positive_int, metavar="N", default=None,
+                   help="CPU: time each provider alone in N processes of its own (alternating, "
+                        "--min-reps calls each), as a user's process runs one model, instead of "
+                        "interleaved in this one (which shares its heap between them)")
     p.add_argument("--keep-heap", action="store_true",
                    help="CPU: keep freed memory in the process's heap (glibc mallopt: no mmap, "
                         "no trimming), so that no provider's time includes page faults from the "
@@ -565,12 +571,19 @@ def main(args: argparse.Namespace) -> int:
     providers = (([p.strip() for p in args.providers.split(",") if p.strip()]
                   if args.providers else None) if args.train
                  else expand_providers(args.providers, dev))
-    report = run_bench(args.arch, batches, dtypes, providers,
-                       str(dev), args.size, args.warmup, args.min_reps, args.max_reps,
-                       args.min_time, progress=not args.quiet,
-                       on_row=write_json if args.json else None, train=args.train,
-                       autocast=args.autocast, eval_grad=args.eval_grad,
-                       keep_heap=args.keep_heap)
+    if args.isolate:
+        if dev.type != "cpu":
+            raise SystemExit(f"bench: --isolate times CPU processes, got --device {dev.type}")
+        providers = providers or (bench_train.default_providers(dev) if args.train
+                                  else default_providers(dev))
+        report = bench_isolated.run(args, batches, dtypes, providers, progress=not args.quiet)
+    else:
+        report = run_bench(args.arch, batches, dtypes, providers,
+                           str(dev), args.size, args.warmup, args.min_reps, args.max_reps,
+                           args.min_time, progress=not args.quiet,
+                           on_row=write_json if args.json else None, train=args.train,
+                           autocast=args.autocast, eval_grad=args.eval_grad,
+                           keep_heap=args.keep_heap)
     print(format_table(report))
     if args.json:
         write_json(report)
