@@ -100,13 +100,21 @@ def test_keep_heap_memory_stops_the_allocators_page_faults():
         with pytest.raises(RuntimeError, match="glibc"):
             timing.keep_heap_memory()
         return
-    page = 4096
     runs = {how: subprocess.run([sys.executable, "-c", _FAULTS_OF_A_FRESH_BLOCK, how],
                                 capture_output=True, text=True, check=True).stdout.split("\n")
             for how in ("as-configured", "keep")}
     assert "mallopt" in runs["keep"][0]
-    assert int(runs["keep"][1]) < 64, runs  # (a few pages of the interpreter's own)
-    assert int(runs["as-configured"][0]) >= (60 << 20) // page // 2, runs
+    kept, as_configured = int(runs["keep"][1]), int(runs["as-configured"][0])
+    # (4 KiB pages: 15,360 faults as configured; a few of the interpreter's own when kept.
+    # Transparent huge pages fault fewer, larger pages: the ratio still holds.)
+    assert kept < 64 and 8 * kept < as_configured, runs
+
+
+def test_keep_heap_without_glibc_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(platform, "libc_ver", lambda *a, **k: ("", ""))
+    with pytest.raises(SystemExit, match="needs glibc's mallopt"):
+        main(["bench", "--keep-heap", "--arch", "resnet18", "--batch", "1", "--size", "32",
+              "--device", "cpu", "--quiet"])
 
 
 def test_bench_isolate_runs_each_provider_in_processes_of_its_own(tmp_path):
@@ -142,10 +150,12 @@ def test_bench_isolate_merge_keeps_errors_and_scales_rates():
         eager = {"batch": 2, "dtype": "fp32", "provider": "eager", "label": "e",
                  **timing.summarize([4.0, 4.0]), "times_ms": [4.0, 4.0], "tflops": 1.0}
         return {"meta": {"arch": "resnet18"}, "results": [eager, row]}
-    merged = bench_isolated.merge([report([1.0, 3.0], 2.0), report([2.0, 2.0], 2.0)], 2, 2)
+    # the same work in both processes: 2 TFLOP/s at a median of 2 ms, 1 TFLOP/s at 4 ms
+    merged = bench_isolated.merge([report([1.0, 3.0], 2.0), report([4.0, 4.0], 1.0)], 2, 2)
     eager, fused = merged["results"]
-    assert fused["times_ms"] == [1.0, 3.0, 2.0, 2.0] and fused["median_ms"] == 2.0
-    assert fused["tflops"] == pytest.approx(2.0) and fused["speedup_vs_eager"] == 2.0
+    assert fused["times_ms"] == [1.0, 3.0, 4.0, 4.0] and fused["median_ms"] == 3.5
+    assert fused["tflops"] == pytest.approx(4.0 / 3.5)
+    assert fused["speedup_vs_eager"] == pytest.approx(4.0 / 3.5)
     assert fused["processes"] == 2 and fused["page_faults_per_call"] == 1
     assert "max_rel_diff_vs_eager" not in fused and eager["reps"] == 4
     merged = bench_isolated.merge([report([1.0], 1.0), report(None, None, "RuntimeError: x")],

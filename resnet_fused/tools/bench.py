@@ -571,6 +571,11 @@ def main(args: argparse.Namespace) -> int:
     providers = (([p.strip() for p in args.providers.split(",") if p.strip()]
                   if args.providers else None) if args.train
                  else expand_providers(args.providers, dev))
+    if args.keep_heap:
+        try:
+            keep_heap_memory()  # (here: a clear error before any timing; idempotent)
+        except RuntimeError as e:
+            raise SystemExit(f"bench: {e}") from None
     if args.isolate:
         if dev.type != "cpu":
             raise SystemExit(f"bench: --isolate times CPU processes, got --device {dev.type}")
