@@ -12,7 +12,6 @@ resnet_fused.tools.timing).
 from __future__ import annotations
 
 import statistics
-import time
 from typing import Any, Callable, Dict, List, Optional
 
 import pytest
@@ -48,12 +47,10 @@ class Timed:
             end.synchronize()
             self.times_ms.append(start.elapsed_time(end))
         else:
-            f0 = timing.minor_faults()
-            t0 = time.perf_counter()
-            self.fn()
-            self.times_ms.append((time.perf_counter() - t0) * 1e3)
-            if f0 is not None:
-                self.faults.append(timing.minor_faults() - f0)
+            ms, faults = timing.cpu_call(self.fn)
+            self.times_ms.append(ms)
+            if faults is not None:
+                self.faults.append(faults)
 
 
 def run_pedantic(benchmark, fn: Callable[[], Any], device: torch.device, *, rounds: int,

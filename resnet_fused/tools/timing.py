@@ -90,6 +90,16 @@ def minor_faults() -> Optional[int]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
+def cpu_call(fn: Callable[[], Any]) -> Tuple[float, Optional[int]]:
+    """fn() timed as a synchronous call: its ms (time.perf_counter) and the minor page faults
+    it took (None where the platform does not count them)."""
+    f0 = minor_faults()
+    t0 = time.perf_counter()
+    fn()
+    ms = (time.perf_counter() - t0) * 1e3
+    return ms, (None if f0 is None else minor_faults() - f0)
+
+
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
 
 
@@ -174,12 +184,10 @@ def interleaved(runs: List[tuple], warmup: int, min_reps: int, max_reps: int,
                 i = (k + rnd) % n
                 run, name = runs[i]
                 with selected(name):
-                    f0 = minor_faults()
-                    t0 = time.perf_counter()
-                    run()
-                    times[i].append((time.perf_counter() - t0) * 1e3)
-                    if f0 is not None:
-                        counted[i].append(minor_faults() - f0)
+                    ms, faults_taken = cpu_call(run)
+                times[i].append(ms)
+                if faults_taken is not None:
+                    counted[i].append(faults_taken)
             rnd += 1
             if rnd >= min_reps and time.perf_counter() - begin >= min_time_s * n:
                 break
@@ -260,5 +268,5 @@ def measured_peak_tflops(device: torch.device, dtype: torch.dtype) -> Tuple[floa
 
 
 __all__ = ["device_name", "versions", "synchronize", "quantile", "summarize", "minor_faults",
-           "keep_heap_memory", "measure", "selected", "interleaved", "time_ms",
+           "cpu_call", "keep_heap_memory", "measure", "selected", "interleaved", "time_ms",
            "measured_peak_tflops"]
