@@ -28,10 +28,11 @@ from .ops import epilogue_dtype
 Sources = Tuple[Optional[torch.Tensor], ...]
 
 
-def foldable(bn: nn.Module) -> bool:
+def foldable(bn: nn.Module, tensors: Sources) -> bool:
     """A norm layer that is an affine per-channel map in eval: BatchNorm with running stats
-    (incl. SyncBatchNorm) or torchvision's FrozenBatchNorm2d."""
-    return (_tensor(bn, "running_mean") is not None and _tensor(bn, "running_var") is not None
+    (incl. SyncBatchNorm) or torchvision's FrozenBatchNorm2d. `tensors`: its chain's
+    `sources`."""
+    return (tensors[4] is not None and tensors[5] is not None
             and isinstance(getattr(bn, "eps", None), float))
 
 

@@ -31,10 +31,14 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def fusable(conv: nn.Module, bn: nn.Module) -> bool:
-    """True when conv -> bn can run as one folded conv_bn_act call right now."""
-    return (type(conv) is nn.Conv2d and conv.padding_mode == "zeros"
-            and not isinstance(conv.padding, str) and not bn.training and folding.foldable(bn))
+def fold_sources(conv: nn.Module, bn: nn.Module) -> Optional[folding.Sources]:
+    """The tensors the fold reads (folding.sources) when conv -> bn can run as one folded
+    conv_bn_act call right now, else None."""
+    if (bn.training or type(conv) is not nn.Conv2d or conv.padding_mode != "zeros"
+            or isinstance(conv.padding, str)):
+        return None
+    tensors = folding.sources(conv, bn)  # (one read of each; the fold's cache key is in it)
+    return tensors if folding.foldable(bn, tensors) else None
 
 
 def observed(*modules: Optional[nn.Module]) -> bool:
@@ -119,40 +123,37 @@ def graph_chain(x: torch.Tensor, weight: torch.Tensor, conv_bias: Optional[torch
     return apply(backend, prepared, x, residual, stride, padding, dilation, groups, relu)
 
 
-def _capturing(x) -> bool:
-    """torch.compile, torch.fx symbolic tracing (x is a Proxy) or torch.jit.trace."""
-    return (torch.compiler.is_compiling() or isinstance(x, torch.fx.Proxy)
-            or torch.jit.is_tracing())
-
-
-def _stock_only(x) -> bool:
-    """ONNX export (standard ONNX ops, not our custom op) or meta tensors (shapes only)."""
+def _stock_only(x, capturing: bool) -> bool:
+    """ONNX export (standard ONNX ops, not our custom op) or meta tensors (shapes only).
+    `capturing`: torch.compile or torch.jit.trace is running."""
     if isinstance(x, torch.Tensor) and x.is_meta:
         return True
     # both ONNX exporters trace (jit.trace or torch.export): ask the slower question only then
-    capturing = (torch.jit.is_tracing() or torch.compiler.is_compiling()
-                 or torch.compiler.is_exporting())
-    return capturing and torch.onnx.is_in_onnx_export()
+    return (capturing or torch.compiler.is_exporting()) and torch.onnx.is_in_onnx_export()
 
 
 def conv_bn(conv: nn.Module, bn: nn.Module, x: torch.Tensor,
             residual: Optional[torch.Tensor] = None,
             act: Optional[nn.Module] = None) -> torch.Tensor:
     """One chain of a torchvision ResNet: act?(bn(conv(x)) + residual), `act` the block's ReLU
-    module (None: no activation); how it runs is in the module docstring."""
-    if (observed(conv, bn, act) or (act is not None and type(act) is not nn.ReLU)
-            or _stock_only(x)):
+    module (None: no activation); how it runs is in the module docstring. (Every chain of every
+    call runs this: each question is asked once, cheapest first; benchmarks/bench_host.py.)"""
+    if observed(conv, bn, act) or (act is not None and type(act) is not nn.ReLU):
+        return module_chain(conv, bn, x, residual, act)
+    tracing = torch.jit.is_tracing()
+    capturing = tracing or torch.compiler.is_compiling()
+    if _stock_only(x, capturing):
         return module_chain(conv, bn, x, residual, act)
     relu = act is not None
-    if not fusable(conv, bn):
-        if isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing():
+    symbolic = isinstance(x, torch.fx.Proxy)
+    tensors = fold_sources(conv, bn)
+    if tensors is None:
+        if symbolic or tracing:
             return module_chain(conv, bn, x, residual, act)
         return train_chain(conv, bn, x, residual, relu)  # (compiled too: its ops are custom ops)
-    if _capturing(x):
-        tensors = folding.sources(conv, bn)
+    if capturing or symbolic:
         return graph_chain(x, *tensors, bn.eps, residual, list(conv.stride), list(conv.padding),
                            list(conv.dilation), conv.groups, relu)
-    tensors = folding.sources(conv, bn)  # (one read of each; the fold's cache key is in it)
     weight = tensors[0]
     dtype = compute_dtype(x)
     if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
@@ -168,7 +169,7 @@ def conv_bn(conv: nn.Module, bn: nn.Module, x: torch.Tensor,
         return bn_tail(bn, y, residual, relu)
     if folding.needs_grad(tensors):
         return grad_chain(conv, x, tensors, bn.eps, residual, relu, dtype)
-    prepared = folding.prepared(backend, dtype, tensors, bn.eps)
+    prepared = folding.cached(backend, dtype, tensors, bn.eps)
     if dtype != x.dtype:  # autocast casts, as stock conv does
         x = x.to(dtype)
         residual = None if residual is None else residual.to(dtype)
@@ -176,7 +177,7 @@ def conv_bn(conv: nn.Module, bn: nn.Module, x: torch.Tensor,
         check_inputs(x, *prepared, residual, conv.stride, conv.padding, conv.dilation,
                      conv.groups)
     return apply(backend, prepared, x, residual, conv.stride, conv.padding, conv.dilation,
-                 conv.groups, relu)
+                 conv.groups, relu, capturing=False)
 
 
 def grad_chain(conv: nn.Conv2d, x: torch.Tensor, tensors: folding.Sources, eps: float,

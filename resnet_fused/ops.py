@@ -147,8 +147,15 @@ def plain_eager(x: torch.Tensor, *tensors: Optional[torch.Tensor]) -> bool:
     """True when dispatching through the custom op adds nothing but host time: plain tensors, no
     autograd to record, no tracing, compiling, __torch_function__ or dispatch mode. (Every chain
     of every call asks: plain checks, cheapest first.)"""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
-        return False
+    return not _capturing() and plain_tensors(x, *tensors)
+
+
+def _capturing() -> bool:
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
+def plain_tensors(x: torch.Tensor, *tensors: Optional[torch.Tensor]) -> bool:
+    """plain_eager for a caller that knows nothing is being compiled or traced."""
     grad = torch.is_grad_enabled()
     for t in (x, *tensors):
         if t is not None and (type(t) is not torch.Tensor or (grad and t.requires_grad)):
@@ -159,11 +166,15 @@ def plain_eager(x: torch.Tensor, *tensors: Optional[torch.Tensor]) -> bool:
 
 def apply(backend: str, prepared: backends.Prepared, x: torch.Tensor,
           residual: Optional[torch.Tensor], stride: Sequence[int], padding: Sequence[int],
-          dilation: Sequence[int], groups: int, relu: bool) -> torch.Tensor:
+          dilation: Sequence[int], groups: int, relu: bool,
+          capturing: Optional[bool] = None) -> torch.Tensor:
     """The op on checked arguments: in plain eager the backend directly on its prepared form,
-    else the registered custom op (autograd, compile, export, tracing, modes)."""
-    weight, scale, shift = prepared
-    if plain_eager(x, weight, scale, shift, residual):
+    else the registered custom op (autograd, compile, export, tracing, modes). `capturing`:
+    whether torch.compile or jit.trace runs, where the caller already asked (None: ask)."""
+    weight, scale, shift = prepared.weight, prepared.scale, prepared.shift
+    if capturing is None:
+        capturing = _capturing()
+    if not capturing and plain_tensors(x, weight, scale, shift, residual):
         return run(backend, prepared, x, residual, stride, padding, dilation, groups, relu)
     return _conv_bn_act_op(x, weight, scale, shift, residual, list(stride), list(padding),
                            list(dilation), groups, relu, backend)

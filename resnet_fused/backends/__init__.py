@@ -166,7 +166,7 @@ def resolve(device: torch.device, name: Optional[str] = None,
     # and the switches that change it at run time. (An unavailable explicit backend raises each
     # time, never remembered.)
     key = (name, device, dtype, torch.backends.mkldnn.enabled,
-           os.environ.get(PER_LAYER_ENV) if name == "auto" else None)
+           os.environ.get(PER_LAYER_ENV) if name == "auto" and device.type == "cuda" else None)
     resolved = _resolved.get(key)
     if resolved is None:
         if name == "auto":

@@ -333,7 +333,7 @@ def _small(prepared, x, residual, stride, padding, dilation, groups, relu) -> to
 
 def run(prepared, x: torch.Tensor, residual: Optional[torch.Tensor], stride: Sequence[int],
         padding: Sequence[int], dilation: Sequence[int], groups: int, relu: bool) -> torch.Tensor:
-    weight, scale, shift = prepared
+    weight, scale, shift = prepared.weight, prepared.scale, prepared.shift
     if (not isinstance(prepared, Scaled) or x.device.type != "cpu"
             or x.dtype != prepared.scaled.dtype):
         return stock.conv_bn_act(x, weight, scale, shift, residual, stride, padding, dilation,
@@ -346,29 +346,38 @@ def run(prepared, x: torch.Tensor, residual: Optional[torch.Tensor], stride: Seq
             return stock.conv_bn_act(x, weight, scale, shift, residual, stride, padding,
                                      dilation, groups, relu)
         return _small(prepared, x, residual, stride, padding, dilation, groups, relu)
-    padding, stride, dilation = list(padding), list(stride), list(dilation)
-    key = _problem_key(x, weight, residual, stride, padding, dilation, groups, relu)
-    if key in _failed:  # known to fail in this torch's oneDNN: don't retry
-        return _stock(x, weight, scale, shift, residual, stride, padding, dilation, groups, relu)
+    if _failed:  # known to fail in this torch's oneDNN: don't retry
+        key = _problem_key(x, weight, residual, stride, padding, dilation, groups, relu)
+        if key in _failed:
+            return _stock(x, weight, scale, shift, residual, stride, padding, dilation, groups,
+                          relu)
     try:
-        blocked = prepared.blocked_weight(x.shape, padding, stride, dilation, groups)
-        unary, binary, _ = _ops()
-        with torch.no_grad():
-            if residual is None:
-                out = unary(x, blocked, prepared.bias, padding, stride, dilation, groups, "none",
-                            [], None)
-            else:
-                residual = residual.contiguous(memory_format=torch.channels_last)  # the output's
-                out = binary(x, residual, blocked, prepared.binary_bias, padding, stride, dilation,
-                             groups, "add", None, None, [], None)
-            # Not oneDNN's relu post-op: it turns NaN into 0 (every eltwise post-op we tried
-            # does); relu_ keeps NaN, as stock, for one more pass over the output.
-            return relu_(out) if relu else out
+        if torch.is_grad_enabled():  # (the private ops have no autograd formula)
+            with torch.no_grad():
+                out = _fused(prepared, x, residual, stride, padding, dilation, groups)
+        else:
+            out = _fused(prepared, x, residual, stride, padding, dilation, groups)
     except RuntimeError as e:  # e.g. torch 2.11: "could not create a memory" for 1x1 outputs
         # a failed geometry's copy would only evict good ones
         prepared.blocked.pop(Scaled.geometry(x.shape, padding, stride, dilation, groups), None)
-        _remember_failure(key, e)
+        _remember_failure(_problem_key(x, weight, residual, stride, padding, dilation, groups,
+                                       relu), e)
         return _stock(x, weight, scale, shift, residual, stride, padding, dilation, groups, relu)
+    # Not oneDNN's relu post-op: it turns NaN into 0 (every eltwise post-op we tried does);
+    # relu_ keeps NaN, as stock, for one more pass over the output.
+    return relu_(out) if relu else out
+
+
+def _fused(prepared, x, residual, stride, padding, dilation, groups) -> torch.Tensor:
+    """conv + bias (+ residual) as one oneDNN primitive on the blocked weight."""
+    blocked = prepared.blocked_weight(x.shape, padding, stride, dilation, groups)
+    unary, binary, _ = _ops()
+    if residual is None:
+        return unary(x, blocked, prepared.bias, padding, stride, dilation, groups, "none", [],
+                     None)
+    residual = residual.contiguous(memory_format=torch.channels_last)  # the output's
+    return binary(x, residual, blocked, prepared.binary_bias, padding, stride, dilation, groups,
+                  "add", None, None, [], None)
 
 
 def fallback_shapes() -> Dict[Tuple, str]:
