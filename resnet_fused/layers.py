@@ -114,10 +114,12 @@ def graph_chain(x: torch.Tensor, weight: torch.Tensor, conv_bias: Optional[torch
     residual = None if residual is None else residual.to(dtype)
     tensors = (weight, conv_bias, bn_weight, bn_bias, running_mean, running_var,
                num_batches_tracked)
-    if not folding.needs_grad(tensors):
+    if not folding.needs_grad((x, residual, *tensors)):
         return conv_bn_eval(x, *tensors, eps, residual, stride, padding, dilation, groups, relu,
                             backend)
-    prepared = folding.build(dtype, tensors, eps)  # recorded by autograd
+    # autograd records (the parameters' grads, or only the input's: saliency through a frozen
+    # model): the fold and the differentiable op in the graph
+    prepared = folding.build(dtype, tensors, eps)
     if not torch.jit.is_tracing():  # (jit.trace: shapes are the example's, checks are noise)
         check_inputs(x, *prepared, residual, stride, padding, dilation, groups)
     return apply(backend, prepared, x, residual, stride, padding, dilation, groups, relu)

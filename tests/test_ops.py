@@ -168,6 +168,27 @@ def test_compiled_eval_chain_folds_through_the_cache():
         assert_within_rule(got, twin(x), ref, torch.float32)
 
 
+def test_compiled_eval_input_gradient():
+    """An input gradient through a compiled frozen model (saliency maps: eval, parameters not
+    requiring grad, the input requiring it) is recorded by the differentiable op: right, where
+    the graph used to call the eval op (no autograd) and fail."""
+    import torchvision
+    torch.manual_seed(0)
+    model = randomize_bn(resnet_fused.resnet18(num_classes=10)).eval().requires_grad_(False)
+    stock = torchvision.models.resnet18(num_classes=10).eval().requires_grad_(False)
+    stock.load_state_dict(model.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+
+    def input_grad(m, x):
+        x = x.clone().requires_grad_()
+        m(x).square().sum().backward()
+        return x.grad
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    got = input_grad(compiled, x)
+    assert_within_rule(got, input_grad(stock, x), input_grad(stock.double(), x.double()),
+                       torch.float32)
+
+
 def test_conv_bn_eval_op_registration():
     """The eval chain op's fake kernel agrees with the real one (opcheck)."""
     conv = torch.nn.Conv2d(4, 8, 3, padding=1, bias=True).eval()
