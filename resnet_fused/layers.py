@@ -5,14 +5,18 @@
   or meta tensors: torchvision's module sequence (`module_chain`);
 - train mode, or a norm layer that cannot be folded: `training.train_chain`;
 - eval, captured (torch.compile, torch.fx, torch.jit.trace): `graph_chain`, one recorded call
-  that folds from the parameters when it runs (never a baked fold);
+  that folds from the parameters when it runs (never a baked fold); but jit.trace where autograd
+  records: `grad_chain` (it cannot record graph_chain's Python autograd function);
 - eval, eager: the cached fold (fold.py) and the backend resolved once, straight to the kernel;
   with parameters that require grad (frozen-statistics fine-tuning): `grad_chain`.
 Under `auto`, where the resolved backend does not beat stock's modules, stock's modules run.
+Inside torch.func transforms (`transformed`) the models never get here: their blocks run
+torchvision's module sequence.
 """
 from __future__ import annotations
 
-from typing import List, Optional
+import functools
+from typing import Callable, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +61,31 @@ def observed(*modules: Optional[nn.Module]) -> bool:
     except AttributeError:
         return True
     return False
+
+
+@functools.lru_cache(maxsize=None)
+def _transform_query() -> Optional[Callable[[], bool]]:
+    """torch's (private) question "is a torch.func transform running?", if it answers True inside
+    vmap here (a self-check, made once); else None."""
+    query = getattr(torch._C, "_are_functorch_transforms_active", None)
+    if query is None:
+        return None
+    seen: List[object] = []
+    try:
+        torch.func.vmap(lambda t: seen.append(query()) or t)(torch.zeros(1))
+    except Exception:  # any failure of a private API means: do not use it
+        return None
+    return query if seen == [True] else None
+
+
+def transformed() -> bool:
+    """True inside a torch.func transform (vmap, grad, jacrev, functional per-sample gradients):
+    our ops have no batching rules and the extension's C++ autograd functions cannot be
+    transformed, so the models run torchvision's module sequence there (stock's speed, stock's
+    results). Where torch cannot say (a torch without the query), False: our path, which then
+    fails as torch reports it."""
+    query = _transform_query()
+    return query is not None and query()
 
 
 def module_chain(conv: nn.Module, bn: nn.Module, x: torch.Tensor,
@@ -121,7 +150,10 @@ def graph_chain(x: torch.Tensor, weight: torch.Tensor, conv_bias: Optional[torch
     # model): the fold and the differentiable op in the graph
     prepared = folding.build(dtype, tensors, eps)
     if not torch.jit.is_tracing():  # (jit.trace: shapes are the example's, checks are noise)
-        check_inputs(x, *prepared, residual, stride, padding, dilation, groups)
+        # (attributes, not `*prepared`: torch 2.11's dynamo cannot unpack a user-defined
+        # iterable)
+        check_inputs(x, prepared.weight, prepared.scale, prepared.shift, residual, stride,
+                     padding, dilation, groups)
     return apply(backend, prepared, x, residual, stride, padding, dilation, groups, relu)
 
 
@@ -153,6 +185,10 @@ def conv_bn(conv: nn.Module, bn: nn.Module, x: torch.Tensor,
         if symbolic or tracing:
             return module_chain(conv, bn, x, residual, act)
         return train_chain(conv, bn, x, residual, relu)  # (compiled too: its ops are custom ops)
+    if tracing and folding.needs_grad((x, residual, *tensors)):
+        # jit.trace records ops, not Python autograd functions: the eval chain with autograd
+        # (stock's conv, then the extension's op with its C++ autograd) traces and backprops
+        return grad_chain(conv, x, tensors, bn.eps, residual, relu, compute_dtype(x))
     if capturing or symbolic:
         return graph_chain(x, *tensors, bn.eps, residual, list(conv.stride), list(conv.padding),
                            list(conv.dilation), conv.groups, relu)

@@ -1,5 +1,6 @@
 """Works wherever a torchvision ResNet works: TorchScript, torch.fx (and feature extraction),
-torch.jit.trace, ONNX export (both exporters, run by onnxruntime), meta tensors.
+torch.jit.trace (also where autograd records), torch.func transforms, ONNX export (both
+exporters, run by onnxruntime), meta tensors.
 
 The first tests re-create torchvision's own model tests for the ResNet family (its
 test/test_models.py: `test_classification_model`'s same-seed output and scriptability check,
@@ -130,6 +131,66 @@ def test_jit_trace_fresh_model_records_the_op_and_never_bakes_a_fold():
         after = traced(x)
         _same(after, tv(x))
     assert (after - before).abs().max() > 1e-3  # the change was seen
+
+
+def _grads(model, x):
+    """The gradients of a loss of model(x), for x (where it requires one) and each parameter
+    that requires one."""
+    want_x = x.requires_grad
+    x = x.detach().clone().requires_grad_(want_x)
+    model(x).square().sum().backward()
+    grads = [x.grad] * want_x + [p.grad for p in model.parameters() if p.requires_grad]
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_jit_trace_with_autograd_recording(frozen):
+    """torch.jit.trace of an eval model outside no_grad (parameters requiring grad, the common
+    call), and of a frozen one with an input requiring grad (saliency), fp32 under `auto`: the
+    trace records ops that backprop (jit.trace cannot record a Python autograd function; it used
+    to fail), and the traced module's output and gradients are torchvision's (fp32, within the
+    numerics rule of the float64 reference)."""
+    ours, tv = _pair("resnet18", torch.float32)
+    ref = copy.deepcopy(tv).double()
+    for m in (ours, tv, ref):
+        m.requires_grad_(not frozen)
+    x = X.clone().requires_grad_(frozen)
+    traced = torch.jit.trace(ours, x, check_trace=False)
+    assert_within_rule(traced(x), tv(x), ref(x.double()), torch.float32)
+    for got, want, exact in zip(_grads(traced, x), _grads(tv, x), _grads(ref, x.double()),
+                                strict=True):
+        assert_within_rule(got, want, exact, torch.float32)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_torch_func_transforms_run_as_torchvision(name):
+    """torch.func: vmap, and per-sample gradients (vmap of grad of functional_call), as in
+    torch.func's tutorial. Our ops have no batching rules and C++ autograd functions cannot be
+    transformed, so inside a transform the model runs torchvision's module sequence: the same
+    results, bit for bit."""
+    from torch.func import functional_call, grad, vmap
+    ours, tv = _pair(name)
+    xs = torch.randn(3, 3, 32, 32, dtype=torch.float64,
+                     generator=torch.Generator().manual_seed(2))
+
+    def per_sample_grads(model):
+        params = {k: v.detach() for k, v in model.named_parameters()}
+        buffers = dict(model.named_buffers())
+
+        def loss(p, x):
+            return functional_call(model, {**p, **buffers}, (x.unsqueeze(0),)).square().sum()
+        return vmap(grad(loss), in_dims=(None, 0))(params, xs)
+
+    with torch.no_grad():
+        torch.testing.assert_close(vmap(ours)(xs.unsqueeze(1)), vmap(tv)(xs.unsqueeze(1)),
+                                   rtol=0, atol=0)
+    got, want = per_sample_grads(ours), per_sample_grads(tv)
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=0)
+    with torch.no_grad():  # and outside the transform, the fused path again
+        _same(ours(xs), tv(xs))
 
 
 def test_meta_tensors_as_stock():

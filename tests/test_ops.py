@@ -168,25 +168,30 @@ def test_compiled_eval_chain_folds_through_the_cache():
         assert_within_rule(got, twin(x), ref, torch.float32)
 
 
-def test_compiled_eval_input_gradient():
-    """An input gradient through a compiled frozen model (saliency maps: eval, parameters not
-    requiring grad, the input requiring it) is recorded by the differentiable op: right, where
-    the graph used to call the eval op (no autograd) and fail."""
+@pytest.mark.parametrize("frozen", [True, False])
+def test_compiled_eval_gradients(frozen):
+    """A compiled eval forward where autograd records: parameters requiring grad (the default,
+    outside no_grad; torch 2.11's dynamo failed on it), or only the input (saliency maps through
+    a frozen model; the graph used to call the eval op, which has no autograd, and fail). The
+    graph records the fold and the differentiable op: the gradients are torchvision's."""
     import torchvision
     torch.manual_seed(0)
-    model = randomize_bn(resnet_fused.resnet18(num_classes=10)).eval().requires_grad_(False)
-    stock = torchvision.models.resnet18(num_classes=10).eval().requires_grad_(False)
+    model = randomize_bn(resnet_fused.resnet18(num_classes=10)).eval().requires_grad_(not frozen)
+    stock = torchvision.models.resnet18(num_classes=10).eval().requires_grad_(not frozen)
     stock.load_state_dict(model.state_dict())
+    ref = copy.deepcopy(stock).double()
     x = torch.randn(2, 3, 32, 32)
 
-    def input_grad(m, x):
-        x = x.clone().requires_grad_()
+    def grads(m, x):
+        x = x.clone().requires_grad_(frozen)
         m(x).square().sum().backward()
-        return x.grad
+        found = [x.grad] if frozen else [p.grad for p in m.parameters()]
+        m.zero_grad(set_to_none=True)
+        return found
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
-    got = input_grad(compiled, x)
-    assert_within_rule(got, input_grad(stock, x), input_grad(stock.double(), x.double()),
-                       torch.float32)
+    for got, want, exact in zip(grads(compiled, x), grads(stock, x), grads(ref, x.double()),
+                                strict=True):
+        assert_within_rule(got, want, exact, torch.float32)
 
 
 def test_conv_bn_eval_op_registration():

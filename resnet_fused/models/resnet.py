@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import fold as folding, stage_recompute, training
-from ..layers import conv_bn, observed
+from ..layers import conv_bn, observed, transformed
 from ..stage_recompute import Block, Chain
 from .weights import load_weights
 
@@ -40,11 +40,18 @@ def _shortcut(downsample: Optional[nn.Module], x: Tensor) -> Tensor:
 
 
 class _Scriptable(nn.Module):
-    """forward: the fused path, or under TorchScript (which cannot call it) torchvision's module
-    sequence, `_forward_modules`."""
+    """forward: the fused path, or torchvision's module sequence, `_forward_modules`, where the
+    fused one cannot run: under TorchScript (which cannot call it) and torch.func transforms
+    (layers.transformed)."""
 
     def forward(self, x: Tensor) -> Tensor:
         if torch.jit.is_scripting():
+            return self._forward_modules(x)
+        return self._forward_python(x)
+
+    @torch.jit.unused
+    def _forward_python(self, x: Tensor) -> Tensor:
+        if transformed():
             return self._forward_modules(x)
         return self._forward_fused(x)
 
