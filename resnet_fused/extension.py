@@ -114,6 +114,9 @@ def _runs_on(cap: Tuple[int, int], archs: Tuple[str, ...]) -> bool:
 _capabilities: dict = {}  # CUDA device index -> compute capability (asked once per device)
 
 
+# (compiled graphs ask it while tracing: the answer is a constant of the trace, and the first
+# load, under a lock, runs eagerly instead of being traced)
+@torch.compiler.assume_constant_result
 def unavailable_reason(device: Optional[torch.device] = None) -> Optional[str]:
     """None when the extension's ops can run (on `device`, or at all when None), else why not."""
     module = load()

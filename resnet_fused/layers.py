@@ -83,7 +83,10 @@ def transformed() -> bool:
     our ops have no batching rules and the extension's C++ autograd functions cannot be
     transformed, so the models run torchvision's module sequence there (stock's speed, stock's
     results). Where torch cannot say (a torch without the query), False: our path, which then
-    fails as torch reports it."""
+    fails as torch reports it. While torch.compile or jit.trace captures, False: asked there,
+    the self-check's vmap would be captured too."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return False
     query = _transform_query()
     return query is not None and query()
 

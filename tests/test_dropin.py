@@ -12,6 +12,10 @@ from __future__ import annotations
 
 import copy
 import io
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -191,6 +195,42 @@ def test_torch_func_transforms_run_as_torchvision(name):
         torch.testing.assert_close(got[k], want[k], rtol=0, atol=0)
     with torch.no_grad():  # and outside the transform, the fused path again
         _same(ours(xs), tv(xs))
+
+
+_FRESH_COMPILE = textwrap.dedent("""
+    import copy, torch, torchvision, resnet_fused
+    from resnet_fused import extension
+    from resnet_fused.numerics import rule_violation
+    assert not extension._loaded  # the first question comes while dynamo traces
+    torch.manual_seed(0)
+    ours = resnet_fused.resnet18(num_classes=10)
+    stock = torchvision.models.resnet18(num_classes=10)
+    stock.load_state_dict(ours.state_dict())
+    ref = copy.deepcopy(stock).double()
+    x = torch.randn(4, 3, 32, 32)
+    compiled = torch.compile(ours, backend="aot_eager", fullgraph=True)
+    for train in (True, False):
+        for m in (ours, stock, ref):
+            m.train(train)
+        with torch.set_grad_enabled(train):
+            got, want, exact = compiled(x), stock(x), ref(x.double())
+        problem = rule_violation(got, want, exact, torch.float32)
+        assert problem is None, problem
+    assert extension.unavailable_reason() is None
+    print("ok")
+""")
+
+
+def test_fullgraph_compile_of_a_fresh_process():
+    """torch.compile(fullgraph=True) in a process that has not used the extension yet: the
+    training chain asks whether the extension can run while dynamo traces, and its first load
+    (under a lock dynamo cannot enter) runs eagerly. Train then eval, fused BatchNorm forced;
+    outputs as torchvision's."""
+    components.require("extension", resnet_fused.extension.unavailable_reason())
+    env = dict(os.environ, RESNET_FUSED_TRAIN_BN="fused")
+    proc = subprocess.run([sys.executable, "-c", _FRESH_COMPILE], capture_output=True,
+                          text=True, env=env, timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
 
 
 def test_meta_tensors_as_stock():
