@@ -5,8 +5,8 @@
 // chain"), more than stock BatchNorm + ReLU in total on small tensors. The formulas are those
 // the Python registration had (docs/design.md, "Training BatchNorm"). The backward ops are not
 // differentiable: recorded under create_graph, their node raises when a double backward
-// reaches it (scale_shift_act's and bn_eval_act's create_graph run a differentiable torch-ops
-// formula instead). bn_eval_fold has none: bn_eval_act differentiates the fold itself.
+// reaches it; so under create_graph each op's backward runs a differentiable torch-ops formula
+// instead (bn_act_train: torch's native_batch_norm_backward on the masked grad). bn_eval_fold has none: bn_eval_act differentiates the fold itself.
 // Fake kernels: Python (resnet_fused/extension_ops.py); bn_eval.cpp's composites for bn_eval_*.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -126,6 +126,7 @@ struct BnActTrain : public torch::autograd::Function<BnActTrain> {
     auto [out, save_mean, save_invstd, new_rm, new_rv, scale, shift] =
         bn_act_train_op(x, weight, bias, residual, running_mean, running_var, momentum, eps, relu);
     ctx->saved_data["relu"] = relu;
+    ctx->saved_data["eps"] = eps;
     ctx->saved_data["edges"] = edge_indices({true, given(weight), given(bias), given(residual),
                                              given(running_mean), given(running_var)});
     // the grads of weight/bias come in x's arithmetic dtype: cast to the parameters'
@@ -151,17 +152,23 @@ struct BnActTrain : public torch::autograd::Function<BnActTrain> {
                need_b = needs(ctx, edges, 2), need_res = needs(ctx, edges, 3);
     variable_list result(9);
     if (!grads[0].defined() || !(need_x || need_w || need_b || need_res)) return result;
-    const at::Tensor grad_out = grads[0].contiguous(layout_of(x));
-    auto call = [&] {
-      return bn_act_train_backward_op(grad_out, x, weight, out, saved[3], saved[4], relu,
-                                      relu && need_res);
-    };
-    at::Tensor grad_x, grad_w, grad_b, grad_res;
-    if (at::GradMode::is_enabled()) {  // create_graph: recorded; a double backward raises
-      std::tie(grad_x, grad_w, grad_b, grad_res) = call();
+    at::Tensor grad_out, grad_x, grad_w, grad_b, grad_res;
+    if (at::GradMode::is_enabled()) {
+      // create_graph (a double backward may follow: gradient penalties, R1 regularisation):
+      // the ReLU mask, then torch's own batch-norm backward on this step's statistics, which
+      // is differentiable: the graph stock's modules would record, and the same numbers
+      grad_out = grads[0];
+      if (relu) grad_out = at::where(out <= 0, at::zeros({}, grad_out.options()), grad_out);
+      std::tie(grad_x, grad_w, grad_b) = at::native_batch_norm_backward(
+          grad_out, x, weight.defined() ? OptTensor(weight) : std::nullopt, std::nullopt,
+          std::nullopt, saved[3], saved[4], /*train=*/true, ctx->saved_data["eps"].toDouble(),
+          {need_x, need_w && weight.defined(), need_b});
+      grad_res = grad_out;
     } else {
+      grad_out = grads[0].contiguous(layout_of(x));
       at::AutoDispatchBelowADInplaceOrView below;
-      std::tie(grad_x, grad_w, grad_b, grad_res) = call();
+      std::tie(grad_x, grad_w, grad_b, grad_res) = bn_act_train_backward_op(
+          grad_out, x, weight, out, saved[3], saved[4], relu, relu && need_res);
     }
     const int64_t w_dtype = ctx->saved_data["weight_dtype"].toInt();
     const int64_t b_dtype = ctx->saved_data["bias_dtype"].toInt();

@@ -17,9 +17,8 @@ Schemas (csrc/resnet_fused.cpp):
       -> eval-mode BatchNorm2d (+ residual) (+ ReLU) from BN's own tensors: scale_shift_act
          with the fold inside, so autograd records one node (layers.grad_chain)
 
-Autograd is C++ (csrc/autograd.cpp: no Python per call; a double backward through
-bn_act_train raises, scale_shift_act's and bn_eval_act's create_graph run a differentiable
-formula); bn_eval_act's forward is C++ for every device (fake tensors too); the other fake
+Autograd is C++ (csrc/autograd.cpp: no Python per call; under create_graph each op's backward
+runs a differentiable formula, so double backward works); bn_eval_act's forward is C++ for every device (fake tensors too); the other fake
 kernels are registered here when the library loads (extension.on_load, below). Callers use the
 wrappers (never torch.ops.resnet_fused.* directly), which import this.
 """

@@ -476,16 +476,31 @@ def test_scale_shift_act_double_backward(relu):
         lambda x, scale, shift: ops.scale_shift_act(x, scale, shift, None, relu), inputs)
 
 
-def test_double_backward_raises_clearly():
-    x, w, b, *_ = _bn_inputs((2, 3, 2, 2), torch.float64, torch.float64, False)
-    x.requires_grad_()
-    out = ops.bn_act_train(x, w, b, None, None, None, 0.1, 1e-5, True)[0]
-    (g,) = torch.autograd.grad(out.sum(), x, create_graph=True)
-    # (the message is C++, csrc/autograd.cpp: it must name the package's switch)
-    expected = (f"double backward through bn_act_train is not supported; set "
-                f"${extension.DISABLE_ENV}=1")
-    with pytest.raises(RuntimeError, match=re.escape(expected)):
-        g.sum().backward()
+@pytest.mark.parametrize("fmt", LAYOUTS, ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("residual,relu", [(True, True), (False, True), (False, False)])
+def test_bn_act_train_double_backward(fmt, residual, relu):
+    """Second derivatives (gradient penalties): under create_graph the backward runs torch's
+    differentiable batch-norm backward on the masked grad (gradgradcheck, fp64), and a penalty's
+    grads are stock's (F.batch_norm + add + ReLU: the same formula, so agreement to rounding)."""
+    x, w, b, res, _, _ = _bn_inputs((2, 3, 2, 3), torch.float64, torch.float64, residual)
+    x, res = _fmt(x, fmt), _fmt(res, fmt)
+    inputs = [t.requires_grad_() for t in (x, w, b, res) if t is not None]
+
+    def fused(x, w, b, *res):
+        return ops.bn_act_train(x, w, b, res[0] if res else None, None, None, 0.1, 1e-5,
+                                relu)[0]
+    assert torch.autograd.gradgradcheck(fused, inputs)
+
+    def stock(x, w, b, *res):
+        out = F.batch_norm(x, None, None, w, b, True, 0.1, 1e-5)
+        out = out + res[0] if res else out
+        return torch.relu(out) if relu else out
+
+    def penalty_grads(f):
+        grads = torch.autograd.grad(f(*inputs).square().sum(), inputs, create_graph=True)
+        return torch.autograd.grad(sum(g.square().sum() for g in grads), inputs)
+    for got, want in zip(penalty_grads(fused), penalty_grads(stock), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("fmt", LAYOUTS, ids=["nchw", "nhwc"])

@@ -362,6 +362,27 @@ def test_stock_path_for_other_norm_layers_and_hooks(monkeypatch):
     assert fused.calls == 0
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_gradient_penalty_matches_torchvision(channels_last, monkeypatch):
+    """A gradient penalty on the input (create_graph=True, then backward through the grads, as
+    WGAN-GP or R1 do) through the fused training path: fp64, every parameter's grad as
+    torchvision's (the fused BatchNorm's backward records torch's differentiable formula)."""
+    ours, theirs = build_pair("resnet18")
+    ours, theirs = ours.double(), theirs.double()
+    x, target = batch(torch.float64, channels_last=channels_last)
+    count = CountFused(monkeypatch)
+    grads = []
+    for model in (ours, theirs):
+        xg = x.clone().requires_grad_()
+        loss = nn.functional.cross_entropy(model(xg), target)
+        (g,) = torch.autograd.grad(loss, xg, create_graph=True)
+        (loss + g.square().sum()).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    assert count.calls == n_batchnorms(ours)
+    for n in grads[1]:
+        assert_fp64_equal(grads[0][n], grads[1][n], f"grad {n}")
+
+
 def test_tiny_batch_raises_like_torch():
     ours, theirs = build_pair("resnet18", seed=10)
     x = torch.randn(1, 3, 32, 32)  # layer4 has 1x1 maps: 1 value per channel
