@@ -18,9 +18,10 @@ Schemas (csrc/resnet_fused.cpp):
          with the fold inside, so autograd records one node (layers.grad_chain)
 
 Autograd is C++ (csrc/autograd.cpp: no Python per call; under create_graph each op's backward
-runs a differentiable formula, so double backward works); bn_eval_act's forward is C++ for every device (fake tensors too); the other fake
-kernels are registered here when the library loads (extension.on_load, below). Callers use the
-wrappers (never torch.ops.resnet_fused.* directly), which import this.
+runs a differentiable formula, so double backward works); bn_eval_act's forward is C++ for every
+device (fake tensors too); the other fake kernels are registered here when the library loads
+(extension.on_load, below). Callers use the wrappers (never torch.ops.resnet_fused.* directly),
+which import this.
 """
 from __future__ import annotations
 
