@@ -6,7 +6,8 @@
 // the Python registration had (docs/design.md, "Training BatchNorm"). The backward ops are not
 // differentiable: recorded under create_graph, their node raises when a double backward
 // reaches it; so under create_graph each op's backward runs a differentiable torch-ops formula
-// instead (bn_act_train: torch's native_batch_norm_backward on the masked grad). bn_eval_fold has none: bn_eval_act differentiates the fold itself.
+// instead (bn_act_train: torch's native_batch_norm_backward on the masked grad). bn_eval_fold
+// has none: bn_eval_act differentiates the fold itself.
 // Fake kernels: Python (resnet_fused/extension_ops.py); bn_eval.cpp's composites for bn_eval_*.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
