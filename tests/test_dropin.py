@@ -161,6 +161,8 @@ def test_jit_trace_with_autograd_recording(frozen):
         m.requires_grad_(not frozen)
     x = X.clone().requires_grad_(frozen)
     traced = torch.jit.trace(ours, x, check_trace=False)
+    if resnet_fused.extension.unavailable_reason("cpu") is None:  # (strict runs require it)
+        assert "resnet_fused::bn_eval_act" in str(traced.inlined_graph)  # fused BN recorded
     assert_within_rule(traced(x), tv(x), ref(x.double()), torch.float32)
     for got, want, exact in zip(_grads(traced, x), _grads(tv, x), _grads(ref, x.double()),
                                 strict=True):
