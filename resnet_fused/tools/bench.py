@@ -58,8 +58,7 @@ from .. import backends, training
 from ..walk import count_macs
 from . import bench_isolated, bench_train, cli
 from .timing import (device_name, interleaved, keep_heap_memory, measure, quantile, selected,
-                     summarize, synchronize,
-                     versions)
+                     set_speedup, summarize, synchronize, versions)
 
 BASE_PROVIDERS = ("eager", "eager_cl", "compile", "compile_max", "jit_ofi", "openvino")
 OPT_IN = ("jit_ofi", "openvino")  # left out of `all`
@@ -380,7 +379,7 @@ def run_bench(arch: str = "resnet50", batches: Sequence[int] = (8,),
                         gc.collect()
                         torch.cuda.empty_cache()
                 if dev.type == "cuda":
-                    _set_speedup(rows)
+                    set_speedup(rows)
                     emit(row)
             if ready:  # CPU: all providers interleaved, round by round
                 _progress(progress, f"      timing {len(ready)} providers interleaved ...")
@@ -392,7 +391,7 @@ def run_bench(arch: str = "resnet50", batches: Sequence[int] = (8,),
                     if f:  # the allocator's share of the time (timing module doc)
                         row["page_faults"] = f
                         row["page_faults_per_call"] = quantile(f, 0.5)
-                _set_speedup(rows)
+                set_speedup(rows)
                 for row in rows:
                     emit(row)
             elif dev.type != "cuda":
@@ -418,15 +417,6 @@ def _under_autocast(run: Callable[[], Any], device: torch.device,
     autocast_run.backend = getattr(run, "backend", None)
     autocast_run.model = getattr(run, "model", None)
     return autocast_run
-
-
-def _set_speedup(rows: List[Dict[str, Any]]) -> None:
-    eager = next((r["median_ms"] for r in rows if r["provider"] == "eager" and "median_ms" in r),
-                 None)
-    if eager is not None:
-        for r in rows:
-            if "median_ms" in r:
-                r["speedup_vs_eager"] = eager / r["median_ms"]
 
 
 # ------------------------------------------------------------------------------ output -----

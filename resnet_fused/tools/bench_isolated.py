@@ -17,7 +17,7 @@ import sys
 import tempfile
 from typing import Any, Dict, List, Sequence
 
-from .timing import quantile, summarize
+from .timing import quantile, set_speedup, summarize
 
 
 def child_argv(args, batches: Sequence[int], dtypes: Sequence[str], provider: str,
@@ -68,10 +68,11 @@ def merge(reports: Sequence[Dict[str, Any]], rounds: int, min_reps: int) -> Dict
         row["tflops"] = work_per_ms / row["median_ms"]
         if row.get("page_faults"):
             row["page_faults_per_call"] = quantile(row["page_faults"], 0.5)
+    groups: Dict[tuple, List[Dict[str, Any]]] = {}
     for (batch, dtype, _), row in rows.items():
-        eager = rows.get((batch, dtype, "eager"), {}).get("median_ms")
-        if eager is not None and "median_ms" in row:
-            row["speedup_vs_eager"] = eager / row["median_ms"]
+        groups.setdefault((batch, dtype), []).append(row)
+    for group in groups.values():
+        set_speedup(group)
     meta = dict(reports[0]["meta"])
     meta["timing"] = (f"each provider alone in {rounds} processes of its own, alternating "
                       f"round by round; {min_reps} calls timed (time.perf_counter) per process "

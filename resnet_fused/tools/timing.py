@@ -80,6 +80,17 @@ def summarize(times_ms: Sequence[float]) -> Dict[str, float]:
             "p80_ms": quantile(times_ms, 0.8), "reps": len(times_ms)}
 
 
+def set_speedup(rows: Sequence[Dict[str, Any]]) -> None:
+    """`speedup_vs_eager` on each timed row of one batch and dtype: the eager row's median over
+    its own."""
+    eager = next((r["median_ms"] for r in rows if r["provider"] == "eager" and "median_ms" in r),
+                 None)
+    if eager is not None:
+        for r in rows:
+            if "median_ms" in r:
+                r["speedup_vs_eager"] = eager / r["median_ms"]
+
+
 # ------------------------------------------------------------------------ host allocator --
 def minor_faults() -> Optional[int]:
     """This process's minor page faults so far (None where the platform does not count them)."""
@@ -267,6 +278,6 @@ def measured_peak_tflops(device: torch.device, dtype: torch.dtype) -> Tuple[floa
                      f"{', '.join(tried)} GFLOP/s")
 
 
-__all__ = ["device_name", "versions", "synchronize", "quantile", "summarize", "minor_faults",
-           "cpu_call", "keep_heap_memory", "measure", "selected", "interleaved", "time_ms",
-           "measured_peak_tflops"]
+__all__ = ["device_name", "versions", "synchronize", "quantile", "summarize", "set_speedup",
+           "minor_faults", "cpu_call", "keep_heap_memory", "measure", "selected", "interleaved",
+           "time_ms", "measured_peak_tflops"]
