@@ -60,6 +60,17 @@ def stock_outputs(model: nn.Module, x: torch.Tensor) -> List[torch.Tensor]:
     return [model(x.contiguous()), model(x.contiguous(memory_format=torch.channels_last))]
 
 
+def loss_grads(model: nn.Module, x: torch.Tensor) -> List[torch.Tensor]:
+    """The gradients of model(x).square().sum(): x's where x requires grad, then each parameter's
+    that requires one (cleared afterwards)."""
+    want_x = x.requires_grad
+    x = x.detach().clone().requires_grad_(want_x)
+    model(x).square().sum().backward()
+    grads = [x.grad] * want_x + [p.grad for p in model.parameters() if p.requires_grad]
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
 def assert_within_rule(fused: torch.Tensor, stock, ref64: torch.Tensor, dtype: torch.dtype,
                        factor: float = 2.0) -> None:
     """The package's accuracy rule (resnet_fused.numerics), as a test assertion."""

@@ -24,7 +24,7 @@ from torchvision.models.feature_extraction import create_feature_extractor
 
 import components
 import resnet_fused
-from numerics import (BUILDER_PARAMS, assert_within_rule, randomize_bn,
+from numerics import (BUILDER_PARAMS, assert_within_rule, loss_grads, randomize_bn,
                       stock_outputs)
 
 X = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -137,17 +137,6 @@ def test_jit_trace_fresh_model_records_the_op_and_never_bakes_a_fold():
     assert (after - before).abs().max() > 1e-3  # the change was seen
 
 
-def _grads(model, x):
-    """The gradients of a loss of model(x), for x (where it requires one) and each parameter
-    that requires one."""
-    want_x = x.requires_grad
-    x = x.detach().clone().requires_grad_(want_x)
-    model(x).square().sum().backward()
-    grads = [x.grad] * want_x + [p.grad for p in model.parameters() if p.requires_grad]
-    model.zero_grad(set_to_none=True)
-    return grads
-
-
 @pytest.mark.parametrize("frozen", [False, True])
 def test_jit_trace_with_autograd_recording(frozen):
     """torch.jit.trace of an eval model outside no_grad (parameters requiring grad, the common
@@ -164,8 +153,8 @@ def test_jit_trace_with_autograd_recording(frozen):
     if resnet_fused.extension.unavailable_reason("cpu") is None:  # (strict runs require it)
         assert "resnet_fused::bn_eval_act" in str(traced.inlined_graph)  # fused BN recorded
     assert_within_rule(traced(x), tv(x), ref(x.double()), torch.float32)
-    for got, want, exact in zip(_grads(traced, x), _grads(tv, x), _grads(ref, x.double()),
-                                strict=True):
+    for got, want, exact in zip(loss_grads(traced, x), loss_grads(tv, x),
+                                loss_grads(ref, x.double()), strict=True):
         assert_within_rule(got, want, exact, torch.float32)
 
 

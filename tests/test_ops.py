@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import resnet_fused
 from resnet_fused.ops import conv_bn_act
-from numerics import assert_within_rule, conv_bn_act_ref, max_err, randomize_bn
+from numerics import assert_within_rule, conv_bn_act_ref, loss_grads, max_err, randomize_bn
 
 CASES = [  # (C_in, C_out, k, stride, padding, dilation, groups, H, W)
     (3, 16, 7, 2, 3, 1, 1, 17, 15),   # stem
@@ -180,17 +180,10 @@ def test_compiled_eval_gradients(frozen):
     stock = torchvision.models.resnet18(num_classes=10).eval().requires_grad_(not frozen)
     stock.load_state_dict(model.state_dict())
     ref = copy.deepcopy(stock).double()
-    x = torch.randn(2, 3, 32, 32)
-
-    def grads(m, x):
-        x = x.clone().requires_grad_(frozen)
-        m(x).square().sum().backward()
-        found = [x.grad] if frozen else [p.grad for p in m.parameters()]
-        m.zero_grad(set_to_none=True)
-        return found
+    x = torch.randn(2, 3, 32, 32).requires_grad_(frozen)
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
-    for got, want, exact in zip(grads(compiled, x), grads(stock, x), grads(ref, x.double()),
-                                strict=True):
+    for got, want, exact in zip(loss_grads(compiled, x), loss_grads(stock, x),
+                                loss_grads(ref, x.double()), strict=True):
         assert_within_rule(got, want, exact, torch.float32)
 
 
