@@ -121,10 +121,14 @@ def _conv_bn_eval(x: torch.Tensor, weight: torch.Tensor, conv_bias: Optional[tor
                   backend: Optional[str]) -> torch.Tensor:
     """The eval chain from the module's own tensors, folded through the one cache when it runs.
     `backend` None: resolve the selection when it runs."""
-    if backend is None:
-        backend = backends.resolve(x.device)
     tensors = (weight, conv_bias, bn_weight, bn_bias, running_mean, running_var,
                num_batches_tracked)
+    if folding.needs_grad((x, residual, *tensors)):
+        # (the dispatcher's autograd fallback would only warn at backward, and give no grads)
+        raise RuntimeError("resnet_fused::conv_bn_eval has no autograd formula: call it where "
+                           "no input requires grad (resnet_fused.ops.conv_bn_act has one)")
+    if backend is None:
+        backend = backends.resolve(x.device)
     prepared = folding.cached(backend, x.dtype, tensors, eps)
     return run(backend, prepared, x, residual, stride, padding, dilation, groups, relu)
 

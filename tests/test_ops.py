@@ -198,3 +198,19 @@ def test_conv_bn_eval_op_registration():
             [1, 1], [1, 1], [1, 1], 1, True, "torch")
     torch.library.opcheck(torch.ops.resnet_fused.conv_bn_eval.default, args,
                           test_utils=("test_schema", "test_faketensor"))
+
+
+def test_conv_bn_eval_refuses_autograd():
+    """The eval chain op has no autograd formula (graph_chain calls it only where nothing needs
+    grad): called where an input requires grad it raises, instead of the dispatcher's fallback
+    warning at backward and giving no gradients."""
+    conv = torch.nn.Conv2d(4, 8, 3, padding=1)
+    bn = torch.nn.BatchNorm2d(8).eval()
+    x = torch.randn(2, 4, 6, 6)
+    args = (x, conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+            bn.num_batches_tracked, bn.eps, None, [1, 1], [1, 1], [1, 1], 1, True, "torch")
+    with pytest.raises(RuntimeError, match="conv_bn_eval has no autograd formula"):
+        torch.ops.resnet_fused.conv_bn_eval.default(*args)
+    with torch.no_grad():
+        out = torch.ops.resnet_fused.conv_bn_eval.default(*args)
+    torch.testing.assert_close(out, torch.relu(bn(conv(x))).detach(), rtol=1e-5, atol=1e-5)
