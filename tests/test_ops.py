@@ -3,6 +3,7 @@ compile/export."""
 from __future__ import annotations
 
 import copy
+import io
 
 import pytest
 import torch
@@ -107,6 +108,23 @@ def test_autocast_computes_in_autocast_dtype():
     assert out.dtype == stock.dtype == torch.bfloat16
     stock = torch.relu(stock.float() * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1) + res)
     assert_within_rule(out, stock.bfloat16(), ref, torch.bfloat16)
+
+
+def test_export_of_a_frozen_model_saves_and_loads():
+    """A frozen model (no parameter requires grad) exports with the eval chain op, and the
+    program survives torch.export.save/load with its outputs."""
+    model = randomize_bn(resnet_fused.resnet18(num_classes=10)).eval().requires_grad_(False)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+    exported = torch.export.export(model, (x,))
+    assert any("resnet_fused.conv_bn_eval" in str(n.target) for n in exported.graph.nodes)
+    buf = io.BytesIO()
+    torch.export.save(exported, buf)
+    buf.seek(0)
+    with torch.no_grad():
+        got = torch.export.load(buf).module()(x)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
 def test_model_under_autocast_matches_stock_dtype():
