@@ -4,7 +4,7 @@ fold(conv, bn, dtype, backend) -> the backend's prepared form (backends.Prepared
 exposing .weight/.scale/.shift) of: the conv weight in `dtype`, and BN (eval statistics) with
 the conv bias as a per-output-channel scale/shift in the epilogue dtype (fp32; fp64 for fp64).
 `cached(...)` is the same from the raw tensors, for graphs that hold tensors, not modules
-(layers.conv_bn_eval: torch.compile, fx, jit.trace).
+(layers.conv_bn_eval, conv_bn_eval_nograd: torch.compile, fx, jit.trace, torch.export).
 
 The cache is never stale. An entry is keyed by the conv weight tensor (its id; removed when that
 tensor is freed) and remembers, for each tensor the fold reads, its id, data pointer and version

@@ -100,18 +100,6 @@ def module_chain(conv: nn.Module, bn: nn.Module, x: torch.Tensor,
     return act(out) if act is not None else out
 
 
-# The eval chain op a compiled or traced graph calls. Registered with torch.library.Library (a
-# schema and one kernel), not custom_op: custom_op's Python autograd and dispatch wrappers cost
-# ~10 us a call, which made a compiled resnet50 at batch 1 1-3% slower than the eager fused model;
-# this op never records autograd (graph_chain calls it only where nothing needs grad), so the
-# dispatcher's C++ autograd fallback is all it needs there.
-_LIB = torch.library.Library("resnet_fused", "FRAGMENT")
-_LIB.define("conv_bn_eval(Tensor x, Tensor weight, Tensor? conv_bias, Tensor? bn_weight, "
-            "Tensor? bn_bias, Tensor running_mean, Tensor running_var, "
-            "Tensor? num_batches_tracked, float eps, Tensor? residual, int[] stride, "
-            "int[] padding, int[] dilation, int groups, bool relu, str? backend) -> Tensor")
-
-
 def _conv_bn_eval(x: torch.Tensor, weight: torch.Tensor, conv_bias: Optional[torch.Tensor],
                   bn_weight: Optional[torch.Tensor], bn_bias: Optional[torch.Tensor],
                   running_mean: torch.Tensor, running_var: torch.Tensor,
@@ -119,28 +107,41 @@ def _conv_bn_eval(x: torch.Tensor, weight: torch.Tensor, conv_bias: Optional[tor
                   residual: Optional[torch.Tensor], stride: List[int], padding: List[int],
                   dilation: List[int], groups: int, relu: bool,
                   backend: Optional[str]) -> torch.Tensor:
-    """The eval chain from the module's own tensors, folded through the one cache when it runs.
-    `backend` None: resolve the selection when it runs."""
+    """The eval chain from the module's own tensors, folded through the one cache when it runs
+    (no autograd formula). `backend` None: resolve the selection when it runs."""
     tensors = (weight, conv_bias, bn_weight, bn_bias, running_mean, running_var,
                num_batches_tracked)
-    if folding.needs_grad((x, residual, *tensors)):
-        # (the dispatcher's autograd fallback would only warn at backward, and give no grads)
-        raise RuntimeError("resnet_fused::conv_bn_eval has no autograd formula: call it where "
-                           "no input requires grad (resnet_fused.ops.conv_bn_act has one)")
+    if folding.needs_grad((x, residual, *tensors)):  # (only conv_bn_eval_nograd can get here)
+        raise RuntimeError("resnet_fused::conv_bn_eval_nograd: an input requires grad, and the "
+                           "op has no autograd formula (graphs call it only where none does)")
     if backend is None:
         backend = backends.resolve(x.device)
     prepared = folding.cached(backend, x.dtype, tensors, eps)
     return run(backend, prepared, x, residual, stride, padding, dilation, groups, relu)
 
 
-_LIB.impl("conv_bn_eval", _conv_bn_eval, "CompositeExplicitAutograd")
-conv_bn_eval = torch.ops.resnet_fused.conv_bn_eval.default
-
-
-@torch.library.register_fake("resnet_fused::conv_bn_eval")
-def _(x, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,
-      eps, residual, stride, padding, dilation, groups, relu, backend):
+def _conv_bn_eval_fake(x, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var,
+                       num_batches_tracked, eps, residual, stride, padding, dilation, groups,
+                       relu, backend):
     return empty_output(x, weight, stride, padding, dilation)
+
+
+# The eval chain op of traced and exported graphs (jit.trace, torch.export), which may run later
+# in any grad mode: a custom_op, whose forward runs where inputs require grad and whose backward
+# raises a clear error.
+conv_bn_eval = torch.library.custom_op("resnet_fused::conv_bn_eval",
+                                       mutates_args=())(_conv_bn_eval)
+conv_bn_eval.register_fake(_conv_bn_eval_fake)
+
+# The same kernel for torch.compile's graphs, which are guarded on grad mode and requires_grad:
+# where they call it nothing needs grad, ever. A plain torch.library schema + kernel, without
+# custom_op's Python autograd and dispatch wrappers: ~10 us a call, which made a compiled
+# resnet50 at batch 1 1-3% slower than the eager fused model.
+_LIB = torch.library.Library("resnet_fused", "FRAGMENT")
+_LIB.define("conv_bn_eval_nograd" + torch.library.infer_schema(_conv_bn_eval, mutates_args=()))
+_LIB.impl("conv_bn_eval_nograd", _conv_bn_eval, "CompositeExplicitAutograd")
+torch.library.register_fake("resnet_fused::conv_bn_eval_nograd")(_conv_bn_eval_fake)
+conv_bn_eval_nograd = torch.ops.resnet_fused.conv_bn_eval_nograd.default
 
 
 @torch.fx.wrap  # one call_function node in an FX graph; runs (fused) when the graph runs
@@ -153,7 +154,8 @@ def graph_chain(x: torch.Tensor, weight: torch.Tensor, conv_bias: Optional[torch
     """The eval chain as a captured graph records it (torch.compile, fx, jit.trace, export).
     An exported program resolves the backend where it runs (export traces with oneDNN off)."""
     dtype = compute_dtype(x)
-    backend = None if torch.compiler.is_exporting() else backends.resolve(x.device, dtype=dtype)
+    exporting = torch.compiler.is_exporting()
+    backend = None if exporting else backends.resolve(x.device, dtype=dtype)
     if backend == backends.MODULES:  # stock's functional ops, as its modules call them
         out = F.batch_norm(F.conv2d(x, weight, conv_bias, stride, padding, dilation, groups),
                            running_mean, running_var, bn_weight, bn_bias, False, 0.0, eps)
@@ -165,8 +167,9 @@ def graph_chain(x: torch.Tensor, weight: torch.Tensor, conv_bias: Optional[torch
     tensors = (weight, conv_bias, bn_weight, bn_bias, running_mean, running_var,
                num_batches_tracked)
     if not folding.needs_grad((x, residual, *tensors)):
-        return conv_bn_eval(x, *tensors, eps, residual, stride, padding, dilation, groups, relu,
-                            backend)
+        op = (conv_bn_eval_nograd if torch.compiler.is_compiling() and not exporting
+              else conv_bn_eval)
+        return op(x, *tensors, eps, residual, stride, padding, dilation, groups, relu, backend)
     # autograd records (the parameters' grads, or only the input's: saliency through a frozen
     # model): the fold and the differentiable op in the graph
     prepared = folding.build(dtype, tensors, eps)

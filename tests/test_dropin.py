@@ -135,6 +135,8 @@ def test_jit_trace_fresh_model_records_the_op_and_never_bakes_a_fold():
         after = traced(x)
         _same(after, tv(x))
     assert (after - before).abs().max() > 1e-3  # the change was seen
+    with resnet_fused.backend("torch"):  # traced under no_grad, run where parameters need grad
+        _same(traced(x).detach(), after)
 
 
 @pytest.mark.parametrize("frozen", [False, True])

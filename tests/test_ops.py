@@ -110,21 +110,25 @@ def test_autocast_computes_in_autocast_dtype():
     assert_within_rule(out, stock.bfloat16(), ref, torch.bfloat16)
 
 
-def test_export_of_a_frozen_model_saves_and_loads():
-    """A frozen model (no parameter requires grad) exports with the eval chain op, and the
-    program survives torch.export.save/load with its outputs."""
-    model = randomize_bn(resnet_fused.resnet18(num_classes=10)).eval().requires_grad_(False)
+def test_export_without_grad_saves_loads_and_runs_in_any_grad_mode():
+    """A model exported under no_grad records the eval chain op; the program survives
+    torch.export.save/load with its outputs, also run outside no_grad (its parameters require
+    grad there)."""
+    model = randomize_bn(resnet_fused.resnet18(num_classes=10)).eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         expected = model(x)
-    exported = torch.export.export(model, (x,))
-    assert any("resnet_fused.conv_bn_eval" in str(n.target) for n in exported.graph.nodes)
+        exported = torch.export.export(model, (x,))
+    targets = {str(n.target) for n in exported.graph.nodes}
+    assert "resnet_fused.conv_bn_eval.default" in targets
     buf = io.BytesIO()
     torch.export.save(exported, buf)
     buf.seek(0)
+    loaded = torch.export.load(buf).module()
     with torch.no_grad():
-        got = torch.export.load(buf).module()(x)
-    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+        torch.testing.assert_close(loaded(x), expected, rtol=0, atol=0)
+    assert any(p.requires_grad for p in loaded.parameters())
+    torch.testing.assert_close(loaded(x).detach(), expected, rtol=0, atol=0)
 
 
 def test_model_under_autocast_matches_stock_dtype():
@@ -186,6 +190,23 @@ def test_compiled_eval_chain_folds_through_the_cache():
         assert_within_rule(got, twin(x), ref, torch.float32)
 
 
+def test_compiled_graph_calls_the_op_without_autograd_wrappers():
+    """torch.compile's graph (guarded on grad mode) calls conv_bn_eval_nograd, the eval chain
+    op without custom_op's Python wrappers; with the same output as the eager model."""
+    model = randomize_bn(resnet_fused.resnet18(num_classes=10)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    targets = []
+
+    def backend(gm, example_inputs):
+        targets.extend(str(n.target) for n in gm.graph.nodes)
+        return gm.forward
+    with torch.no_grad():
+        got = torch.compile(model, backend=backend, fullgraph=True)(x)
+        torch.testing.assert_close(got, model(x), rtol=0, atol=0)
+    assert targets.count("resnet_fused.conv_bn_eval_nograd.default") == 20
+    assert "resnet_fused.conv_bn_eval.default" not in targets
+
+
 @pytest.mark.parametrize("frozen", [True, False])
 def test_compiled_eval_gradients(frozen):
     """A compiled eval forward where autograd records: parameters requiring grad (the default,
@@ -205,30 +226,39 @@ def test_compiled_eval_gradients(frozen):
         assert_within_rule(got, want, exact, torch.float32)
 
 
-def test_conv_bn_eval_op_registration():
-    """The eval chain op's fake kernel agrees with the real one (opcheck)."""
-    conv = torch.nn.Conv2d(4, 8, 3, padding=1, bias=True).eval()
-    bn = torch.nn.BatchNorm2d(8).eval()
+def _conv_bn_eval_args(requires_grad=False):
+    conv = torch.nn.Conv2d(4, 8, 3, padding=1, bias=True).requires_grad_(requires_grad)
+    bn = randomize_bn(torch.nn.Sequential(torch.nn.BatchNorm2d(8)))[0].eval()
     x = torch.randn(2, 4, 6, 6).contiguous(memory_format=torch.channels_last)
     res = torch.randn(2, 8, 6, 6).contiguous(memory_format=torch.channels_last)
-    tensors = [t.detach() for t in (conv.weight, conv.bias, bn.weight, bn.bias)]
-    args = (x, *tensors, bn.running_mean, bn.running_var, bn.num_batches_tracked, bn.eps, res,
-            [1, 1], [1, 1], [1, 1], 1, True, "torch")
-    torch.library.opcheck(torch.ops.resnet_fused.conv_bn_eval.default, args,
+    args = (x, conv.weight, conv.bias, bn.weight.detach(), bn.bias.detach(), bn.running_mean,
+            bn.running_var, bn.num_batches_tracked, bn.eps, res, [1, 1], [1, 1], [1, 1], 1, True,
+            "torch")
+    with torch.no_grad():
+        expected = torch.relu(bn(conv(x)) + res)
+    return args, expected
+
+
+@pytest.mark.parametrize("name", ["conv_bn_eval", "conv_bn_eval_nograd"])
+def test_conv_bn_eval_op_registration(name):
+    """The eval chain ops' fake kernels agree with the real one (opcheck)."""
+    args, _ = _conv_bn_eval_args()
+    torch.library.opcheck(getattr(torch.ops.resnet_fused, name).default, args,
                           test_utils=("test_schema", "test_faketensor"))
 
 
-def test_conv_bn_eval_refuses_autograd():
-    """The eval chain op has no autograd formula (graph_chain calls it only where nothing needs
-    grad): called where an input requires grad it raises, instead of the dispatcher's fallback
-    warning at backward and giving no gradients."""
-    conv = torch.nn.Conv2d(4, 8, 3, padding=1)
-    bn = torch.nn.BatchNorm2d(8).eval()
-    x = torch.randn(2, 4, 6, 6)
-    args = (x, conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var,
-            bn.num_batches_tracked, bn.eps, None, [1, 1], [1, 1], [1, 1], 1, True, "torch")
-    with pytest.raises(RuntimeError, match="conv_bn_eval has no autograd formula"):
-        torch.ops.resnet_fused.conv_bn_eval.default(*args)
+def test_conv_bn_eval_ops_where_inputs_require_grad():
+    """The eval chain ops have no autograd formula. conv_bn_eval (traced and exported graphs,
+    which may run in any grad mode) gives its output where an input requires grad and raises
+    at backward; conv_bn_eval_nograd (torch.compile's graphs, guarded on grad mode) refuses the
+    call, instead of the dispatcher's fallback warning at backward and giving no grads."""
+    args, expected = _conv_bn_eval_args(requires_grad=True)
+    out = torch.ops.resnet_fused.conv_bn_eval.default(*args)
+    torch.testing.assert_close(out.detach(), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        out.sum().backward()
+    with pytest.raises(RuntimeError, match="an input requires grad"):
+        torch.ops.resnet_fused.conv_bn_eval_nograd.default(*args)
     with torch.no_grad():
-        out = torch.ops.resnet_fused.conv_bn_eval.default(*args)
-    torch.testing.assert_close(out, torch.relu(bn(conv(x))).detach(), rtol=1e-5, atol=1e-5)
+        out = torch.ops.resnet_fused.conv_bn_eval_nograd.default(*args)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
