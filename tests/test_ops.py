@@ -190,6 +190,15 @@ def test_compiled_eval_chain_folds_through_the_cache():
         assert_within_rule(got, twin(x), ref, torch.float32)
 
 
+def _compile_recording(model, graphs, **options):
+    """torch.compile(model) with a backend that appends each dynamo graph to `graphs` and runs
+    it as it is."""
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+    return torch.compile(model, backend=backend, fullgraph=True, **options)
+
+
 def test_compiled_graph_calls_the_op_without_autograd_wrappers():
     """torch.compile's graph (guarded on grad mode) calls conv_bn_eval_nograd, the eval chain
     op without custom_op's Python wrappers, where dynamo tells torch.compile from torch.export
@@ -201,14 +210,11 @@ def test_compiled_graph_calls_the_op_without_autograd_wrappers():
         want, other = other, want
     model = randomize_bn(resnet_fused.resnet18(num_classes=10)).eval()
     x = torch.randn(2, 3, 32, 32)
-    targets = []
-
-    def backend(gm, example_inputs):
-        targets.extend(str(n.target) for n in gm.graph.nodes)
-        return gm.forward
+    graphs = []
     with torch.no_grad():
-        got = torch.compile(model, backend=backend, fullgraph=True)(x)
+        got = _compile_recording(model, graphs)(x)
         torch.testing.assert_close(got, model(x), rtol=0, atol=0)
+    targets = [str(n.target) for gm in graphs for n in gm.graph.nodes]
     assert targets.count(want) == 20
     assert other not in targets
 
@@ -218,11 +224,7 @@ def test_dynamic_compile_runs_new_batch_and_image_sizes_in_one_graph():
     kernels take symbolic shapes), with the eager model's outputs."""
     model = randomize_bn(resnet_fused.resnet18(num_classes=10)).eval()
     graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-    compiled = torch.compile(model, backend=backend, dynamic=True, fullgraph=True)
+    compiled = _compile_recording(model, graphs, dynamic=True)
     with torch.no_grad():
         # (no dimension of size 1 anywhere: torch specialises on it)
         for batch, size in ((2, 64), (3, 80), (5, 96)):
